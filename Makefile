@@ -1,0 +1,29 @@
+# IMG Studio. Quick start: `make run` (sets up .venv, starts the app) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 7860
+PRESET ?=
+
+.PHONY: run test setup bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) app.py --host $(HOST) --port $(PORT) $(if $(PRESET),--preset $(PRESET),)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,7 @@
+"""`python -m img_core ...`: see img_core/cli.py."""
+
+import sys
+
+from img_core.cli import main
+
+sys.exit(main())

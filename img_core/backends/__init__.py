@@ -1,0 +1,16 @@
+"""Diffusion backends: one flat file per family behind `DiffusionBackend` (base.py)."""
+
+from __future__ import annotations
+
+
+def backend_class(family: str):
+    """The backend class for a preset family ("sdxl" covers SDXL-DPO too)."""
+    if family == "sdxl":
+        from img_core.backends.sdxl import SDXLBackend
+
+        return SDXLBackend
+    if family == "flux":
+        from img_core.backends.flux import FluxBackend
+
+        return FluxBackend
+    raise ValueError(f"unknown diffusion family {family!r}; expected 'sdxl' or 'flux'")

@@ -1,0 +1,163 @@
+"""Command line: `python -m img_core refine|convert-aligner|convert-llava ...`.
+
+    python -m img_core refine --preset tiny-sdxl --prompt "A green banana and a brown horse." \
+        --seed 0 --rounds 2 --out outputs/banana
+writes outputs/banana/round_0.png (the initial image), round_1.png, ... and session.json.
+Bad input exits non-zero with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from img_core.errors import IMGError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from img_core.presets import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m img_core", description="IMG: re-generate images that match their prompts")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    refine = commands.add_parser("refine", help="generate (or take) an image and run IMG rounds on it")
+    refine.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: sdxl on a CUDA GPU, else tiny-sdxl")
+    refine.add_argument("--prompt", required=True)
+    refine.add_argument("--seed", type=int, default=0)
+    refine.add_argument("--rounds", type=int, default=1, help="IMG rounds after the initial image (default 1)")
+    refine.add_argument("--out", required=True, type=Path, help="output folder")
+    refine.add_argument("--image", type=Path, default=None, help="start from this image instead of generating one")
+    refine.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    refine.add_argument("--guidance-scale", type=float, default=None, help="CFG / FLUX guidance (default: the preset's)")
+    refine.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter scale of the re-generation (default 0.2)")
+    refine.add_argument("--passes", type=int, default=None, help="aligner passes (default 3)")
+    refine.add_argument("--guidance-mode", choices=("question", "dialogue"), default="question",
+                        help="question: as released; dialogue: the critique steers the guidance")
+    refine.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    refine.add_argument("--quantization", default=None,
+                        choices=("none", "bnb-nf4", "bnb-8bit", "quanto-int8", "quanto-int4"),
+                        help="MLLM quantization (default: bnb-nf4 on CUDA, none on CPU)")
+    refine.add_argument("--mllm", default=None, help="MLLM name from img_core.mllm.KNOWN_MLLMS (default: the preset's)")
+    refine.add_argument("--aligner", default=None, help="aligner folder (save_pretrained) or official .pth")
+    refine.add_argument("--offload", action="store_true", help="CPU-offload the diffusion pipeline (less GPU memory)")
+    refine.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    convert = commands.add_parser("convert-aligner", help="turn a released aligner .pth into a save_pretrained folder")
+    convert.add_argument("--source", required=True, type=Path, help="aligner_sdxl.pth or aligner_flux.pth")
+    convert.add_argument("--out", required=True, type=Path)
+    convert.add_argument("--mllm", default="img-llava-13b", help="MLLM the aligner was trained with (metadata)")
+    convert.add_argument("--chat-template", default="llava-v0", help="chat template of that MLLM (metadata)")
+    convert.add_argument("--guidance-mode", default="question", choices=("question", "dialogue"))
+
+    commands.add_parser("convert-llava", help="convert the released IMG LLaVA folder to transformers format", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert-llava":
+        from img_core.convert_llava import main as convert_llava_main
+
+        return _guarded(lambda: convert_llava_main(argv[1:]), debug="--debug" in argv)
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.debug)
+    if args.command == "refine":
+        return _guarded(lambda: refine(args), args.debug)
+    return _guarded(lambda: convert_aligner(args), args.debug)
+
+
+def refine(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from img_core.presets import default_preset_name
+    from img_core.session import IMGSession, RoundSettings
+
+    preset = args.preset or default_preset_name()
+    session = IMGSession.from_preset(
+        preset,
+        device=args.device,
+        quantization=args.quantization,
+        mllm=args.mllm,
+        aligner=args.aligner,
+        offload=args.offload,
+        show_progress_bars=False,
+    )
+    settings = RoundSettings(
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        ip_scale=args.ip_scale,
+        aligner_passes=args.passes,
+        guidance_mode=args.guidance_mode,
+    )
+    bar = tqdm(total=args.rounds + 1, desc="IMG", unit="image", disable=args.quiet, file=sys.stderr)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar.set_postfix_str(stage)
+        if stage.startswith("round ") and stage != "round 0":
+            bar.update(1)
+        elif stage == "done":
+            bar.update(1)
+
+    record = session.run(args.prompt, args.seed, args.rounds, settings, image=args.image, progress=progress)
+    bar.close()
+    path = record.save(args.out)
+    if not args.quiet:
+        print(f"wrote {len(record.rounds)} images and {path}")
+    return 0
+
+
+def convert_aligner(args: argparse.Namespace) -> int:
+    from img_core.aligner import ImplicitAligner
+
+    aligner = ImplicitAligner.from_official_checkpoint(
+        args.source, mllm=args.mllm, chat_template=args.chat_template, guidance_mode=args.guidance_mode
+    )
+    aligner.save_pretrained(args.out)
+    print(f"wrote {args.out} ({aligner.config.image_feature_kind}, {sum(p.numel() for p in aligner.parameters()):,} parameters)")
+    return 0
+
+
+def _guarded(command, debug: bool) -> int:
+    """Run a command; user errors become one line on stderr and a non-zero exit status."""
+    try:
+        return int(command() or 0)
+    except IMGError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, ValueError) as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - a CLI prints one line; --debug shows the traceback
+        if debug:
+            raise
+        print(f"error: {type(error).__name__}: {error} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _configure_logging(debug: bool) -> None:
+    # img_core's own warnings (prompt truncated, image resized) reach stderr as "warning: ..." lines.
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger().handlers[0].setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.ERROR, "error")
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore")
+        for name in ("diffusers", "transformers", "bitsandbytes", "accelerate", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,39 @@
+"""Shared fixtures: every test runs offline, on CPU, on the tiny random-weight stack.
+
+The tiny models are built once per test run into a temporary IMG_TINY_DIR (set here, before any test
+imports img_core, so subprocesses such as the app under test inherit it).
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "IMG_TINY_DIR" not in os.environ:
+    os.environ["IMG_TINY_DIR"] = tempfile.mkdtemp(prefix="img-tiny-")
+
+
+@pytest.fixture(scope="session")
+def tiny_root() -> Path:
+    """The folder holding all tiny models (built on first use)."""
+    from img_core.tiny import ensure_tiny_models
+
+    return ensure_tiny_models(Path(os.environ["IMG_TINY_DIR"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_session(tiny_root):
+    """One loaded tiny-sdxl session shared by the tests that only read from it."""
+    from img_core.session import IMGSession
+
+    return IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False).load()
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_session(tiny_root):
+    from img_core.session import IMGSession
+
+    return IMGSession.from_preset("tiny-flux", device="cpu", show_progress_bars=False).load()
