@@ -161,3 +161,10 @@ def _configure_logging(debug: bool) -> None:
         warnings.filterwarnings("ignore")
         for name in ("diffusers", "transformers", "bitsandbytes", "accelerate", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    # Our own "IMG" bar reports progress; the libraries' loading bars would only add noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()

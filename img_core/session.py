@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from img_core.aligner import ImplicitAligner
+from img_core.backends.base import require_prompt
 from img_core.errors import IncompatibleAlignerError, InvalidInputError, OutOfMemoryError
 from img_core.images import load_image
 from img_core.presets import Preset, get_preset
@@ -264,6 +265,7 @@ class IMGSession:
         settings = settings or RoundSettings()
         values = settings.resolve(self.base_preset)
         seed = _check_seed(seed)
+        require_prompt(prompt)  # cheap checks first: bad input never waits for a model load
         self.load()
         with self._lock:
             check = self.backend.check_prompt(prompt)
@@ -278,6 +280,7 @@ class IMGSession:
         """Round 0 from the user's own image (any size/mode; converted to RGB, huge images resized)."""
         image = load_image(image)
         seed = _check_seed(seed)
+        require_prompt(prompt)
         self.load()
         check = self.backend.check_prompt(prompt)
         return Round(0, image, check.prompt, seed, "uploaded", warnings=check.warnings)
@@ -285,6 +288,7 @@ class IMGSession:
     def critique(self, image, prompt: str, max_new_tokens: int = 96, seed: int = 0) -> str:
         """The MLLM's analysis of how `image` misses `prompt`."""
         image = load_image(image)
+        require_prompt(prompt)
         self.load()
         with self._lock:
             check = self.backend.check_prompt(prompt)
@@ -309,6 +313,7 @@ class IMGSession:
         image = load_image(image)
         if critique is not None and not str(critique).strip():
             critique = None
+        require_prompt(prompt)
         self.load()
         with self._lock:
             check = self.backend.check_prompt(prompt)
@@ -366,6 +371,11 @@ class IMGSession:
         if rounds < 0 or rounds > 50:
             raise InvalidInputError(f"rounds must be between 0 and 50, got {rounds}")
         settings = settings or RoundSettings()
+        settings.resolve(self.base_preset)
+        _check_seed(seed)
+        require_prompt(prompt)
+        if image is not None:
+            image = load_image(image)
         report = progress or (lambda stage, done, total: None)
         report("load", 0, rounds)
         self.load()

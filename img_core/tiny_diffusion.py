@@ -72,7 +72,7 @@ def build_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=model_max_length)
 
 
-def build_t5_tokenizer(model_max_length: int = 128):
+def build_t5_tokenizer(model_max_length: int = 512):
     """A T5 (unigram) tokenizer with a small vocabulary, built in memory."""
     from transformers import T5Tokenizer
 

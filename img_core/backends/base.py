@@ -35,6 +35,13 @@ class PromptCheck:
     warnings: list[str] = field(default_factory=list)
 
 
+def require_prompt(prompt) -> str:
+    """The stripped prompt; InvalidInputError when it is missing or blank."""
+    if prompt is None or not str(prompt).strip():
+        raise InvalidInputError("the prompt is empty: describe the image you want")
+    return str(prompt).strip()
+
+
 class DiffusionBackend(ABC):
     family: str = ""
     feature_kind: str = ""
@@ -95,9 +102,7 @@ class DiffusionBackend(ABC):
 
     def check_prompt(self, prompt: str) -> PromptCheck:
         """Reject empty prompts; warn (do not fail) when a text encoder will truncate the prompt."""
-        if prompt is None or not str(prompt).strip():
-            raise InvalidInputError("the prompt is empty: describe the image you want")
-        prompt = str(prompt).strip()
+        prompt = require_prompt(prompt)
         check = PromptCheck(prompt)
         for name, tokenizer, limit in self.prompt_token_limits():
             count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)

@@ -51,7 +51,7 @@ class FluxBackend(DiffusionBackend):
 
     def prompt_token_limits(self) -> list[tuple[str, object, int]]:
         tokenizer = self.pipeline.tokenizer_2
-        return [("T5", tokenizer, min(T5_MAX_SEQUENCE_LENGTH, tokenizer.model_max_length))]
+        return [("T5", tokenizer, T5_MAX_SEQUENCE_LENGTH)]
 
     def _encode_for_projection(self, image: Image.Image | None) -> torch.Tensor:
         encoder = self.pipeline.image_encoder
@@ -82,7 +82,7 @@ class FluxBackend(DiffusionBackend):
             width=width,
             height=height,
             generator=generator,
-            max_sequence_length=min(T5_MAX_SEQUENCE_LENGTH, self.pipeline.tokenizer_2.model_max_length),
+            max_sequence_length=T5_MAX_SEQUENCE_LENGTH,
             ip_adapter_image_embeds=[image_features[:, None]],  # (batch, num_images, Si, D)
             negative_ip_adapter_image_embeds=[negative_features[:, None]],
         )

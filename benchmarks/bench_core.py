@@ -1,0 +1,199 @@
+"""img_core benchmark: prints figures, asserts nothing.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_core.py [--rounds 3] [--skip-tiny]
+
+1. Tiny presets on CPU: seconds per stage of an IMG round, and the aligner's share of the round.
+2. Real-size aligners (SDXL and FLUX dims, random weights): parameters and CPU forward time of the
+   3-pass alignment with a LLaVA-sized guidance sequence.
+3. Peak GPU memory estimate per real preset and MLLM quantization, from parameter counts of the real
+   architectures built on the meta device (configs written out below from the public model cards),
+   against a 24 GB budget. Weights only plus a fixed activation allowance: an estimate, not a measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+import statistics
+import time
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+GIB = 1024**3
+BUDGET_GIB = 24.0
+# bytes per parameter for the quantized linear layers (nf4 stores 4-bit weights + one fp32 absmax per 64)
+BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}
+# allowances for activations, CUDA context and the attention workspace at 1024x1024 (rough, documented)
+ACTIVATION_GIB = {"sdxl": 3.0, "flux": 4.0, "mllm": 1.0}
+
+
+def bench_tiny(rounds: int) -> None:
+    from img_core.session import IMGSession, RoundSettings
+
+    print("== 1. tiny presets on CPU (seconds per stage, median over rounds) ==")
+    for preset in ("tiny-sdxl", "tiny-flux"):
+        session = IMGSession.from_preset(preset, device="cpu", show_progress_bars=False)
+        start = time.perf_counter()
+        session.load()
+        load_seconds = time.perf_counter() - start
+        record = session.run("A green banana and a brown horse.", seed=0, rounds=rounds, settings=RoundSettings())
+        stages = {}
+        for r in record.rounds[1:]:
+            for stage, seconds in r.seconds.items():
+                stages.setdefault(stage, []).append(seconds)
+        medians = {stage: statistics.median(values) for stage, values in stages.items()}
+        total = sum(medians.values())
+        print(f"{preset}: load {load_seconds:.2f} s, first image {record.rounds[0].seconds['generate']:.3f} s, "
+              f"steps {record.rounds[0].settings['steps']}")
+        for stage, value in medians.items():
+            print(f"  {stage:15s} {value:8.3f} s  {100 * value / total:5.1f} %")
+        print(f"  {'round total':15s} {total:8.3f} s  (aligner share {100 * medians['align'] / total:.2f} %)")
+
+
+def bench_real_aligners() -> None:
+    from img_core.aligner import FLUX_FEATURES, AlignerConfig, ImplicitAligner
+
+    print("\n== 2. real-size aligners on CPU (float32, random weights, batch 1, 3 passes) ==")
+    guidance_tokens = 576 + 40  # LLaVA-1.5: 576 image tokens + system text and question
+    for name, dim, tokens, kind in (("SDXL", 2048, 16, None), ("FLUX", 4096, 4, FLUX_FEATURES)):
+        config = AlignerConfig(image_dim=dim, guidance_dim=5120, num_image_tokens=tokens)
+        if kind:
+            config.image_feature_kind = kind
+        aligner = ImplicitAligner(config).eval()
+        parameters = sum(p.numel() for p in aligner.parameters())
+        image_features, guidance = torch.randn(1, tokens, dim), torch.randn(1, guidance_tokens, 5120)
+        with torch.no_grad():
+            aligner.align(image_features, guidance)  # warm-up
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                aligner.align(image_features, guidance, passes=3)
+                times.append(time.perf_counter() - start)
+        print(f"{name}: {parameters / 1e6:.1f} M parameters ({parameters * 4 / GIB:.2f} GiB fp32), "
+              f"3-pass align {statistics.median(times) * 1000:.0f} ms on {torch.get_num_threads()} CPU threads")
+        del aligner
+
+
+def _count(build) -> int:
+    with torch.device("meta"):
+        model = build()
+    return sum(p.numel() for p in model.parameters())
+
+
+def _linear_share(build) -> tuple[int, int]:
+    """(parameters in nn.Linear weights, all parameters) of the language model: what quantization shrinks."""
+    with torch.device("meta"):
+        model = build()
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in name and "vision" not in name
+                 and "visual" not in name and "projector" not in name and "merger" not in name)
+    return linear, sum(p.numel() for p in model.parameters())
+
+
+def real_component_counts() -> dict[str, int | tuple[int, int]]:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel)
+
+    counts: dict[str, int | tuple[int, int]] = {}
+    counts["sdxl_unet"] = _count(lambda: UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816))
+    counts["sdxl_vae"] = _count(lambda: AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2))
+    counts["clip_l_text"] = _count(lambda: CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, vocab_size=49408)))
+    counts["clip_bigg_text"] = _count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, vocab_size=49408,
+        projection_dim=1280)))
+    counts["clip_vit_h"] = _count(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, patch_size=14,
+        image_size=224, projection_dim=1024)))
+    counts["clip_vit_l"] = _count(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14,
+        image_size=224, projection_dim=768)))
+    counts["flux_transformer"] = _count(lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56)))
+    counts["flux_vae"] = _count(lambda: AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=2,
+        use_quant_conv=False, use_post_quant_conv=False))
+    counts["t5_xxl"] = _count(lambda: T5EncoderModel(T5Config(
+        d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+        feed_forward_proj="gated-gelu")))
+    counts["llava_13b"] = _linear_share(lambda: LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                       num_hidden_layers=24, patch_size=14, image_size=336, projection_dim=768),
+        text_config=LlamaConfig(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                                num_hidden_layers=40, vocab_size=32064, max_position_embeddings=4096),
+        image_token_id=32000)))
+    counts["qwen25_vl_7b"] = _linear_share(lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                     "num_hidden_layers": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}},
+        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                       "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
+    )))
+    return counts
+
+
+def bench_memory_estimates() -> None:
+    print("\n== 3. peak GPU memory estimate per preset and MLLM quantization (GiB; budget 24) ==")
+    counts = real_component_counts()
+    for name, value in counts.items():
+        total = value[1] if isinstance(value, tuple) else value
+        print(f"  {name:18s} {total / 1e9:6.2f} B parameters")
+    sdxl_resampler = 16 * 1280 + 1280 * 1280 * 2 + 4 * (1280 * 1280 * 4 + 1280 * 1280 * 8) + 1280 * 2048
+    sdxl_ip_layers = 70 * 2 * 2048 * 1280  # to_k_ip / to_v_ip of the 70 cross-attention layers (upper bound)
+    diffusion = {
+        "sdxl": counts["sdxl_unet"] + counts["sdxl_vae"] + counts["clip_l_text"] + counts["clip_bigg_text"]
+        + counts["clip_vit_h"] + sdxl_resampler + sdxl_ip_layers,
+        "flux-dev": counts["flux_transformer"] + counts["flux_vae"] + counts["clip_l_text"] + counts["t5_xxl"]
+        + counts["clip_vit_l"] + 768 * 4 * 4096 + 19 * 2 * 2 * 3072 * 4096,
+    }
+    aligner = {"sdxl": 195e6, "flux-dev": 675e6}
+    mllms = {"img-llava-13b": counts["llava_13b"], "qwen2.5-vl-7b": counts["qwen25_vl_7b"]}
+    print(f"\n  {'preset':9s} {'MLLM':14s} {'MLLM quant':10s} {'diffusion':>9s} {'MLLM':>6s} {'aligner':>7s} "
+          f"{'activ.':>6s} {'total':>6s}  fits 24 GB?")
+    for preset, diffusion_params in diffusion.items():
+        family = "flux" if preset.startswith("flux") else "sdxl"
+        for mllm_name, (linear, total) in mllms.items():
+            for quant in ("bf16", "int8", "nf4"):
+                mllm_bytes = linear * BYTES_PER_PARAM[quant] + (total - linear) * 2
+                parts = {
+                    "diffusion": diffusion_params * 2 / GIB,
+                    "mllm": mllm_bytes / GIB,
+                    "aligner": aligner[preset] * 4 / GIB,
+                    "activations": ACTIVATION_GIB[family] + ACTIVATION_GIB["mllm"],
+                }
+                peak = sum(parts.values())
+                verdict = "yes" if peak <= BUDGET_GIB else "no: use --offload" if peak - parts["diffusion"] + 6 <= BUDGET_GIB else "no"
+                print(f"  {preset:9s} {mllm_name:14s} {quant:10s} {parts['diffusion']:9.1f} {parts['mllm']:6.1f} "
+                      f"{parts['aligner']:7.1f} {parts['activations']:6.1f} {peak:6.1f}  {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-tiny", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if not args.skip_tiny:
+        bench_tiny(args.rounds)
+    bench_real_aligners()
+    bench_memory_estimates()
+
+
+if __name__ == "__main__":
+    main()
