@@ -149,38 +149,41 @@ def real_component_counts() -> dict[str, int | tuple[int, int]]:
 
 
 def bench_memory_estimates() -> None:
-    print("\n== 3. peak GPU memory estimate per preset and MLLM quantization (GiB; budget 24) ==")
+    print("\n== 3. peak GPU memory estimate per preset and quantization (GiB; budget 24) ==")
     counts = real_component_counts()
     for name, value in counts.items():
         total = value[1] if isinstance(value, tuple) else value
         print(f"  {name:18s} {total / 1e9:6.2f} B parameters")
-    sdxl_resampler = 16 * 1280 + 1280 * 1280 * 2 + 4 * (1280 * 1280 * 4 + 1280 * 1280 * 8) + 1280 * 2048
-    sdxl_ip_layers = 70 * 2 * 2048 * 1280  # to_k_ip / to_v_ip of the 70 cross-attention layers (upper bound)
-    diffusion = {
-        "sdxl": counts["sdxl_unet"] + counts["sdxl_vae"] + counts["clip_l_text"] + counts["clip_bigg_text"]
-        + counts["clip_vit_h"] + sdxl_resampler + sdxl_ip_layers,
-        "flux-dev": counts["flux_transformer"] + counts["flux_vae"] + counts["clip_l_text"] + counts["t5_xxl"]
-        + counts["clip_vit_l"] + 768 * 4 * 4096 + 19 * 2 * 2 * 3072 * 4096,
+    # IP-Adapter parts: SDXL plus resampler (~0.1 B incl. to_k_ip/to_v_ip), XLabs projection + double-block k/v.
+    sdxl_ip = 16 * 1280 + 4 * 12 * 1280 * 1280 + 1280 * (1280 + 2048) + 70 * 2 * 2048 * 1280
+    flux_ip = 768 * 4 * 4096 + 19 * 2 * 3072 * 4096
+    diffusion = {  # component -> (parameters, quantizable by --diffusion-quantization)
+        "sdxl": {"unet": (counts["sdxl_unet"], True), "vae": (counts["sdxl_vae"], False),
+                 "text encoders": (counts["clip_l_text"] + counts["clip_bigg_text"], False),
+                 "image encoder + IP": (counts["clip_vit_h"] + sdxl_ip, False)},
+        "flux-dev": {"transformer": (counts["flux_transformer"] + flux_ip, True), "vae": (counts["flux_vae"], False),
+                     "T5-XXL": (counts["t5_xxl"], True), "CLIP-L text": (counts["clip_l_text"], False),
+                     "image encoder": (counts["clip_vit_l"], False)},
     }
     aligner = {"sdxl": 195e6, "flux-dev": 675e6}
     mllms = {"img-llava-13b": counts["llava_13b"], "qwen2.5-vl-7b": counts["qwen25_vl_7b"]}
-    print(f"\n  {'preset':9s} {'MLLM':14s} {'MLLM quant':10s} {'diffusion':>9s} {'MLLM':>6s} {'aligner':>7s} "
-          f"{'activ.':>6s} {'total':>6s}  fits 24 GB?")
-    for preset, diffusion_params in diffusion.items():
+    print(f"\n  {'preset':9s} {'diff. quant':11s} {'MLLM':14s} {'MLLM quant':10s} {'diffusion':>9s} {'MLLM':>5s} "
+          f"{'aligner':>7s} {'activ.':>6s} {'resident':>8s} {'--offload':>9s}  fits 24 GB")
+    for preset, components in diffusion.items():
         family = "flux" if preset.startswith("flux") else "sdxl"
-        for mllm_name, (linear, total) in mllms.items():
-            for quant in ("bf16", "int8", "nf4"):
-                mllm_bytes = linear * BYTES_PER_PARAM[quant] + (total - linear) * 2
-                parts = {
-                    "diffusion": diffusion_params * 2 / GIB,
-                    "mllm": mllm_bytes / GIB,
-                    "aligner": aligner[preset] * 4 / GIB,
-                    "activations": ACTIVATION_GIB[family] + ACTIVATION_GIB["mllm"],
-                }
-                peak = sum(parts.values())
-                verdict = "yes" if peak <= BUDGET_GIB else "no: use --offload" if peak - parts["diffusion"] + 6 <= BUDGET_GIB else "no"
-                print(f"  {preset:9s} {mllm_name:14s} {quant:10s} {parts['diffusion']:9.1f} {parts['mllm']:6.1f} "
-                      f"{parts['aligner']:7.1f} {parts['activations']:6.1f} {peak:6.1f}  {verdict}")
+        for diffusion_quant in ("bf16", "nf4"):
+            sizes = {name: params * (BYTES_PER_PARAM[diffusion_quant] if quantizable else 2.0) / GIB
+                     for name, (params, quantizable) in components.items()}
+            for mllm_name, (linear, total) in mllms.items():
+                for quant in ("bf16", "int8", "nf4"):
+                    mllm_gib = (linear * BYTES_PER_PARAM[quant] + (total - linear) * 2) / GIB
+                    fixed = mllm_gib + aligner[preset] * 4 / GIB + ACTIVATION_GIB[family] + ACTIVATION_GIB["mllm"]
+                    resident = fixed + sum(sizes.values())
+                    offloaded = fixed + max(sizes.values())  # model CPU offload: one component on the GPU at a time
+                    verdict = "yes" if resident <= BUDGET_GIB else "with --offload" if offloaded <= BUDGET_GIB else "no"
+                    print(f"  {preset:9s} {diffusion_quant:11s} {mllm_name:14s} {quant:10s} {sum(sizes.values()):9.1f} "
+                          f"{mllm_gib:5.1f} {aligner[preset] * 4 / GIB:7.1f} "
+                          f"{ACTIVATION_GIB[family] + ACTIVATION_GIB['mllm']:6.1f} {resident:8.1f} {offloaded:9.1f}  {verdict}")
 
 
 def main() -> None:

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--quantization", default=None,
                         choices=("none", "bnb-nf4", "bnb-8bit", "quanto-int8", "quanto-int4"),
                         help="MLLM quantization (default: bnb-nf4 on CUDA, none on CPU)")
+    refine.add_argument("--diffusion-quantization", default=None, choices=("none", "bnb-nf4", "bnb-8bit"),
+                        help="quantize the big diffusion components on CUDA (default: bnb-nf4 for flux-dev, else none)")
     refine.add_argument("--mllm", default=None, help="MLLM name from img_core.mllm.KNOWN_MLLMS (default: the preset's)")
     refine.add_argument("--aligner", default=None, help="aligner folder (save_pretrained) or official .pth")
     refine.add_argument("--offload", action="store_true", help="CPU-offload the diffusion pipeline (less GPU memory)")
@@ -88,6 +90,7 @@ def refine(args: argparse.Namespace) -> int:
         mllm=args.mllm,
         aligner=args.aligner,
         offload=args.offload,
+        diffusion_quantization=args.diffusion_quantization,
         show_progress_bars=False,
     )
     settings = RoundSettings(

@@ -56,6 +56,9 @@ class Preset:
     ip_scale: float = 0.2
     aligner_passes: int = 3
     true_cfg_scale: float = 1.0  # FLUX only; the release used 3.5 (REFERENCE §4, unsettled)
+    # Diffusion-side quantization on CUDA (bitsandbytes): which components, and the default.
+    quantize_components: tuple[str, ...] = ("unet",)
+    diffusion_quantization: str = "none"
     is_tiny: bool = False
 
     def resolved(self, tiny_root: Path) -> "Preset":
@@ -127,6 +130,8 @@ PRESETS: dict[str, Preset] = {
         description="FLUX.1-dev + XLabs IP-Adapter, IMG aligner, IMG LLaVA-1.5-13B",
         pipeline_id="black-forest-labs/FLUX.1-dev",
         dtype="bfloat16",
+        quantize_components=("transformer", "text_encoder_2"),
+        diffusion_quantization="bnb-nf4",  # bf16 FLUX alone is ~31 GB; nf4 brings it near 12 GB
         ip_adapter=IPAdapterSource(
             repo="XLabs-AI/flux-ip-adapter",
             weight_name="ip_adapter.safetensors",
@@ -183,6 +188,7 @@ PRESETS: dict[str, Preset] = {
         aligner=AlignerSource(repo="tiny-aligner-flux"),
         mllm="tiny-qwen",
         dtype="float32",
+        quantize_components=("transformer", "text_encoder_2"),
         default_steps=4,
         default_guidance_scale=3.5,
         width=64,

@@ -153,6 +153,7 @@ class IMGSession:
         mllm: str | None = None,
         aligner: str | Path | None = None,
         offload: bool = False,
+        diffusion_quantization: str | None = None,
         tiny_root: str | Path | None = None,
         show_progress_bars: bool = True,
     ):
@@ -162,6 +163,7 @@ class IMGSession:
         self.mllm_name = mllm or preset.mllm
         self.aligner_source = aligner
         self.offload = offload
+        self.diffusion_quantization = diffusion_quantization
         self.tiny_root = Path(tiny_root) if tiny_root else None
         self.show_progress_bars = show_progress_bars
         self.preset = preset  # resolved to absolute tiny paths on load
@@ -207,8 +209,13 @@ class IMGSession:
             from img_core.mllm import MLLMCritic, default_quantization, resolve_spec
 
             with self._stage("load_diffusion", self.load_seconds):
-                say(f"loading the {preset.family} pipeline {preset.pipeline_id}")
-                self.backend = backend_class(preset.family).load(preset, self.device, self.dtype, offload=self.offload)
+                quantization = self.diffusion_quantization or (
+                    preset.diffusion_quantization if self.device.type == "cuda" else "none"
+                )
+                say(f"loading the {preset.family} pipeline {preset.pipeline_id} (quantization: {quantization})")
+                self.backend = backend_class(preset.family).load(
+                    preset, self.device, self.dtype, offload=self.offload, quantization=quantization
+                )
                 self.backend.pipeline.set_progress_bar_config(disable=not self.show_progress_bars)
             with self._stage("load_mllm", self.load_seconds):
                 spec = resolve_spec(self.mllm_name, self.tiny_root)

@@ -128,3 +128,19 @@ def test_sdxl_dpo_swaps_the_unet(tiny_root):
     assert np.array_equal(pixels(dpo_image), pixels(plain_pipeline(dpo)(**generate_kwargs(dpo, steps=2)).images[0]))
     base_image = plain_pipeline(base)(**generate_kwargs(base, steps=2)).images[0]
     assert np.abs(pixels(dpo_image) - pixels(base_image)).mean() > 0.5
+
+
+def test_diffusion_quantization_config_targets_the_big_components():
+    from img_core.backends.base import pipeline_quantization_config
+
+    flux = get_preset("flux-dev")
+    assert flux.diffusion_quantization == "bnb-nf4"
+    assert pipeline_quantization_config("none", flux.quantize_components, torch.device("cuda"), torch.bfloat16) is None
+    config = pipeline_quantization_config("bnb-nf4", flux.quantize_components, torch.device("cuda"), torch.bfloat16)
+    assert config.quant_backend == "bitsandbytes_4bit"
+    assert config.components_to_quantize == ["transformer", "text_encoder_2"]
+    assert config.quant_kwargs["bnb_4bit_quant_type"] == "nf4"
+    with pytest.raises(InvalidInputError, match="needs a CUDA GPU"):
+        pipeline_quantization_config("bnb-nf4", flux.quantize_components, torch.device("cpu"), torch.float32)
+    with pytest.raises(InvalidInputError, match="must be one of"):
+        pipeline_quantization_config("fp3", flux.quantize_components, torch.device("cuda"), torch.float32)

@@ -35,6 +35,29 @@ class PromptCheck:
     warnings: list[str] = field(default_factory=list)
 
 
+DIFFUSION_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-8bit")
+
+
+def pipeline_quantization_config(quantization: str, components: tuple[str, ...], device: torch.device, dtype: torch.dtype):
+    """diffusers' PipelineQuantizationConfig for the big components of a pipeline, or None for "none".
+
+    bitsandbytes quantization of diffusers models needs a CUDA GPU (diffusers refuses it otherwise)."""
+    if quantization not in DIFFUSION_QUANTIZATIONS:
+        raise InvalidInputError(f"diffusion quantization must be one of {DIFFUSION_QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none" or not components:
+        return None
+    if device.type != "cuda":
+        raise InvalidInputError(
+            f"diffusion quantization {quantization!r} needs a CUDA GPU (bitsandbytes); use --diffusion-quantization none on {device.type}"
+        )
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    if quantization == "bnb-nf4":
+        kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+        return PipelineQuantizationConfig("bitsandbytes_4bit", kwargs, list(components))
+    return PipelineQuantizationConfig("bitsandbytes_8bit", {"load_in_8bit": True}, list(components))
+
+
 def require_prompt(prompt) -> str:
     """The stripped prompt; InvalidInputError when it is missing or blank."""
     if prompt is None or not str(prompt).strip():
@@ -57,8 +80,10 @@ class DiffusionBackend(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, preset, device: torch.device, dtype: torch.dtype, offload: bool = False) -> "DiffusionBackend":
-        """Load the pipeline and its IP-Adapter once."""
+    def load(
+        cls, preset, device: torch.device, dtype: torch.dtype, offload: bool = False, quantization: str = "none"
+    ) -> "DiffusionBackend":
+        """Load the pipeline and its IP-Adapter once; `quantization` applies to `preset.quantize_components`."""
 
     @property
     @abstractmethod

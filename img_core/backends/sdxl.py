@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from img_core.aligner import SDXL_FEATURES
-from img_core.backends.base import DiffusionBackend
+from img_core.backends.base import DiffusionBackend, pipeline_quantization_config
 from img_core.hub import call_or_explain, from_pretrained_or_explain
 
 
@@ -21,10 +21,15 @@ class SDXLBackend(DiffusionBackend):
     feature_kind = SDXL_FEATURES
 
     @classmethod
-    def load(cls, preset, device: torch.device, dtype: torch.dtype, offload: bool = False) -> "SDXLBackend":
+    def load(
+        cls, preset, device: torch.device, dtype: torch.dtype, offload: bool = False, quantization: str = "none"
+    ) -> "SDXLBackend":
         from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
         kwargs: dict = {"dtype": dtype}
+        quantization_config = pipeline_quantization_config(quantization, preset.quantize_components, device, dtype)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
         if preset.variant and dtype == torch.float16:
             kwargs["variant"] = preset.variant
         if preset.unet_id:
