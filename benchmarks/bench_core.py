@@ -191,6 +191,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-tiny", action="store_true")
     args = parser.parse_args()
+    from img_core.logs import quiet_library_output
+
+    quiet_library_output()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if not args.skip_tiny:
         bench_tiny(args.rounds)

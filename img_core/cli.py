@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
 from img_core.errors import IMGError
@@ -155,19 +153,9 @@ def _guarded(command, debug: bool) -> int:
 def _configure_logging(debug: bool) -> None:
     # img_core's own warnings (prompt truncated, image resized) reach stderr as "warning: ..." lines.
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.getLogger().handlers[0].setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.addLevelName(logging.WARNING, "warning")
     logging.addLevelName(logging.ERROR, "error")
     if not debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        warnings.filterwarnings("ignore")
-        for name in ("diffusers", "transformers", "bitsandbytes", "accelerate", "huggingface_hub"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    # Our own "IMG" bar reports progress; the libraries' loading bars would only add noise.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+        from img_core.logs import quiet_library_output
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+        quiet_library_output()

@@ -192,7 +192,8 @@ def convert_llava_checkpoint(
         ) from error
 
     # 4. weights: rename, group per module, grow the vocabulary rows
-    grouped: dict[str, dict[str, torch.Tensor]] = {"language_model": {}, "multi_modal_projector": {}, "lm_head": {}}
+    modules = ("language_model", "multi_modal_projector", "lm_head")
+    grouped: dict[str, dict[str, torch.Tensor]] = {module: {} for module in modules}
     dropped = []
     for path in weight_files(source):
         for key, tensor in load_weight_file(path).items():
@@ -204,9 +205,10 @@ def convert_llava_checkpoint(
             grouped[module][name] = tensor.to(dtype)
     if any(key.startswith("model.vision_tower.") for key in dropped):
         logger.warning("dropped the checkpoint's own vision tower weights; the tower comes from %s", vision_tower)
-    old_rows = grouped["language_model"]["embed_tokens.weight"].shape[0]
+    embeddings = grouped["language_model"]["embed_tokens.weight"]  # (V, D)
+    old_rows = embeddings.shape[0]
     vocab_size = max(old_rows, len(tokenizer))
-    grouped["language_model"]["embed_tokens.weight"] = grow_rows(grouped["language_model"]["embed_tokens.weight"], vocab_size)
+    grouped["language_model"]["embed_tokens.weight"] = grow_rows(embeddings, vocab_size)
     grouped["lm_head"]["weight"] = grow_rows(grouped["lm_head"]["weight"], vocab_size)
 
     # 5. transformers config
@@ -248,12 +250,13 @@ def convert_llava_checkpoint(
         num_additional_image_tokens=1,  # CLIP's CLS token
     )
     processor.save_pretrained(output_dir)
+    added_tokens = (LLAVA_IMAGE_TOKEN, PAD_TOKEN)
     record = {
         "chat_template": chat_template,
         "image_aspect": "pad" if original.get("image_aspect_ratio", "pad") == "pad" else "native",
         "source": str(source),
         "vision_tower": str(vision_tower),
-        "added_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in (LLAVA_IMAGE_TOKEN, PAD_TOKEN)},
+        "added_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in added_tokens},
         "converted_by": "img_core.convert_llava",
     }
     (output_dir / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m img_core convert-llava --source DIR --out DIR [--vision-tower ID] [--chat-template T]`."""
     parser = argparse.ArgumentParser(
         prog="python -m img_core convert-llava",
-        description="Convert an original-layout LLaVA checkpoint (e.g. shi-labs/IMG llava/) to transformers format.",
+        description="Convert an original-layout LLaVA checkpoint (e.g. shi-labs/IMG llava/) to transformers.",
     )
     parser.add_argument("--source", required=True, help="folder in the original LLaVA code-base layout")
     parser.add_argument("--out", required=True, help="output folder (transformers LlavaForConditionalGeneration)")
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "--chat-template", default="llava-v0", choices=CHAT_TEMPLATES,
         help="template the checkpoint was fine-tuned with (IMG's `llava` folder: llava-v0)",
     )
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the checkpoint's torch_dtype")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's torch_dtype")
     args = parser.parse_args(argv)
     try:
         out = convert_llava_checkpoint(

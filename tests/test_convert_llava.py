@@ -1,0 +1,191 @@
+"""convert_llava on a tiny checkpoint written in the ORIGINAL LLaVA code-base layout.
+
+The fixture writes what the original code-base saves: config.json with `LlavaLlamaForCausalLM` and the mm_*
+settings, Llama weights under `model.*` / `lm_head`, an mlp2x_gelu projector under `model.mm_projector.{0,2}`
+in two .bin shards, and a Llama tokenizer; plus a separate tiny CLIP vision tower folder.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from img_core.convert_llava import convert_llava_checkpoint, main  # noqa: E402
+from img_core.errors import InvalidInputError  # noqa: E402
+from img_core.mllm import CONVERSION_RECORD, MLLMCritic, resolve_spec  # noqa: E402
+from img_core.tiny_mllm import (  # noqa: E402
+    build_tiny_llama_tokenizer,
+    tiny_clip_image_processor,
+    tiny_clip_vision_config,
+    tiny_llama_config,
+)
+
+VISION_WIDTH = 32  # tiny CLIP hidden size (mm_hidden_size)
+
+
+def mlp2x_gelu(features: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The original LLaVA-1.5 projector applied by hand: Linear -> GELU -> Linear."""
+    hidden = F.linear(features, weights["model.mm_projector.0.weight"], weights["model.mm_projector.0.bias"])
+    return F.linear(F.gelu(hidden), weights["model.mm_projector.2.weight"], weights["model.mm_projector.2.bias"])
+
+
+def write_original_layout(source, llama_dir, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Write a tiny original-layout LLaVA checkpoint into `source`; save the same Llama weights as a plain
+    LlamaForCausalLM into `llama_dir`. Returns the projector tensors."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tiny_llama_tokenizer()
+    tokenizer.save_pretrained(source)
+    config = tiny_llama_config(len(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        llama = LlamaForCausalLM(config)
+        hidden = config.hidden_size
+        projector = {
+            "model.mm_projector.0.weight": torch.randn(hidden, VISION_WIDTH) * 0.1,
+            "model.mm_projector.0.bias": torch.randn(hidden) * 0.1,
+            "model.mm_projector.2.weight": torch.randn(hidden, hidden) * 0.1,
+            "model.mm_projector.2.bias": torch.randn(hidden) * 0.1,
+        }
+    llama.save_pretrained(llama_dir)
+
+    state = {key: value.clone() for key, value in llama.state_dict().items()}
+    state.update(projector)
+    # Some original checkpoints carry the tower too; the original loader ignores it, so must the converter.
+    state["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"] = torch.full((VISION_WIDTH,), 7.0)
+    keys = sorted(state)
+    half = len(keys) // 2
+    shards = {"pytorch_model-00001-of-00002.bin": keys[:half], "pytorch_model-00002-of-00002.bin": keys[half:]}
+    for filename, shard_keys in shards.items():
+        torch.save({key: state[key] for key in shard_keys}, source / filename)
+    weight_map = {key: filename for filename, shard_keys in shards.items() for key in shard_keys}
+    (source / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    original_config = {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_parameters["rope_theta"],
+        "hidden_act": "silu",
+        "vocab_size": len(tokenizer),
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_hidden_size": VISION_WIDTH,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+    }
+    (source / "config.json").write_text(json.dumps(original_config, indent=2))
+    return projector
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from transformers import CLIPVisionModel
+
+    root = tmp_path_factory.mktemp("convert-llava")
+    source, llama_dir, out = root / "llava", root / "llama", root / "hf"
+    tower_dir = root / "clip-vit-large-patch14-336"
+    source.mkdir()
+    projector = write_original_layout(source, llama_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(tower_dir)
+    tiny_clip_image_processor().save_pretrained(tower_dir)
+
+    exit_code = main(["--source", str(source), "--out", str(out), "--vision-tower", str(tower_dir)])
+    assert exit_code == 0
+    return {"out": out, "llama_dir": llama_dir, "tower_dir": tower_dir, "projector": projector, "source": source}
+
+
+@pytest.fixture(scope="module")
+def critic(converted):
+    return MLLMCritic.load(resolve_spec(str(converted["out"])))
+
+
+def test_language_model_logits_equal_plain_llama(converted, critic):
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM.from_pretrained(converted["llama_dir"]).eval()
+    input_ids = critic.tokenizer("A photo of a red fox playing a trumpet.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = llama(input_ids=input_ids).logits  # (1, S, V)
+        actual = critic.model(input_ids=input_ids).logits  # (1, S, V + 2)
+    vocab = expected.shape[-1]
+    assert actual.shape[-1] == vocab + 2  # <image> and <pad> added
+    torch.testing.assert_close(actual[..., :vocab], expected, atol=1e-5, rtol=0)
+
+
+def test_added_tokens_and_record(converted, critic):
+    vocab = len(build_tiny_llama_tokenizer())
+    assert critic.tokenizer.convert_tokens_to_ids("<image>") == vocab
+    assert critic.tokenizer.convert_tokens_to_ids("<pad>") == vocab + 1
+    assert critic.model.config.image_token_id == vocab
+    record = json.loads((converted["out"] / CONVERSION_RECORD).read_text())
+    assert record["chat_template"] == "llava-v0" and record["image_aspect"] == "pad"
+    assert critic.spec.chat_template == "llava-v0"
+    assert critic.spec.hidden_size == 64
+
+
+def test_projector_is_mlp2x_gelu(converted, critic):
+    weights = converted["projector"]
+    features = torch.randn(1, 5, VISION_WIDTH)
+    expected = mlp2x_gelu(features, weights)
+    with torch.no_grad():
+        actual = critic.model.model.multi_modal_projector(features)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+
+
+def test_image_features_use_the_given_tower_layer_minus_2_without_cls(converted, critic):
+    from transformers import CLIPVisionModel
+
+    tower = CLIPVisionModel.from_pretrained(converted["tower_dir"]).eval()
+    pixel_values = torch.randn(1, 3, 32, 32)
+    weights = converted["projector"]
+    with torch.no_grad():
+        patches = tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # (1, 16, 32)
+        expected = mlp2x_gelu(patches, weights)
+        actual = critic.model.get_image_features(pixel_values).pooler_output[0]  # (16, 64)
+    torch.testing.assert_close(actual, expected[0], atol=1e-5, rtol=0)
+    # The checkpoint's own (bogus, all-7) tower weights were dropped in favour of the given tower.
+    converted_norm = critic.model.model.vision_tower.post_layernorm.weight
+    assert torch.equal(converted_norm, tower.post_layernorm.weight) and not torch.all(converted_norm == 7.0)
+
+
+def test_converted_model_gives_guidance(critic):
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 40), (90, 90, 200))
+    question = critic.guidance(image, "a blue square")
+    dialogue = critic.guidance(image, "a blue square", critique="make it red", mode="dialogue")
+    assert question.shape[0] == 1 and question.shape[2] == 64
+    assert dialogue.shape[1] > question.shape[1]
+
+
+def test_unsupported_projector_is_rejected(tmp_path):
+    config = {"architectures": ["LlavaLlamaForCausalLM"], "mm_projector_type": "linear"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInputError, match="mlp2x_gelu"):
+        convert_llava_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_main_reports_a_missing_source(tmp_path, capsys):
+    assert main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 1
+    assert "nowhere" in capsys.readouterr().err
