@@ -300,7 +300,7 @@ class IMGSession:
         with self._lock:
             check = self.backend.check_prompt(prompt)
             with self._stage("critique", {}):
-                return self.critic.critique(image, check.prompt, max_new_tokens=max_new_tokens)
+                return self.critic.critique(image, check.prompt, max_new_tokens=max_new_tokens, seed=_check_seed(seed))
 
     def refine(
         self,
@@ -327,7 +327,9 @@ class IMGSession:
             seconds: dict[str, float] = {}
             if critique is None:
                 with self._stage("critique", seconds):
-                    critique = self.critic.critique(image, check.prompt, max_new_tokens=settings.max_critique_tokens)
+                    critique = self.critic.critique(
+                        image, check.prompt, max_new_tokens=settings.max_critique_tokens, seed=seed
+                    )
             with self._stage("guidance", seconds):
                 guidance = self.critic.guidance(
                     image, check.prompt, critique=critique, mode=values["guidance_mode"], seed=seed

@@ -5,6 +5,7 @@ imports img_core, so subprocesses such as the app under test inherit it).
 """
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,8 +13,16 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_CREATED_TINY_DIR = None
 if "IMG_TINY_DIR" not in os.environ:
-    os.environ["IMG_TINY_DIR"] = tempfile.mkdtemp(prefix="img-tiny-")
+    _CREATED_TINY_DIR = tempfile.mkdtemp(prefix="img-tiny-")
+    os.environ["IMG_TINY_DIR"] = _CREATED_TINY_DIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the tiny models this run built (a caller-provided IMG_TINY_DIR is kept)."""
+    if _CREATED_TINY_DIR:
+        shutil.rmtree(_CREATED_TINY_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
