@@ -161,22 +161,6 @@ PRESETS: dict[str, Preset] = {
         height=64,
         is_tiny=True,
     ),
-    "tiny-sdxl-dpo": Preset(
-        name="tiny-sdxl-dpo",
-        family="sdxl",
-        description="Tiny SDXL with a second tiny UNet swapped in the way SDXL-DPO swaps its UNet",
-        pipeline_id="tiny-sdxl",
-        unet_id="tiny-sdxl-dpo-unet",
-        ip_adapter=dataclasses.replace(_SDXL_IP_ADAPTER, repo="tiny-ip-adapter"),
-        aligner=AlignerSource(repo="tiny-aligner-sdxl"),
-        mllm="tiny-llava",
-        dtype="float32",
-        default_steps=4,
-        default_guidance_scale=7.5,
-        width=64,
-        height=64,
-        is_tiny=True,
-    ),
     "tiny-flux": Preset(
         name="tiny-flux",
         family="flux",
@@ -196,6 +180,15 @@ PRESETS: dict[str, Preset] = {
         is_tiny=True,
     ),
 }
+
+
+# SDXL-DPO = SDXL with another UNet; the tiny twin swaps in a second tiny UNet the same way.
+PRESETS["tiny-sdxl-dpo"] = dataclasses.replace(
+    PRESETS["tiny-sdxl"],
+    name="tiny-sdxl-dpo",
+    description="Tiny SDXL with a second tiny UNet swapped in the way SDXL-DPO swaps its UNet",
+    unet_id="tiny-sdxl-dpo-unet",
+)
 
 
 def get_preset(name: str) -> Preset:

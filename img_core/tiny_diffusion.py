@@ -117,13 +117,31 @@ def _tiny_clip_vision(seed: int, hidden_size: int = 32, projection_dim: int = 32
     return CLIPVisionModelWithProjection(config).eval()
 
 
+def _tiny_vae(seed: int, **family_options):
+    """A 2-level AutoencoderKL: 64x64 images <-> 4x32x32 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_IMAGE_SIZE,
+        **family_options,
+    )
+
+
 def _random_like(shape: tuple[int, ...], generator: torch.Generator, scale: float = 0.1) -> torch.Tensor:
     return torch.randn(shape, generator=generator) * scale
 
 
 def build_tiny_sdxl(root: Path, seed: int = 0) -> None:
     """Write `<root>/tiny-sdxl`, `<root>/tiny-ip-adapter` (plus, SDXL) and `<root>/tiny-sdxl-dpo-unet`."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -148,17 +166,7 @@ def build_tiny_sdxl(root: Path, seed: int = 0) -> None:
         )
 
     unet = tiny_unet(seed)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_IMAGE_SIZE,
-    )
+    vae = _tiny_vae(seed + 1)
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_clip_text_config(32, 32, tokenizer))
@@ -232,7 +240,7 @@ def build_tiny_sdxl(root: Path, seed: int = 0) -> None:
 
 def build_tiny_flux(root: Path, seed: int = 0) -> None:
     """Write `<root>/tiny-flux`, `<root>/tiny-flux-ip-adapter` (XLabs layout) and `<root>/tiny-clip-vit`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
@@ -250,21 +258,8 @@ def build_tiny_flux(root: Path, seed: int = 0) -> None:
         axes_dims_rope=[4, 4, 8],
         guidance_embeds=True,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_IMAGE_SIZE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    # FLUX's VAE has no quant convs and shifts/scales its latents (values of FLUX.1-dev's vae config).
+    vae = _tiny_vae(seed + 1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     clip_tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_clip_text_config(32, 32, clip_tokenizer))
