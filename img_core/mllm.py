@@ -398,7 +398,7 @@ class MLLMCritic:
         """The MLLM's greedy answer (at most `max_new_tokens` tokens) to how `image` could match `prompt`."""
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        inputs = self._conversation_inputs(image, prompt, seed, answer=None, reserve=max_new_tokens)
+        inputs = self.conversation_inputs(image, prompt, seed, answer=None, reserve=max_new_tokens)
         input_length = inputs["input_ids"].shape[1]
         stop_string = STOP_STRINGS.get(self.spec.chat_template)
         stopping = {"stop_strings": [stop_string], "tokenizer": self.tokenizer} if stop_string else {}
@@ -433,14 +433,14 @@ class MLLMCritic:
         if mode == "dialogue" and not (critique and critique.strip()):
             raise InvalidInputError("dialogue guidance needs a critique: generate one with critique() or type one")
         answer = critique.strip() if mode == "dialogue" else None
-        inputs = self._conversation_inputs(image, prompt, seed, answer=answer, reserve=0)
+        inputs = self.conversation_inputs(image, prompt, seed, answer=answer, reserve=0)
         with _out_of_memory_as_user_error(self.spec, self.quantization):
             outputs = self.model(**inputs, output_hidden_states=True, use_cache=False)
         return outputs.hidden_states[-1].float().cpu()  # (1, Sg, Dg)
 
     # ------------------------------------------------------------------------------- building the inputs
 
-    def _conversation_inputs(
+    def conversation_inputs(
         self, image: Image.Image, prompt: str, seed: int, answer: str | None, reserve: int
     ) -> dict[str, torch.Tensor]:
         """Model inputs for the conversation, with the prompt (then the answer) cut from their ends when the

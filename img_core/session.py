@@ -190,42 +190,47 @@ class IMGSession:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, progress: ProgressCallback | None = None) -> "IMGSession":
-        """Load the diffusion backend, the MLLM critic and the aligner (each once), then check they fit."""
+    def load(self, progress: ProgressCallback | None = None, aligner: bool = True) -> "IMGSession":
+        """Load the diffusion backend, the MLLM critic and the aligner (each once), then check they fit.
+
+        `aligner=False` loads only the backend and the critic (feature extraction needs no aligner)."""
         with self._lock:
-            if self.is_loaded:
+            if self.is_loaded or (not aligner and self.backend is not None and self.critic is not None):
                 return self
             say = progress or (lambda message: logger.info(message))
-            preset = self.base_preset
-            if preset.is_tiny:
+            if self.base_preset.is_tiny and self.preset is self.base_preset:
                 from img_core.tiny import ensure_tiny_models
 
                 say("building/loading the tiny random-weight models")
                 self.tiny_root = ensure_tiny_models(self.tiny_root)
-                preset = preset.resolved(self.tiny_root)
-            self.preset = preset
+                self.preset = self.base_preset.resolved(self.tiny_root)
+            preset = self.preset
 
             from img_core.backends import backend_class
             from img_core.mllm import MLLMCritic, default_quantization, resolve_spec
 
-            with self._stage("load_diffusion", self.load_seconds):
-                quantization = self.diffusion_quantization or (
-                    preset.diffusion_quantization if self.device.type == "cuda" else "none"
-                )
-                say(f"loading the {preset.family} pipeline {preset.pipeline_id} (quantization: {quantization})")
-                self.backend = backend_class(preset.family).load(
-                    preset, self.device, self.dtype, offload=self.offload, quantization=quantization
-                )
-                self.backend.pipeline.set_progress_bar_config(disable=not self.show_progress_bars)
-            with self._stage("load_mllm", self.load_seconds):
-                spec = resolve_spec(self.mllm_name, self.tiny_root)
-                quantization = self.quantization or default_quantization(self.device)
-                say(f"loading the MLLM {spec.model_id} (quantization: {quantization})")
-                self.critic = MLLMCritic.load(spec, device=self.device, quantization=quantization)
-            with self._stage("load_aligner", self.load_seconds):
-                say("loading the Implicit Aligner")
-                self.aligner = self._load_aligner().to(self.device, dtype=torch.float32).eval()
-            self._check_compatible()
+            if self.backend is None:
+                with self._stage("load_diffusion", self.load_seconds):
+                    quantization = self.diffusion_quantization or (
+                        preset.diffusion_quantization if self.device.type == "cuda" else "none"
+                    )
+                    say(f"loading the {preset.family} pipeline {preset.pipeline_id} (quantization: {quantization})")
+                    self.backend = backend_class(preset.family).load(
+                        preset, self.device, self.dtype, offload=self.offload, quantization=quantization
+                    )
+                    self.backend.pipeline.set_progress_bar_config(disable=not self.show_progress_bars)
+            if self.critic is None:
+                with self._stage("load_mllm", self.load_seconds):
+                    spec = resolve_spec(self.mllm_name, self.tiny_root)
+                    quantization = self.quantization or default_quantization(self.device)
+                    say(f"loading the MLLM {spec.model_id} (quantization: {quantization})")
+                    self.critic = MLLMCritic.load(spec, device=self.device, quantization=quantization)
+            if aligner and self.aligner is None:
+                with self._stage("load_aligner", self.load_seconds):
+                    say("loading the Implicit Aligner")
+                    loaded = self._load_aligner().to(self.device, dtype=torch.float32).eval()
+                self._check_compatible(loaded)
+                self.aligner = loaded
             say("models loaded")
             return self
 
@@ -244,8 +249,8 @@ class IMGSession:
             return ImplicitAligner.from_official_checkpoint(path, mllm=spec.mllm, chat_template=spec.chat_template)
         return ImplicitAligner.from_pretrained(spec.repo)
 
-    def _check_compatible(self) -> None:
-        config = self.aligner.config
+    def _check_compatible(self, aligner: ImplicitAligner) -> None:
+        config = aligner.config
         backend = self.backend
         if config.image_feature_kind != backend.feature_kind or config.image_dim != backend.feature_dim:
             raise IncompatibleAlignerError(

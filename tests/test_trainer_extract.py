@@ -1,0 +1,212 @@
+"""Feature extraction from a tiny Pick-a-Pic-style parquet (tiny-sdxl preset), training on the store and
+--online, and loading the trained aligner into an img_core session."""
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from img_core.images import load_image
+from trainer.data import PreferencePairs
+from trainer.extract import ExtractConfig, OnlineTriplets, extract
+from trainer.store import FeatureStore, read_shard_header, shard_name
+from trainer.train import TrainConfig, train
+
+TINY = {"depth": 2, "heads": 2, "dim_head": 16}
+# row: caption, jpg_0 seed (None = corrupt bytes), jpg_1 seed, label_0, label_1
+ROWS = [
+    ("a red cube on a wooden table", 0, 1, 1.0, 0.0),
+    ("a tie between two images", 2, 3, 0.5, 0.5),
+    ("an image that cannot be decoded", 4, None, 0.0, 1.0),
+    ("a blue sphere in the snow", 5, 6, 0.0, 1.0),
+    ("a cat wearing a hat", 7, 8, 1.0, 0.0),
+    ("two dogs playing chess", 9, 10, 0.0, 1.0),
+    ("a lighthouse at night", 11, 12, 1.0, 0.0),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def png_bytes(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pick_a_pic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pickapic")
+    columns = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for caption, first, second, label_0, label_1 in ROWS:
+        columns["caption"].append(caption)
+        columns["jpg_0"].append(png_bytes(first))
+        columns["jpg_1"].append(png_bytes(second) if second is not None else b"\x89PNG broken")
+        columns["label_0"].append(label_0)
+        columns["label_1"].append(label_1)
+    for name in ("jpg_0", "jpg_1"):
+        columns[name] = pa.array(columns[name], pa.binary())
+    table = pa.table(columns)
+    pq.write_table(table.slice(0, 4), folder / "train-00000.parquet", row_group_size=3)
+    pq.write_table(table.slice(4), folder / "train-00001.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store(pick_a_pic, tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store")
+    manifest = extract(ExtractConfig(dataset=str(pick_a_pic), out=str(out), preset="tiny-sdxl", shard_size=3))
+    return out, manifest
+
+
+def test_pairs_reader_orders_winner_and_loser_and_spots_ties(pick_a_pic):
+    pairs = PreferencePairs(pick_a_pic)
+    assert len(pairs) == 7
+    assert pairs.decided_rows() == [0, 2, 3, 4, 5, 6]
+    assert pairs[1] is None
+    assert pairs[0].winner == png_bytes(0) and pairs[0].loser == png_bytes(1)  # label_0 = 1
+    assert pairs[3].winner == png_bytes(6) and pairs[3].loser == png_bytes(5)  # label_1 = 1
+    assert pairs[6].caption == "a lighthouse at night"  # second file
+    assert len(PreferencePairs(pick_a_pic, limit=3)) == 3
+
+
+def test_extraction_skips_ties_and_corrupt_images_and_records_metadata(store):
+    out, manifest = store
+    assert manifest["format"] == "img-features/1"
+    assert manifest["num_samples"] == 5 and manifest["source_rows"] == 7
+    assert manifest["skipped"] == {"ties": 1, "corrupt": 1, "empty_caption": 0}
+    assert manifest["corrupt_rows"] == [2]
+    assert manifest["shards"] == [shard_name(0), shard_name(1), shard_name(2)]
+    assert manifest["shard_sizes"] == [1, 3, 1]  # rows 0-2, 3-5, 6
+    assert (manifest["image_tokens"], manifest["guidance_dim"]) == (16, 64)
+    assert manifest["mllm"] == "tiny-llava" and manifest["chat_template"] == "llava-v0"
+    assert manifest["guidance_mode"] == "question" and manifest["preset"] == "tiny-sdxl"
+    assert manifest["image_feature_kind"] == "sdxl-ip-adapter-plus-vit-h"
+    assert manifest["image_encoder"] == "tiny-ip-adapter/models/image_encoder"
+    assert manifest["bytes_per_sample"] > 0
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_stored_features_are_what_the_session_computes(store, tiny_sdxl_session):
+    out, _ = store
+    features = FeatureStore(out)
+    assert read_shard_header(out / shard_name(1))["num_samples"] == 3  # rows 3, 4, 5
+    stored = features[1]  # second sample = source row 3: winner jpg_1 (seed 6), loser jpg_0 (seed 5)
+    winner, loser = load_image(png_bytes(6)), load_image(png_bytes(5))
+    expected_w = tiny_sdxl_session.backend.image_features(winner)[0]
+    expected_l = tiny_sdxl_session.backend.image_features(loser)[0]
+    expected_g = tiny_sdxl_session.critic.guidance(loser, "a blue sphere in the snow", mode="question", seed=3)[0]
+    assert stored["image_w"].dtype == torch.float16
+    torch.testing.assert_close(stored["image_w"].float(), expected_w, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(stored["image_l"].float(), expected_l, atol=2e-3, rtol=2e-3)
+    assert stored["guidance"].shape == expected_g.shape
+    torch.testing.assert_close(stored["guidance"].float(), expected_g, atol=2e-2, rtol=2e-3)
+
+
+def test_extraction_resumes_by_skipping_finished_shards(store, pick_a_pic, tmp_path):
+    out, manifest = store
+    copy = tmp_path / "store"
+    copy.mkdir()
+    for name in manifest["shards"]:
+        (copy / name).write_bytes((out / name).read_bytes())
+    (copy / shard_name(1)).unlink()  # as if killed while writing shard 1
+    (copy / (shard_name(1) + ".tmp")).write_bytes(b"half a shard")
+    before = {name: (copy / name).stat().st_mtime_ns for name in (shard_name(0), shard_name(2))}
+    resumed = extract(ExtractConfig(dataset=str(pick_a_pic), out=str(copy), preset="tiny-sdxl", shard_size=3))
+    assert {name: (copy / name).stat().st_mtime_ns for name in before} == before  # not redone
+    assert resumed == manifest
+    assert torch.equal(FeatureStore(copy)[2]["guidance"], FeatureStore(out)[2]["guidance"])
+    with pytest.raises(ValueError, match="use another --out"):
+        extract(ExtractConfig(dataset=str(pick_a_pic), out=str(copy), preset="tiny-sdxl", shard_size=3, seed=1))
+
+
+def test_two_processes_split_the_shards_and_write_the_same_store(store, pick_a_pic, tmp_path):
+    out, manifest = store
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "trainer.extract", "--dataset", str(pick_a_pic), "--preset", "tiny-sdxl", "--out", str(tmp_path / "two"),
+               "--shard-size", "3"]
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("row 2: unreadable image") == 1  # shard 0 was extracted by one process only
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text()) == manifest
+    two, one = FeatureStore(tmp_path / "two"), FeatureStore(out)
+    for index in range(len(one)):
+        for key in ("image_w", "image_l", "guidance", "guidance_mask"):
+            assert torch.equal(two[index][key], one[index][key]), (index, key)
+
+
+def test_dialogue_mode_teacher_forces_the_critique(pick_a_pic, tiny_root, tmp_path):
+    manifest = extract(ExtractConfig(dataset=str(pick_a_pic), out=str(tmp_path / "dialogue"), preset="tiny-sdxl",
+                                     guidance_mode="dialogue", limit=1, max_critique_tokens=6))
+    assert manifest["guidance_mode"] == "dialogue" and manifest["num_samples"] == 1
+    dialogue_store = FeatureStore(tmp_path / "dialogue")
+    question = extract(
+        ExtractConfig(dataset=str(pick_a_pic), out=str(tmp_path / "question"), preset="tiny-sdxl", limit=1)
+    )
+    assert question["num_samples"] == 1
+    # the answer (at least MIN_CRITIQUE_TOKENS tokens) plus the answer separator come after the question
+    assert dialogue_store[0]["guidance"].shape[0] > FeatureStore(tmp_path / "question")[0]["guidance"].shape[0]
+
+
+def test_sources_that_cannot_be_read_say_why():
+    with pytest.raises(FileNotFoundError, match="neither an existing folder"):
+        PreferencePairs("./no/such/folder")
+    if importlib.util.find_spec("datasets") is None:
+        with pytest.raises(ImportError, match="pip install datasets"):
+            PreferencePairs("yuvalkirstain/pickapic_v2")
+
+
+def test_training_on_the_extracted_store_gives_an_aligner_the_session_loads(store, tiny_root, tmp_path):
+    from img_core.session import IMGSession, RoundSettings
+
+    out, _ = store
+    final = train(TrainConfig(features=str(out), out=str(tmp_path / "run"), **TINY, batch_size=2, max_steps=4,
+                              val_samples=1, val_every=2, log_every=2))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 2, 4, 4]
+    config = json.loads((final / "config.json").read_text())
+    assert config["mllm"] == "tiny-llava" and config["chat_template"] == "llava-v0"
+    assert config["image_feature_kind"] == "sdxl-ip-adapter-plus-vit-h" and config["training_steps"] == 4
+
+    session = IMGSession.from_preset("tiny-sdxl", device="cpu", aligner=str(final), show_progress_bars=False).load()
+    assert session.aligner.config.training_steps == 4
+    first = session.generate("a red cube", seed=0, settings=RoundSettings(steps=2))
+    refined = session.refine(first.image, "a red cube", seed=0, critique="make it red", settings=RoundSettings(steps=2))
+    assert refined.image.size == first.image.size
+
+
+def test_online_features_match_the_store_and_online_training_runs(store, pick_a_pic, tmp_path):
+    out, _ = store
+    online = OnlineTriplets(str(pick_a_pic), "tiny-sdxl", "question", device="cpu")
+    assert len(online) == 6  # non-tie rows, the corrupt one included (it yields None)
+    assert online[1] is None  # row 2: corrupt
+    stored = FeatureStore(out)
+    torch.testing.assert_close(online[2]["image_w"], stored[1]["image_w"].float(), atol=2e-3, rtol=2e-3)  # row 3
+    torch.testing.assert_close(online[2]["guidance"], stored[1]["guidance"].float(), atol=2e-2, rtol=2e-3)
+    assert online.manifest["mllm"] == "tiny-llava" and online.manifest["image_dim"] == stored.image_dim
+
+    final = train(TrainConfig(online=True, dataset=str(pick_a_pic), preset="tiny-sdxl", out=str(tmp_path / "online"),
+                              **TINY, batch_size=2, max_steps=3, val_samples=1, log_every=1))
+    records = [json.loads(line) for line in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert json.loads((final / "config.json").read_text())["training_steps"] == 3

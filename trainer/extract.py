@@ -1,0 +1,257 @@
+"""Extract aligner training triplets from Pick-a-Pic-style pairs into a feature store (img-features/1).
+
+    python -m trainer.extract --dataset PARQUET_DIR --preset sdxl --out STORE [--guidance-mode dialogue] [--limit N]
+    accelerate launch -m trainer.extract --dataset PARQUET_DIR --preset sdxl --out STORE
+
+For each pair that is not a tie (REFERENCE §6): the preset's IP-Adapter tokens of the winner and of the
+loser, and the MLLM guidance of (loser image, caption) with the question template drawn by the pair's row
+number (plus --seed); in dialogue mode the MLLM first writes its critique of the loser, which is then
+teacher-forced into the guidance. Source rows are cut into shards of --shard-size rows; process p of P
+extracts shards p, p+P, ... and skips shards that already exist, so a killed extraction continues where it
+stopped. Unreadable images are skipped, counted and reported, never fatal. The main process writes
+STORE/manifest.json when all shards are done.
+
+`OnlineTriplets` computes the same triplets on demand for `trainer.train --online`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer import option, parse_config
+from trainer.data import PreferencePairs
+from trainer.store import STORAGE_DTYPES, FeatureSample, read_shard_header, shard_name, write_manifest, write_shard
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = ("ties", "corrupt", "empty_caption")
+# Shard metadata that must agree between a finished shard and the run that would reuse it.
+SETTINGS_RECORDED = ("preset", "mllm", "guidance_mode", "seed", "dtype", "shard_size")
+
+
+@dataclass
+class ExtractConfig:
+    dataset: str = option("", "folder of Pick-a-Pic-style parquet files, one parquet file, or a hub dataset id")
+    out: str = option("", "store folder to write (shards + manifest.json)")
+    preset: str = option("sdxl", "img_core preset whose IP-Adapter and MLLM make the features")
+    guidance_mode: str = option("question", "MLLM guidance mode", choices=["question", "dialogue"])
+    mllm: str | None = option(None, "MLLM name or folder instead of the preset's (e.g. a fine-tuned one)")
+    quantization: str | None = option(None, "MLLM quantization (default: nf4 on CUDA, none on CPU)")
+    limit: int | None = option(None, "use only the first N rows of the source")
+    shard_size: int = option(128, "source rows per shard")
+    dtype: str = option("float16", "storage dtype", choices=list(STORAGE_DTYPES))
+    seed: int = option(0, "offset of the per-row seed that picks the question template")
+    max_critique_tokens: int = option(96, "dialogue mode: longest critique")
+    split: str = option("train", "split of a hub dataset")
+    device: str | None = option(None, "device (default: this process's accelerator device)")
+
+    def check(self) -> None:
+        if not self.dataset or not self.out:
+            raise ValueError("--dataset and --out are required")
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+
+
+class FeatureExtractor:
+    """The preset's diffusion backend (for its IP-Adapter image path) and MLLM critic, loaded once by an
+    img_core session without its aligner, which extraction does not use."""
+
+    def __init__(self, preset: str, device: str | torch.device, mllm: str | None = None,
+                 quantization: str | None = None, tiny_root: str | Path | None = None):
+        from img_core.session import IMGSession
+
+        session = IMGSession.from_preset(
+            preset, device=device, mllm=mllm, quantization=quantization, tiny_root=tiny_root,
+            show_progress_bars=False,
+        ).load(aligner=False)
+        self.preset = session.base_preset
+        self.device = session.device
+        self.backend = session.backend
+        self.critic = session.critic
+
+    def store_fields(self, guidance_mode: str) -> dict:
+        """What a store (and an aligner trained on it) must record about these features."""
+        ip = self.preset.ip_adapter
+        encoder = ip.image_encoder if self.preset.family == "flux" else f"{ip.repo}/{ip.image_encoder}"
+        image_tokens, image_dim = self.backend.image_features_shape()
+        return {
+            "image_tokens": image_tokens,
+            "image_dim": image_dim,
+            "guidance_dim": self.critic.hidden_size,
+            "guidance_mode": guidance_mode,
+            "chat_template": self.critic.spec.chat_template,
+            "mllm": self.critic.spec.name,
+            "image_encoder": encoder,
+            "image_feature_kind": self.backend.feature_kind,
+            "preset": self.preset.name,
+        }
+
+    def triplet(self, caption: str, winner, loser, guidance_mode: str, seed: int,
+                max_critique_tokens: int = 96) -> FeatureSample:
+        """Features of one pair; images are PIL images, `seed` picks the question template."""
+        critique = None
+        if guidance_mode == "dialogue":
+            critique = self.critic.critique(loser, caption, max_new_tokens=max_critique_tokens, seed=seed)
+        guidance = self.critic.guidance(loser, caption, critique=critique, mode=guidance_mode, seed=seed)
+        return FeatureSample(
+            image_w=self.backend.image_features(winner)[0],  # (Si, D)
+            image_l=self.backend.image_features(loser)[0],  # (Si, D)
+            guidance=guidance[0],  # (Sg, Dg)
+        )
+
+
+def read_pair(pairs: PreferencePairs, row: int):
+    """(caption, winner image, loser image), or the reason the row is skipped."""
+    from img_core.errors import InvalidInputError
+    from img_core.images import load_image
+
+    try:
+        pair = pairs[row]
+    except ValueError:  # an image cell without bytes
+        return "corrupt"
+    if pair is None:
+        return "ties"
+    if not pair.caption.strip():
+        return "empty_caption"
+    try:
+        return pair.caption.strip(), load_image(pair.winner), load_image(pair.loser)
+    except InvalidInputError:
+        return "corrupt"
+
+
+def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None) -> dict:
+    """Write this process's missing shards; the main process then writes and returns the manifest."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # `accelerate launch --cpu` sets it
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = PreferencePairs(cfg.dataset, limit=cfg.limit, split=cfg.split)
+    num_shards = -(-len(pairs) // cfg.shard_size)
+    settings = {"preset": cfg.preset, "mllm": cfg.mllm, "guidance_mode": cfg.guidance_mode, "seed": cfg.seed,
+                "dtype": cfg.dtype, "shard_size": cfg.shard_size}
+
+    def rows_of(shard: int) -> range:
+        return range(shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, len(pairs)))
+
+    def finished(shard: int) -> bool:
+        path = out / shard_name(shard)
+        if not path.exists():
+            return False
+        metadata = read_shard_header(path)["metadata"]
+        recorded = json.loads(metadata.get("settings", "{}"))
+        if recorded != settings:
+            raise ValueError(f"{path} was extracted with {recorded}, this run uses {settings}: use another --out")
+        return metadata.get("rows") == f"{rows_of(shard).start}:{rows_of(shard).stop}"  # else --limit changed
+
+    todo = [s for s in range(state.process_index, num_shards, state.num_processes) if not finished(s)]
+    if todo:
+        extractor = FeatureExtractor(cfg.preset, cfg.device or state.device, cfg.mllm, cfg.quantization, tiny_root)
+        fields = extractor.store_fields(cfg.guidance_mode)
+        progress = tqdm(total=sum(len(rows_of(s)) for s in todo), desc=f"extract [{state.process_index}]",
+                        position=state.process_index, disable=None)
+        for shard in todo:
+            samples, skipped, corrupt_rows = [], dict.fromkeys(SKIP_REASONS, 0), []
+            for row in rows_of(shard):
+                read = read_pair(pairs, row)
+                progress.update(1)
+                if isinstance(read, str):
+                    skipped[read] += 1
+                    if read == "corrupt":
+                        corrupt_rows.append(row)
+                        logger.warning("row %d: unreadable image, skipped", row)
+                    continue
+                caption, winner, loser = read
+                sample = extractor.triplet(
+                    caption, winner, loser, cfg.guidance_mode, cfg.seed + row, cfg.max_critique_tokens
+                )
+                sample.source_index = row
+                samples.append(sample)
+            metadata = {"rows": f"{rows_of(shard).start}:{rows_of(shard).stop}", "settings": json.dumps(settings),
+                        "fields": json.dumps(fields), "skipped": json.dumps(skipped),
+                        "corrupt_rows": json.dumps(corrupt_rows)}
+            write_shard(out / shard_name(shard), samples, dtype=cfg.dtype, metadata=metadata)
+        progress.close()
+    state.wait_for_everyone()
+
+    manifest = None
+    if state.is_main_process:
+        skipped, corrupt_rows, fields = dict.fromkeys(SKIP_REASONS, 0), [], {}
+        for shard in range(num_shards):
+            metadata = read_shard_header(out / shard_name(shard))["metadata"]
+            for reason, count in json.loads(metadata["skipped"]).items():
+                skipped[reason] += count
+            corrupt_rows += json.loads(metadata["corrupt_rows"])
+            fields = fields or json.loads(metadata["fields"])
+        manifest = write_manifest(out, {**fields, "dtype": cfg.dtype, "source_rows": len(pairs), "skipped": skipped,
+                                        "corrupt_rows": corrupt_rows[:1000]},
+                                  [shard_name(s) for s in range(num_shards)])
+    state.wait_for_everyone()
+    return manifest or json.loads((out / "manifest.json").read_text())
+
+
+class OnlineTriplets(torch.utils.data.Dataset):
+    """The triplets of `extract`, computed when indexed (for `trainer.train --online`): item i is the i-th
+    non-tie pair, as the dict a FeatureStore item is (float32), or None when an image is unreadable."""
+
+    def __init__(self, dataset: str, preset: str, guidance_mode: str, device: str, seed: int = 0,
+                 mllm: str | None = None, quantization: str | None = None, limit: int | None = None,
+                 tiny_root: str | Path | None = None):
+        self.pairs = PreferencePairs(dataset, limit=limit)
+        self.rows = self.pairs.decided_rows()
+        if not self.rows:
+            raise ValueError(f"{dataset} has no pair that is not a tie")
+        self.guidance_mode, self.seed = guidance_mode, seed
+        self.extractor = FeatureExtractor(preset, device, mllm, quantization, tiny_root)
+        self.manifest = self.extractor.store_fields(guidance_mode)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        row = self.rows[index]
+        read = read_pair(self.pairs, row)
+        if isinstance(read, str):
+            logger.warning("row %d skipped: %s", row, read)
+            return None
+        caption, winner, loser = read
+        sample = self.extractor.triplet(caption, winner, loser, self.guidance_mode, self.seed + row)
+        return {
+            "image_w": sample.image_w,  # (Si, D)
+            "image_l": sample.image_l,  # (Si, D)
+            "guidance": sample.guidance,  # (Sg, Dg)
+            "guidance_mask": torch.ones(sample.guidance.shape[0], dtype=torch.bool),  # (Sg,)
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_config(ExtractConfig, argv, description=__doc__.split("\n\n")[0], prog="python -m trainer.extract")
+    try:
+        manifest = extract(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        sys.exit(f"error: {error}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        skipped = manifest["skipped"]
+        print(
+            f"{cfg.out}: {manifest['num_samples']} triplets from {manifest['source_rows']} rows "
+            f"(skipped: {skipped['ties']} ties, {skipped['corrupt']} unreadable images, "
+            f"{skipped['empty_caption']} empty captions); {manifest['bytes_per_sample'] / 1e6:.3f} MB per sample"
+        )
+        if manifest["corrupt_rows"]:
+            print(f"unreadable rows: {manifest['corrupt_rows'][:20]}")
+
+
+if __name__ == "__main__":
+    main()
