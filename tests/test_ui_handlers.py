@@ -1,0 +1,216 @@
+"""The app's handlers, state and views in-process on the tiny preset (no server, no browser)."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from img_core.errors import InvalidInputError
+from img_core.session import IMGSession
+from ui import views
+from ui.handlers import Studio
+from ui.models import ModelHost, compatible_mllms
+from ui.state import RoundRequest, StudioState
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "A green banana and a brown horse."
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(np.float64)
+
+
+def request(**overrides) -> RoundRequest:
+    values = {"prompt": PROMPT, "seed": 7, "steps": 2, "guidance_mode": "dialogue"} | overrides
+    return RoundRequest.from_values(**values)
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_sdxl_session) -> Studio:
+    return Studio(ModelHost(tiny_sdxl_session))
+
+
+@pytest.fixture(scope="module")
+def generated(studio) -> StudioState:
+    return studio.generate(request(), StudioState())
+
+
+def test_request_reads_widget_values_and_refuses_bad_ones():
+    made = RoundRequest.from_values(prompt="  a cat ", seed=3.0, steps=4.0, guidance_scale=5, aligner_passes=2.0)
+    assert (made.prompt, made.seed, made.steps, made.aligner_passes) == ("a cat", 3, 4, 2)
+    settings = made.settings()
+    assert (settings.steps, settings.guidance_scale, settings.guidance_mode) == (4, 5.0, "question")
+    for values, message in [
+        ({"prompt": "  ", "seed": 0}, "prompt is empty"),
+        ({"prompt": "a", "seed": None}, "seed is missing"),
+        ({"prompt": "a", "seed": 1.5}, "seed must be a whole number"),
+        ({"prompt": "a", "seed": -1}, "seed must be"),
+        ({"prompt": "a", "seed": 0, "guidance_mode": "shout"}, "guidance mode"),
+        ({"prompt": "a", "seed": 0, "ip_scale": 3}, "IP scale"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            RoundRequest.from_values(**values)
+
+
+def test_buttons_that_cannot_run_are_disabled():
+    empty = views.button_states(StudioState(), busy=False)
+    assert empty["generate"] and empty["use_upload"]
+    assert not any(empty[name] for name in ("critique", "refine", "auto_refine", "download", "reset"))
+    assert not any(views.button_states(StudioState(), busy=True).values())
+
+
+def test_models_load_once_per_process(tiny_root):
+    host = ModelHost(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False))
+    assert not host.is_loaded and "not loaded yet" in host.status_line()
+    messages = []
+    session = host.loaded_session(lambda value, desc="": messages.append(desc))
+    backend, seconds = session.backend, host.load_seconds
+    assert host.is_loaded and "loaded in" in host.status_line() and messages[0].startswith("Loading the tiny-sdxl")
+    assert host.loaded_session() is session and session.backend is backend and host.load_seconds == seconds
+
+
+def test_switching_models_replaces_them_and_survives_a_failure(tiny_root):
+    assert compatible_mllms("sdxl") == ["img-llava-13b", "llava-1.5-13b"]
+    assert compatible_mllms("tiny-flux") == ["tiny-llava", "tiny-qwen"]
+    host = ModelHost(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False))
+    assert not host.switch("tiny-sdxl", None, "none") and not host.is_loaded, "same settings: nothing to do"
+    with pytest.raises(InvalidInputError, match="quantization"):
+        host.switch("tiny-flux", None, "int3")
+    assert host.preset.name == "tiny-sdxl" and host.quantization == "none" and not host.is_loaded
+    assert host.switch("tiny-flux", None, "none")
+    assert host.is_loaded and host.session.mllm_name == "tiny-qwen" and "**tiny-flux**" in host.status_line()
+
+
+def test_generate_critique_refine_from_any_round_and_download(studio, generated, tmp_path):
+    state = generated
+    assert len(state.rounds) == 1 and state.base == 0 and state.rounds[0].source == "generated"
+    critique = studio.critique(state, PROMPT)
+    assert isinstance(critique, str) and critique.strip()
+
+    edited = "Make the horse brown and put it next to a green banana."
+    first = studio.refine(request(), state, edited)
+    assert len(state.rounds) == 1, "handlers return new states; the old one is untouched"
+    one = first.rounds[1]
+    assert (one.index, one.base_index, one.critique, one.source) == (1, 0, edited, "refined")
+    assert first.base == 1 and np.abs(pixels(one.image) - pixels(state.rounds[0].image)).mean() > 0
+
+    plain = studio.refine(request(), state, critique)
+    assert np.abs(pixels(plain.rounds[1].image) - pixels(one.image)).mean() > 0, "the edit changed the result"
+
+    stages = []
+    second = studio.refine(request(), first, "", progress=lambda value, desc="": stages.append(desc))
+    assert second.rounds[2].base_index == 1 and second.rounds[2].critique  # empty: the MLLM critiqued round 1
+    assert stages == ["Refine: the MLLM critiques round 1", "Refine: guidance, alignment and re-generation of round 2"]
+    assert {"critique", "guidance", "align", "regenerate"} <= set(second.rounds[2].seconds)
+    assert np.abs(pixels(second.rounds[2].image) - pixels(one.image)).mean() > 0
+
+    branched = studio.refine(request(), studio.select(second, 0), edited)  # clicking round 0 makes it the base
+    assert branched.rounds[3].base_index == 0 and branched.base == 3
+    assert np.array_equal(pixels(branched.rounds[3].image), pixels(one.image)), "same base, critique and seed"
+
+    assert [caption.split(" · ")[0] for _, caption in views.gallery_items(branched)] == [
+        "Round 0", "Round 1", "Round 2", "Round 3"
+    ]  # fmt: skip
+    log = views.round_log(branched)
+    assert "refined from round 0" in log and "refined from round 1" in log and "Make the horse brown" in log
+
+    archive = studio.export(branched)
+    with zipfile.ZipFile(archive) as bundle:
+        assert sorted(bundle.namelist()) == ["round_0.png", "round_1.png", "round_2.png", "round_3.png", "session.json"]
+        saved = json.loads(bundle.read("session.json"))
+        restored = Image.open(bundle.open("round_3.png"))
+        assert np.array_equal(pixels(restored), pixels(branched.rounds[3].image))
+    assert saved["preset"] == "tiny-sdxl" and saved["prompt"] == PROMPT and saved["seed"] == 7
+    assert [r["base_index"] for r in saved["rounds"]] == [None, 0, 1, 0]
+    assert saved["rounds"][1]["critique"] == edited and saved["rounds"][1]["guidance_mode"] == "dialogue"
+
+
+def test_question_mode_ignores_the_critique_text(studio, generated):
+    question = request(guidance_mode="question")
+    a = studio.refine(question, generated, "The horse is missing.")
+    b = studio.refine(question, generated, "Something else entirely.")
+    assert np.array_equal(pixels(a.rounds[1].image), pixels(b.rounds[1].image))
+    assert "for reading only" in views.CRITIQUE_NOTES["question"]
+
+
+def test_auto_refine_yields_every_round(studio, generated):
+    states = list(studio.auto_refine(request(), generated, "", 2))
+    assert [len(s.rounds) for s in states] == [2, 3]
+    assert [r.base_index for r in states[-1].rounds] == [None, 0, 1] and states[-1].base == 2
+    with pytest.raises(gr.Error, match="auto-refine runs 1 to"):
+        list(studio.auto_refine(request(), generated, "", 0))
+
+
+def test_start_from_an_uploaded_image(studio):
+    state = studio.start_from_image(Image.new("RGBA", (96, 80), (10, 200, 30, 255)), request(), StudioState())
+    assert state.rounds[0].source == "uploaded" and state.rounds[0].image.mode == "RGB"
+    assert "your image" in views.round_caption(state, 0)
+    with pytest.raises(gr.Error, match="no image was uploaded"):
+        studio.start_from_image(None, request(), StudioState())
+
+
+def test_user_mistakes_become_gradio_errors(studio, tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    with pytest.raises(gr.Error, match="no image yet"):
+        studio.critique(StudioState(), PROMPT)
+    with pytest.raises(gr.Error, match="no image yet"):
+        studio.refine(request(), StudioState(), "")
+    with pytest.raises(gr.Error, match="nothing to download"):
+        studio.export(StudioState())
+    with pytest.raises(gr.Error, match="no round 5"):
+        studio.select(StudioState(), 5)
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        studio.api_generate("", 0)
+    with pytest.raises(gr.Error, match="seed"):
+        studio.api_generate(PROMPT, None)
+    with pytest.raises(gr.Error, match="no image was given"):
+        studio.api_critique(None, PROMPT)
+    with pytest.raises(gr.Error, match="not an image"):
+        studio.api_refine(str(not_image), PROMPT, "", 0)
+
+
+def test_api_functions_return_images_and_text(studio, tmp_path):
+    image = studio.api_generate(PROMPT, 3)
+    assert image.size == (64, 64)
+    path = tmp_path / "round0.png"
+    image.save(path)
+    assert studio.api_critique(str(path), PROMPT).strip()
+    refined = studio.api_refine(str(path), PROMPT, "Add a brown horse.", 3)
+    assert np.abs(pixels(refined) - pixels(image)).mean() > 0
+
+
+def test_build_demo_loads_nothing_and_names_the_endpoints(tiny_root):
+    from ui import build_demo
+
+    session = IMGSession.from_preset("tiny-sdxl", device="cpu")
+    demo = build_demo(session)
+    assert not session.is_loaded
+    names = {fn.api_name for fn in demo.fns.values()}
+    assert {"generate", "critique", "refine", "ui_generate", "ui_refine"} <= names
+    banner = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "tiny-banner")
+    assert banner.visible and "Tiny random models" in banner.value
+
+
+def test_importing_app_loads_nothing_and_binds_localhost():
+    code = (
+        "import gc, sys, app\n"
+        "from img_core.session import IMGSession\n"
+        "assert not [o for o in gc.get_objects() if isinstance(o, IMGSession)]\n"
+        "assert 'diffusers' not in sys.modules, 'importing app imported diffusers'\n"
+        "args = app.parse_args([])\n"
+        "print(args.host, args.port, args.preset, args.share)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_SERVER_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["127.0.0.1", "7860", "None", "False"]

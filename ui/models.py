@@ -1,0 +1,121 @@
+"""The process's one IMG session, shared by every browser session.
+
+Models load once per process, lazily on the first click that needs them (or at start-up on ZeroGPU),
+never per click. Switching preset, MLLM or quantization replaces the models for every user of this
+process; the replacement is loaded at once, and if it fails the previous session stays.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Callable
+
+from img_core.mllm import KNOWN_MLLMS, default_quantization
+from img_core.presets import get_preset
+from img_core.session import IMGSession
+
+Progress = Callable[..., object]
+
+
+def no_progress(*args: object, **kwargs: object) -> None:
+    """Stands in for gr.Progress outside Gradio (tests, benchmarks)."""
+
+
+def compatible_mllms(preset_name: str) -> list[str]:
+    """The MLLMs a preset's aligner can take guidance from: same guidance width, and tiny with tiny."""
+    preset = get_preset(preset_name)
+    own = KNOWN_MLLMS[preset.mllm]
+    return [name for name, spec in KNOWN_MLLMS.items() if spec.hidden_size == own.hidden_size and spec.tiny == own.tiny]
+
+
+class ModelHost:
+    def __init__(self, session: IMGSession):
+        self._session = session
+        self._lock = threading.RLock()
+        self.load_seconds: float | None = None
+
+    @property
+    def session(self) -> IMGSession:
+        return self._session
+
+    @property
+    def preset(self):
+        return self._session.base_preset
+
+    @property
+    def quantization(self) -> str:
+        """The MLLM quantization in effect (the session's, or the device's default)."""
+        return self._session.quantization or default_quantization(self._session.device)
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._session.is_loaded
+
+    def loaded_session(self, progress: Progress = no_progress) -> IMGSession:
+        """The session with every model loaded; loads them on the first call in this process."""
+        with self._lock:
+            if not self._session.is_loaded:
+                progress(0.0, desc=f"Loading the {self.preset.name} models (once per process)")
+                start = time.perf_counter()
+                self._session.load(progress=lambda message: progress(0.0, desc=f"Loading models: {message}"))
+                self.load_seconds = time.perf_counter() - start
+            return self._session
+
+    def switch(
+        self, preset_name: str, mllm: str | None, quantization: str | None, progress: Progress = no_progress
+    ) -> bool:
+        """Replace the session with one for these settings and load it. Returns False (and loads
+        nothing) when they are the current ones; on failure the current session stays and the error
+        propagates."""
+        with self._lock:
+            current = self._session
+            quantization = quantization or None
+            mllm = mllm or get_preset(preset_name).mllm
+            unchanged = (
+                preset_name == current.base_preset.name
+                and mllm == current.mllm_name
+                and (quantization or default_quantization(current.device)) == self.quantization
+            )
+            if unchanged:
+                return False
+            replacement = IMGSession.from_preset(
+                preset_name, device=current.device, quantization=quantization, mllm=mllm, tiny_root=current.tiny_root
+            )
+            previous = {
+                "name": current.base_preset.name,
+                "device": current.device,
+                "quantization": current.quantization,
+                "mllm": current.mllm_name,
+                "tiny_root": current.tiny_root,
+            }
+            self._session = replacement
+            self.load_seconds = None
+            del current  # free the old models before loading the new ones
+            gc.collect()
+            _empty_accelerator_cache()
+            try:
+                self.loaded_session(progress)
+            except BaseException:
+                self._session = IMGSession.from_preset(**previous)  # back to the old settings, loaded lazily
+                raise
+            return True
+
+    def status_line(self) -> str:
+        session = self._session
+        where = (
+            f"**{self.preset.name}** on `{session.device}`, MLLM `{session.mllm_name}` "
+            f"(quantization: {self.quantization})"
+        )
+        if session.is_loaded:
+            took = f" in {self.load_seconds:.1f} s" if self.load_seconds is not None else ""
+            return f"Models: {where} — loaded{took}."
+        return f"Models: {where} — not loaded yet; they load on the first click that needs them, once per process."
+
+
+def _empty_accelerator_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
