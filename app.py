@@ -39,13 +39,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="MLLM quantization (default: bnb-nf4 on CUDA, else none)",
     )
+    parser.add_argument("--mllm", default=None, help="MLLM name or folder (default: the preset's)")
+    parser.add_argument("--aligner", default=None, help="aligner folder (save_pretrained) or official .pth")
+    parser.add_argument(
+        "--diffusion-quantization",
+        choices=("none", "bnb-nf4", "bnb-8bit"),
+        default=None,
+        help="quantize the big diffusion components on CUDA (default: bnb-nf4 for flux-dev, else none)",
+    )
+    parser.add_argument("--offload", action="store_true", help="CPU-offload the diffusion pipeline (less GPU memory)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     preset = args.preset or default_preset_name()
-    session = IMGSession.from_preset(preset, device=args.device, quantization=args.quantization)
+    session = IMGSession.from_preset(
+        preset,
+        device=args.device,
+        quantization=args.quantization,
+        mllm=args.mllm,
+        aligner=args.aligner,
+        offload=args.offload,
+        diffusion_quantization=args.diffusion_quantization,
+    )
     zero_gpu = ui.gpu.on_zero_gpu()
     if zero_gpu:  # ZeroGPU forks a worker per GPU call: models must exist before the first fork
         session.load()

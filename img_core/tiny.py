@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = "v1"  # bump when the tiny architectures change, so stale caches are rebuilt
+TINY_VERSION = "v2"  # bump when the tiny architectures change, so stale caches are rebuilt
 TINY_GUIDANCE_DIM = 64  # hidden size of tiny-llava and tiny-qwen
 
 
@@ -25,6 +25,8 @@ def default_tiny_root() -> Path:
 def ensure_tiny_models(base: Path | None = None, seed: int = 0) -> Path:
     """Build the tiny models under `base` (default: $IMG_TINY_DIR or ~/.cache/img-studio/tiny) if missing."""
     base = Path(base) if base is not None else default_tiny_root()
+    if (base / "COMPLETE").is_file():  # already the models folder (a loaded session's tiny_root)
+        return base
     target = base / TINY_VERSION
     if (target / "COMPLETE").is_file():
         return target

@@ -16,6 +16,7 @@ Weights are seeded, so the same seed always gives the same files. Images are 64x
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -52,23 +53,28 @@ def _byte_alphabet() -> list[str]:
 
 
 def build_clip_tokenizer(model_max_length: int = 77):
-    """A CLIP byte-level BPE tokenizer with a small vocabulary, built in memory."""
+    """A CLIP byte-level BPE tokenizer with a small vocabulary, built in memory.
+
+    Its merges are learned (tokenizers' BpeTrainer, CLIP's `</w>` end-of-word suffix) on a list of common
+    prompt words, so those words become single tokens as in the real CLIP vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for char in _byte_alphabet():
+    special = ["<|startoftext|>", "<|endoftext|>", "!"]
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=special, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator([" ".join(_COMMON_WORDS)], trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = {token: index for index, token in enumerate(special)}
+    for char in _byte_alphabet():  # every byte, inside and at the end of a word
         for token in (char, char + "</w>"):
             vocab.setdefault(token, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in _COMMON_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merge = (merged, piece)
-            merged = merged + piece
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append(merge)
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in learned["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=model_max_length)
 
 

@@ -80,15 +80,26 @@ class ModelHost:
             )
             if unchanged:
                 return False
+            kept = {  # process-wide settings from the command line that a switch keeps
+                "device": current.device,
+                "tiny_root": current.tiny_root,
+                "offload": current.offload,
+                "diffusion_quantization": current.diffusion_quantization,
+            }
+            same_preset = preset_name == current.base_preset.name
             replacement = IMGSession.from_preset(
-                preset_name, device=current.device, quantization=quantization, mllm=mllm, tiny_root=current.tiny_root
+                preset_name,
+                quantization=quantization,
+                mllm=mllm,
+                aligner=current.aligner_source if same_preset else None,  # an --aligner belongs to its preset
+                **kept,
             )
             previous = {
                 "name": current.base_preset.name,
-                "device": current.device,
                 "quantization": current.quantization,
                 "mllm": current.mllm_name,
-                "tiny_root": current.tiny_root,
+                "aligner": current.aligner_source,
+                **kept,
             }
             self._session = replacement
             self.load_seconds = None
