@@ -24,6 +24,9 @@ test: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_core.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_mllm.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trainer.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_ui.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
