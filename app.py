@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="quantize the big diffusion components on CUDA (default: bnb-nf4 for flux-dev, else none)",
     )
-    parser.add_argument("--offload", action="store_true", help="CPU-offload the diffusion pipeline (less GPU memory)")
+    parser.add_argument("--offload", action="store_true", default=None,
+                        help="CPU-offload the diffusion pipeline (less GPU memory; default: automatic when the GPU "
+                        "is smaller than the preset's estimated need)")
     return parser.parse_args(argv)
 
 

@@ -10,11 +10,14 @@ bytes shrink (only the language model's linear layers are quantized).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from img_core.mllm import QUANTIZATIONS, MLLMCritic, resolve_spec
 from img_core.tiny_mllm import TINY_LLAVA_NAME, TINY_QWEN_NAME, build_tiny_llava, build_tiny_qwen

@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quantize the big diffusion components on CUDA (default: bnb-nf4 for flux-dev, else none)")
     refine.add_argument("--mllm", default=None, help="MLLM name from img_core.mllm.KNOWN_MLLMS (default: the preset's)")
     refine.add_argument("--aligner", default=None, help="aligner folder (save_pretrained) or official .pth")
-    refine.add_argument("--offload", action="store_true", help="CPU-offload the diffusion pipeline (less GPU memory)")
+    refine.add_argument("--offload", action="store_true", default=None,
+                        help="CPU-offload the diffusion pipeline (less GPU memory; default: automatic when the GPU "
+                        "is smaller than the preset's estimated need)")
     refine.add_argument("--quiet", action="store_true", help="no progress bars")
 
     convert = commands.add_parser("convert-aligner", help="turn a released aligner .pth into a save_pretrained folder")

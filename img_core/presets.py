@@ -59,6 +59,9 @@ class Preset:
     # Diffusion-side quantization on CUDA (bitsandbytes): which components, and the default.
     quantize_components: tuple[str, ...] = ("unet",)
     diffusion_quantization: str = "none"
+    # Estimated peak GPU memory with every model resident at the default settings (GiB; from
+    # benchmarks/bench_core.py). A session offloads the pipeline automatically on smaller GPUs.
+    resident_gib: float = 0.0
     is_tiny: bool = False
 
     def resolved(self, tiny_root: Path) -> "Preset":
@@ -108,6 +111,7 @@ PRESETS: dict[str, Preset] = {
         default_guidance_scale=7.5,
         width=1024,
         height=1024,
+        resident_gib=21.1,
     ),
     "sdxl-dpo": Preset(
         name="sdxl-dpo",
@@ -123,6 +127,7 @@ PRESETS: dict[str, Preset] = {
         default_guidance_scale=7.5,
         width=1024,
         height=1024,
+        resident_gib=21.1,
     ),
     "flux-dev": Preset(
         name="flux-dev",
@@ -141,6 +146,7 @@ PRESETS: dict[str, Preset] = {
             repo=IMG_HUB_REPO, filename="aligner_flux.pth", mllm="img-llava-13b", chat_template="llava-v0"
         ),
         mllm="img-llava-13b",
+        resident_gib=25.3,
         default_steps=30,
         default_guidance_scale=3.5,
         width=1024,
@@ -189,6 +195,11 @@ PRESETS["tiny-sdxl-dpo"] = dataclasses.replace(
     description="Tiny SDXL with a second tiny UNet swapped in the way SDXL-DPO swaps its UNet",
     unet_id="tiny-sdxl-dpo-unet",
 )
+
+
+def needs_offload(preset: Preset, gpu_total_gib: float) -> bool:
+    """Whether a GPU of `gpu_total_gib` is too small to keep every model of `preset` resident."""
+    return preset.resident_gib > 0 and gpu_total_gib < preset.resident_gib + 0.5
 
 
 def get_preset(name: str) -> Preset:

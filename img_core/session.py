@@ -152,7 +152,7 @@ class IMGSession:
         quantization: str | None = None,
         mllm: str | None = None,
         aligner: str | Path | None = None,
-        offload: bool = False,
+        offload: bool | None = None,
         diffusion_quantization: str | None = None,
         tiny_root: str | Path | None = None,
         show_progress_bars: bool = True,
@@ -210,6 +210,8 @@ class IMGSession:
             from img_core.mllm import MLLMCritic, default_quantization, resolve_spec
 
             if self.backend is None:
+                if self.offload is None:
+                    self.offload = self._auto_offload(say)
                 with self._stage("load_diffusion", self.load_seconds):
                     quantization = self.diffusion_quantization or (
                         preset.diffusion_quantization if self.device.type == "cuda" else "none"
@@ -233,6 +235,19 @@ class IMGSession:
                 self.aligner = loaded
             say("models loaded")
             return self
+
+    def _auto_offload(self, say: ProgressCallback) -> bool:
+        """offload=None: CPU-offload the pipeline when the GPU is smaller than the preset's estimate."""
+        from img_core.presets import needs_offload
+
+        if self.device.type != "cuda":
+            return False
+        total_gib = torch.cuda.get_device_properties(self.device).total_memory / 1024**3
+        if needs_offload(self.base_preset, total_gib):
+            say(f"GPU has {total_gib:.0f} GiB, {self.base_preset.name} needs about "
+                f"{self.base_preset.resident_gib:.0f} GiB resident: offloading the pipeline to the CPU between uses")
+            return True
+        return False
 
     def _load_aligner(self) -> ImplicitAligner:
         from img_core.hub import download_file

@@ -144,3 +144,11 @@ def test_diffusion_quantization_config_targets_the_big_components():
         pipeline_quantization_config("bnb-nf4", flux.quantize_components, torch.device("cpu"), torch.float32)
     with pytest.raises(InvalidInputError, match="must be one of"):
         pipeline_quantization_config("fp3", flux.quantize_components, torch.device("cuda"), torch.float32)
+
+
+def test_pipeline_is_offloaded_automatically_only_on_small_gpus():
+    from img_core.presets import needs_offload
+
+    assert needs_offload(get_preset("flux-dev"), 24.0) and not needs_offload(get_preset("flux-dev"), 80.0)
+    assert not needs_offload(get_preset("sdxl"), 24.0) and needs_offload(get_preset("sdxl"), 16.0)
+    assert not needs_offload(get_preset("tiny-sdxl"), 1.0)
