@@ -113,22 +113,6 @@ PRESETS: dict[str, Preset] = {
         height=1024,
         resident_gib=21.1,
     ),
-    "sdxl-dpo": Preset(
-        name="sdxl-dpo",
-        family="sdxl",
-        description="SDXL with the Diffusion-DPO UNet (mhdang/dpo-sdxl-text2image-v1), IMG aligner",
-        pipeline_id="stabilityai/stable-diffusion-xl-base-1.0",
-        unet_id="mhdang/dpo-sdxl-text2image-v1",
-        variant="fp16",
-        ip_adapter=_SDXL_IP_ADAPTER,
-        aligner=_SDXL_ALIGNER,
-        mllm="img-llava-13b",
-        default_steps=50,
-        default_guidance_scale=7.5,
-        width=1024,
-        height=1024,
-        resident_gib=21.1,
-    ),
     "flux-dev": Preset(
         name="flux-dev",
         family="flux",
@@ -188,7 +172,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# SDXL-DPO = SDXL with another UNet; the tiny twin swaps in a second tiny UNet the same way.
+# SDXL-DPO = SDXL with the UNet of another repo; the tiny twin swaps in a second tiny UNet the same way.
+PRESETS["sdxl-dpo"] = dataclasses.replace(
+    PRESETS["sdxl"],
+    name="sdxl-dpo",
+    description="SDXL with the Diffusion-DPO UNet (mhdang/dpo-sdxl-text2image-v1), IMG aligner",
+    unet_id="mhdang/dpo-sdxl-text2image-v1",
+)
 PRESETS["tiny-sdxl-dpo"] = dataclasses.replace(
     PRESETS["tiny-sdxl"],
     name="tiny-sdxl-dpo",

@@ -46,3 +46,16 @@ def tiny_flux_session(tiny_root):
     from img_core.session import IMGSession
 
     return IMGSession.from_preset("tiny-flux", device="cpu", show_progress_bars=False).load()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread than on two contended ones. Opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from img_core.aligner import FLUX_FEATURES, SDXL_FEATURES, AlignerConfig, ImplicitAligner
+from img_core.aligner import (
+    FLUX_FEATURES,
+    SDXL_FEATURES,
+    AlignerConfig,
+    ImplicitAligner,
+)
 
 
 def reference_forward(state: dict, image_features, guidance, heads: int, dim_head: int, depth: int, mask=None):

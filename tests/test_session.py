@@ -8,7 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from img_core.errors import IncompatibleAlignerError, InvalidInputError, OutOfMemoryError, WeightsNotFoundError
+from img_core.errors import (
+    IncompatibleAlignerError,
+    InvalidInputError,
+    OutOfMemoryError,
+    WeightsNotFoundError,
+)
 from img_core.session import IMGSession, RoundSettings
 
 PROMPT = "A green banana and a brown horse."

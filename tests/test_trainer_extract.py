@@ -2,7 +2,6 @@
 --online, and loading the trained aligner into an img_core session."""
 
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from helpers import png_bytes
 
 from img_core.images import load_image
 from trainer.data import PreferencePairs
@@ -35,20 +34,9 @@ ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def png_bytes(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,38 +1,33 @@
 """LoRA / QLoRA fine-tuning of the tiny MLLMs on a tiny InstructPix2Pix-style parquet; the merged result
 loads with img_core's MLLM loader and yields guidance."""
 
-import io
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from helpers import png_bytes as shared_png_bytes
 
-from img_core.mllm import KNOWN_MLLMS, MLLMCritic, resolve_spec
 from img_core.images import load_image
+from img_core.mllm import KNOWN_MLLMS, MLLMCritic, resolve_spec
 from trainer.data import EditTriplets
-from trainer.finetune_mllm import FinetuneConfig, answer_loss, base_spec, conversation, finetune
+from trainer.finetune_mllm import (
+    FinetuneConfig,
+    answer_loss,
+    base_spec,
+    conversation,
+    finetune,
+)
 
 COLOURS = ["red", "blue", "green", "yellow"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def png_bytes(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return shared_png_bytes(seed, 40, 40)
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"depth": 2, "heads": 2, "dim_head": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- store
