@@ -79,11 +79,25 @@ class DiffusionBackend(ABC):
     # ------------------------------------------------------------------ what each family provides
 
     @classmethod
-    @abstractmethod
     def load(
         cls, preset, device: torch.device, dtype: torch.dtype, offload: bool = False, quantization: str = "none"
     ) -> "DiffusionBackend":
         """Load the pipeline and its IP-Adapter once; `quantization` applies to `preset.quantize_components`."""
+        pipeline_kwargs: dict = {"dtype": dtype}
+        quantization_config = pipeline_quantization_config(quantization, preset.quantize_components, device, dtype)
+        if quantization_config is not None:
+            pipeline_kwargs["quantization_config"] = quantization_config
+        pipeline = cls._load_pipeline(preset, dtype, pipeline_kwargs)
+        if offload:
+            pipeline.enable_model_cpu_offload(device=device)  # after load_ip_adapter (REFERENCE §9)
+        else:
+            pipeline.to(device)
+        return cls(pipeline, preset, device, dtype)
+
+    @classmethod
+    @abstractmethod
+    def _load_pipeline(cls, preset, dtype: torch.dtype, pipeline_kwargs: dict):
+        """The family's diffusers pipeline from `preset`, with its IP-Adapter (and image encoder) loaded."""
 
     @property
     @abstractmethod

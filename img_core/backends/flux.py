@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from img_core.aligner import FLUX_FEATURES
-from img_core.backends.base import DiffusionBackend, pipeline_quantization_config
+from img_core.backends.base import DiffusionBackend
 from img_core.hub import call_or_explain, from_pretrained_or_explain
 
 T5_MAX_SEQUENCE_LENGTH = 512
@@ -25,16 +25,10 @@ class FluxBackend(DiffusionBackend):
     feature_kind = FLUX_FEATURES
 
     @classmethod
-    def load(
-        cls, preset, device: torch.device, dtype: torch.dtype, offload: bool = False, quantization: str = "none"
-    ) -> "FluxBackend":
+    def _load_pipeline(cls, preset, dtype: torch.dtype, pipeline_kwargs: dict):
         from diffusers import FluxPipeline
 
-        kwargs: dict = {"dtype": dtype}
-        quantization_config = pipeline_quantization_config(quantization, preset.quantize_components, device, dtype)
-        if quantization_config is not None:
-            kwargs["quantization_config"] = quantization_config
-        pipeline = from_pretrained_or_explain(FluxPipeline, preset.pipeline_id, **kwargs)
+        pipeline = from_pretrained_or_explain(FluxPipeline, preset.pipeline_id, **pipeline_kwargs)
         ip = preset.ip_adapter
         call_or_explain(
             ip.repo,
@@ -45,11 +39,7 @@ class FluxBackend(DiffusionBackend):
             image_encoder_pretrained_model_name_or_path=ip.image_encoder,
             image_encoder_dtype=dtype,
         )
-        if offload:
-            pipeline.enable_model_cpu_offload(device=device)
-        else:
-            pipeline.to(device)
-        return cls(pipeline, preset, device, dtype)
+        return pipeline
 
     @property
     def denoiser(self) -> nn.Module:

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from img_core.aligner import SDXL_FEATURES
-from img_core.backends.base import DiffusionBackend, pipeline_quantization_config
+from img_core.backends.base import DiffusionBackend
 from img_core.hub import call_or_explain, from_pretrained_or_explain
 
 
@@ -21,22 +21,16 @@ class SDXLBackend(DiffusionBackend):
     feature_kind = SDXL_FEATURES
 
     @classmethod
-    def load(
-        cls, preset, device: torch.device, dtype: torch.dtype, offload: bool = False, quantization: str = "none"
-    ) -> "SDXLBackend":
+    def _load_pipeline(cls, preset, dtype: torch.dtype, pipeline_kwargs: dict):
         from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-        kwargs: dict = {"dtype": dtype}
-        quantization_config = pipeline_quantization_config(quantization, preset.quantize_components, device, dtype)
-        if quantization_config is not None:
-            kwargs["quantization_config"] = quantization_config
         if preset.variant and dtype == torch.float16:
-            kwargs["variant"] = preset.variant
+            pipeline_kwargs["variant"] = preset.variant
         if preset.unet_id:
-            kwargs["unet"] = from_pretrained_or_explain(
+            pipeline_kwargs["unet"] = from_pretrained_or_explain(
                 UNet2DConditionModel, preset.unet_id, subfolder="unet", dtype=dtype
             )
-        pipeline = from_pretrained_or_explain(StableDiffusionXLPipeline, preset.pipeline_id, **kwargs)
+        pipeline = from_pretrained_or_explain(StableDiffusionXLPipeline, preset.pipeline_id, **pipeline_kwargs)
         ip = preset.ip_adapter
         call_or_explain(
             ip.repo,
@@ -47,11 +41,7 @@ class SDXLBackend(DiffusionBackend):
             image_encoder_folder=ip.image_encoder,
         )
         pipeline.image_encoder.to(dtype=dtype)
-        if offload:
-            pipeline.enable_model_cpu_offload(device=device)  # after load_ip_adapter (REFERENCE §9)
-        else:
-            pipeline.to(device)
-        return cls(pipeline, preset, device, dtype)
+        return pipeline
 
     @property
     def denoiser(self) -> nn.Module:
