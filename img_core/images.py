@@ -1,37 +1,54 @@
 """Reading user images: any PIL-readable file or object becomes a bounded-size RGB image, or one clear
-InvalidInputError."""
+InvalidInputError.
+
+Size limit: an image larger than MAX_MEGAPIXELS is refused from its header, before a single pixel is
+decoded, so a small file that declares a huge canvas (a "decompression bomb") costs neither memory nor
+time. The header is read through PIL's own format registry without PIL's global decompression-bomb
+check, so this module never changes PIL's process-wide settings (`Image.MAX_IMAGE_PIXELS`) and PIL's
+DecompressionBombWarning is never raised for an image this module refuses or accepts.
+"""
 
 from __future__ import annotations
 
 import io
+import struct
 import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
 from img_core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
 MAX_SIDE = 2048  # larger images are resized down (aspect kept); the models work at <= 1024 px anyway
-MAX_PIXELS_TO_OPEN = 16_384 * 16_384  # refuse decompression bombs beyond this
+MAX_MEGAPIXELS = 40.0  # images with more pixels than this are refused before decoding (e.g. 8000x5000)
+# PIL errors that mean "these bytes are not a readable image of this format".
+_FORMAT_ERRORS = (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError, KeyError, struct.error)
 
 
-def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_side: int = MAX_SIDE) -> Image.Image:
+def load_image(
+    source: str | Path | bytes | Image.Image | np.ndarray,
+    max_side: int = MAX_SIDE,
+    max_megapixels: float = MAX_MEGAPIXELS,
+) -> Image.Image:
     """Return `source` as an RGB PIL image no larger than `max_side` on its longer side.
 
-    Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images are converted. A missing,
-    non-image or corrupt file raises InvalidInputError saying so.
+    Grayscale, palette, RGBA (composited on white), CMYK and 16-bit images are converted. A missing
+    file, a folder, a non-image, a corrupt file or an image of more than `max_megapixels` raises
+    InvalidInputError saying so; oversized files are refused from their header, before decoding.
     """
     if source is None:
         raise InvalidInputError("no image was given: upload or pass an image file")
     if isinstance(source, np.ndarray):
+        check_image_size(source.shape[1] if source.ndim > 1 else 0, source.shape[0], "the image array", max_megapixels)
         image = _from_array(source)
     elif isinstance(source, Image.Image):
+        check_image_size(*source.size, "the image", max_megapixels)
         image = source
     else:
-        image = _open(source)
+        image = _open(source, max_megapixels)
     try:
         image = ImageOps.exif_transpose(image)
         image = _to_rgb(image)
@@ -47,25 +64,65 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_side: 
     return image
 
 
-def _open(source: str | Path | bytes) -> Image.Image:
-    name = "the uploaded data" if isinstance(source, bytes) else str(source)
-    if isinstance(source, (str, Path)) and not Path(source).is_file():
-        raise InvalidInputError(f"image file {name} does not exist")
-    previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS_TO_OPEN
-    try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size when the file is huge
-        image.load()
+def check_image_size(width: int, height: int, name: str, max_megapixels: float = MAX_MEGAPIXELS) -> None:
+    """Raise InvalidInputError when a width x height image exceeds the megapixel cap."""
+    if width * height > max_megapixels * 1e6:
+        raise InvalidInputError(
+            f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), more than the limit of "
+            f"{max_megapixels:g} megapixels; resize it (e.g. to 2048 px on the longer side) and try again"
+        )
+
+
+def read_header(file: io.BufferedIOBase) -> ImageFile.ImageFile | None:
+    """Open `file` lazily (header only, no pixels decoded) with the first PIL format plugin that accepts
+    it, or return None. Unlike `Image.open` this applies no decompression-bomb check: the caller checks
+    the size itself, so no PIL global is read or changed and no warning is raised."""
+    prefix = file.read(16)
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for format_id in list(Image.ID):
+            factory, accept = Image.OPEN[format_id]
+            file.seek(0)
+            try:
+                accepted = accept(prefix) if accept else True
+                if accepted and not isinstance(accepted, str):  # a string is PIL's "almost, but no" message
+                    return factory(file, "")
+            except _FORMAT_ERRORS:
+                continue
+    return None
+
+
+def _open(source: str | Path | bytes, max_megapixels: float) -> Image.Image:
+    name = "the uploaded data" if isinstance(source, (bytes, bytearray)) else str(source)
+    if isinstance(source, (bytes, bytearray)):
+        file = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            raise InvalidInputError(f"{name} is a folder, not an image file; pass the path of one image")
+        if not path.is_file():
+            raise InvalidInputError(f"image file {name} does not exist")
+        try:
+            file = open(path, "rb")  # noqa: SIM115 - closed by the `with` below
+        except OSError as error:
+            raise InvalidInputError(f"image file {name} cannot be read ({error.strerror or error})") from error
+    with file:
+        if not file.read(1):
+            raise InvalidInputError(f"{name} is an empty file, not an image")
+        file.seek(0)
+        try:
+            image = read_header(file)
+        except _FORMAT_ERRORS as error:
+            raise InvalidInputError(f"{name} is corrupt or truncated ({error})") from error
+        if image is None:
+            raise InvalidInputError(f"{name} is not an image PIL can read (PNG, JPEG, WebP, ...)")
+        check_image_size(*image.size, name, max_megapixels)
+        try:
+            image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size when the file is huge
+            image.load()
+        except _FORMAT_ERRORS as error:
+            raise InvalidInputError(f"{name} is corrupt or truncated ({error})") from error
         return image
-    except UnidentifiedImageError as error:
-        raise InvalidInputError(f"{name} is not an image PIL can read (PNG, JPEG, WebP, ...)") from error
-    except Image.DecompressionBombError as error:
-        raise InvalidInputError(f"{name} is too large to open safely ({error})") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidInputError(f"{name} is corrupt or truncated ({error})") from error
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -56,3 +56,49 @@ def test_bad_files_get_clear_errors(tmp_path):
         load_image(None)
     with pytest.raises(InvalidInputError, match="at least 8x8"):
         load_image(Image.new("RGB", (4, 4)))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit black PNG of width x height: a few KB that decode to width*height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_the_header_without_warnings(tmp_path):
+    import time
+    import warnings
+
+    bomb = png_bomb(9000, 9000)  # 81 Mpx in ~10 KB; decoding it would take ~250 MB as RGB
+    assert len(bomb) < 50_000
+    limit_before = Image.MAX_IMAGE_PIXELS
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any PIL warning fails the test
+        with pytest.raises(InvalidInputError, match=r"9000x9000 pixels \(81.0 megapixels\), more than the limit of 40"):
+            load_image(bomb)
+        path = tmp_path / "bomb.png"
+        path.write_bytes(png_bomb(13000, 13000))  # 169 Mpx: between PIL's own warning and error limits
+        with pytest.raises(InvalidInputError, match=rf"{path} is 13000x13000 pixels"):
+            load_image(path)
+    assert time.perf_counter() - start < 1.0  # refused from the header, not decoded
+    assert Image.MAX_IMAGE_PIXELS == limit_before
+    with pytest.raises(InvalidInputError, match="6000x7000"):
+        load_image(Image.new("1", (6000, 7000)))  # already-decoded images obey the same cap
+    assert load_image(png_bomb(2000, 1000)).size == (2000, 1000)  # 2 Mpx: fine
+
+
+def test_a_folder_is_named_a_folder(tmp_path):
+    with pytest.raises(InvalidInputError, match="is a folder, not an image file"):
+        load_image(tmp_path)
+    with pytest.raises(InvalidInputError, match="empty.png is an empty file, not an image"):
+        (tmp_path / "empty.png").write_bytes(b"")
+        load_image(tmp_path / "empty.png")
