@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from img_core.errors import CorruptFileError
+from img_core.integrity import check_finite
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -237,7 +240,11 @@ class ImplicitAligner(nn.Module):
             weights_path = download_file(str(name_or_path), WEIGHTS_NAME, subfolder=subfolder, revision=revision)
         config = AlignerConfig.from_dict(json.loads(Path(config_path).read_text()))
         aligner = cls(config)
-        load_state_dict_strict(aligner, load_file(str(weights_path)), source=str(name_or_path))
+        try:
+            state_dict = load_file(str(weights_path))
+        except Exception as error:  # noqa: BLE001 - safetensors reports damage as several error types
+            raise CorruptFileError(f"{weights_path} is not a readable safetensors file ({error})") from error
+        load_state_dict_strict(aligner, state_dict, source=str(weights_path))
         return aligner
 
 
@@ -273,7 +280,8 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], **metadata) -> A
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with one error that lists missing/unexpected keys and shape mismatches."""
+    """load_state_dict with one error that lists missing/unexpected keys and shape mismatches; weights
+    holding NaN or infinity are refused (CorruptFileError naming `source` and the tensors)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -287,4 +295,5 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
             f"{source} does not fit the Implicit Aligner: missing keys {missing[:10]}, "
             f"unexpected keys {unexpected[:10]}, shape mismatches {mismatched[:10]}"
         )
+    check_finite(state_dict, source)
     module.load_state_dict(state_dict)

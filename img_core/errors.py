@@ -20,3 +20,8 @@ class IncompatibleAlignerError(IMGError, ValueError):
 
 class OutOfMemoryError(IMGError, RuntimeError):
     """The accelerator ran out of memory; the message says what to lower."""
+
+
+class CorruptFileError(IMGError, ValueError):
+    """A file on disk is damaged (checksum mismatch, truncated, unreadable) or holds non-finite numbers;
+    the message names the file and what is wrong in it."""

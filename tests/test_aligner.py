@@ -206,3 +206,26 @@ def test_convert_aligner_cli_writes_a_loadable_folder(tmp_path, official_checkpo
     assert loaded.config.heads == 2 and loaded.config.dim_head == 64
     x, g = torch.randn(1, 16, 32), torch.randn(1, 3, 24)
     torch.testing.assert_close(loaded(x, g), reference_forward(state, x, g, 2, 64, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from img_core.errors import CorruptFileError
+
+    aligner = ImplicitAligner(AlignerConfig(image_dim=32, guidance_dim=16, depth=1, heads=2, dim_head=8))
+    state = {k: v.clone() for k, v in aligner.state_dict().items()}
+    state["layers.0.1.1.weight"][3, 5] = float("nan")
+    state["zero_linear.bias"][0] = float("inf")
+    official = tmp_path / "aligner_nan.pth"
+    torch.save(state, official)
+    with pytest.raises(CorruptFileError, match=r"aligner_nan.pth holds non-finite .* layers.0.1.1.weight, zero_linear.bias"):
+        ImplicitAligner.from_official_checkpoint(official, dim_head=8)
+
+    aligner.save_pretrained(tmp_path / "folder")
+    save_file(state, str(tmp_path / "folder" / "model.safetensors"))
+    with pytest.raises(CorruptFileError, match=r"folder/model.safetensors holds non-finite .* layers.0.1.1.weight"):
+        ImplicitAligner.from_pretrained(tmp_path / "folder")
+    (tmp_path / "folder" / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CorruptFileError, match=r"model.safetensors is not a readable safetensors file"):
+        ImplicitAligner.from_pretrained(tmp_path / "folder")

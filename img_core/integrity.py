@@ -1,0 +1,84 @@
+"""Integrity checks for files the project writes and reads back: sha256 checksums (as `NAME.sha256`
+sidecar files in `sha256sum` format, or as manifest entries) and finiteness of stored tensors.
+
+Damaged or non-finite data is refused with a CorruptFileError that names the file and what is wrong,
+never used silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from img_core.errors import CorruptFileError
+
+CHECKSUM_SUFFIX = ".sha256"
+_CHUNK_BYTES = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def write_checksum(path: str | Path) -> str:
+    """Write `path`.sha256 (atomically) next to `path`; returns the digest."""
+    path = Path(path)
+    digest = sha256_file(path)
+    sidecar = checksum_path(path)
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(f"{digest}  {path.name}\n")
+    os.replace(tmp, sidecar)
+    return digest
+
+
+def verify_checksum(path: str | Path, expected: str | None = None) -> bool:
+    """Check `path` against `expected` (default: its .sha256 sidecar). Returns False when there is no
+    checksum to compare with (a file written before checksums existed); raises CorruptFileError when
+    the file is missing, empty or its bytes differ."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError(f"{path} is missing")
+    if path.stat().st_size == 0:
+        raise CorruptFileError(f"{path} is empty (0 bytes)")
+    if expected is None:
+        sidecar = checksum_path(path)
+        if not sidecar.is_file():
+            return False
+        expected = sidecar.read_text().split(maxsplit=1)[0] if sidecar.read_text().strip() else ""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CorruptFileError(
+            f"{path} is damaged: its sha256 is {actual[:16]}..., the recorded one is {expected[:16] or '(empty)'}..."
+        )
+    return True
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [
+        name for name, tensor in tensors.items()
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CorruptFileError naming `source` and the tensors that hold NaN or infinity."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CorruptFileError(
+            f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}; it cannot be used: retrain it or use another file"
+        )
