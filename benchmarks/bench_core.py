@@ -6,7 +6,7 @@
 2. Real-size aligners (SDXL and FLUX dims, random weights): parameters and CPU forward time of the
    3-pass alignment with a LLaVA-sized guidance sequence.
 3. Peak GPU memory estimate per real preset and MLLM quantization, from parameter counts of the real
-   architectures built on the meta device (configs written out below from the public model cards),
+   architectures built on the meta device (configs in real_architectures.py, from the public model cards),
    against a 24 GB budget. Weights only plus a fixed activation allowance: an estimate, not a measure.
 """
 
@@ -21,6 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # real_architectures
 
 GIB = 1024**3
 BUDGET_GIB = 24.0
@@ -77,12 +78,6 @@ def bench_real_aligners() -> None:
         del aligner
 
 
-def _count(build) -> int:
-    with torch.device("meta"):
-        model = build()
-    return sum(p.numel() for p in model.parameters())
-
-
 def _linear_share(build) -> tuple[int, int]:
     """(parameters in nn.Linear weights, all parameters) of the language model: what quantization shrinks."""
     with torch.device("meta"):
@@ -94,57 +89,25 @@ def _linear_share(build) -> tuple[int, int]:
 
 
 def real_component_counts() -> dict[str, int | tuple[int, int]]:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel)
+    """Parameters of each real component, from the configs in benchmarks/real_architectures.py."""
+    from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection,
+                              LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, T5EncoderModel)
 
+    import real_architectures as real
+
+    count = real.parameter_count
     counts: dict[str, int | tuple[int, int]] = {}
-    counts["sdxl_unet"] = _count(lambda: UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816))
-    counts["sdxl_vae"] = _count(lambda: AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2))
-    counts["clip_l_text"] = _count(lambda: CLIPTextModel(CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, vocab_size=49408)))
-    counts["clip_bigg_text"] = _count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, vocab_size=49408,
-        projection_dim=1280)))
-    counts["clip_vit_h"] = _count(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, patch_size=14,
-        image_size=224, projection_dim=1024)))
-    counts["clip_vit_l"] = _count(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14,
-        image_size=224, projection_dim=768)))
-    counts["flux_transformer"] = _count(lambda: FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56)))
-    counts["flux_vae"] = _count(lambda: AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=2,
-        use_quant_conv=False, use_post_quant_conv=False))
-    counts["t5_xxl"] = _count(lambda: T5EncoderModel(T5Config(
-        d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-        feed_forward_proj="gated-gelu")))
-    counts["llava_13b"] = _linear_share(lambda: LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                                       num_hidden_layers=24, patch_size=14, image_size=336, projection_dim=768),
-        text_config=LlamaConfig(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
-                                num_hidden_layers=40, vocab_size=32064, max_position_embeddings=4096),
-        image_token_id=32000)))
-    counts["qwen25_vl_7b"] = _linear_share(lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
-                     "num_hidden_layers": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}},
-        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                       "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
-    )))
+    counts["sdxl_unet"] = count(real.sdxl_unet)
+    counts["sdxl_vae"] = count(real.sdxl_vae)
+    counts["clip_l_text"] = count(lambda: CLIPTextModel(real.clip_l_text_config()))
+    counts["clip_bigg_text"] = count(lambda: CLIPTextModelWithProjection(real.clip_bigg_text_config()))
+    counts["clip_vit_h"] = count(lambda: CLIPVisionModelWithProjection(real.clip_vit_h_config()))
+    counts["clip_vit_l"] = count(lambda: CLIPVisionModelWithProjection(real.clip_vit_l_config()))
+    counts["flux_transformer"] = count(real.flux_transformer)
+    counts["flux_vae"] = count(real.flux_vae)
+    counts["t5_xxl"] = count(lambda: T5EncoderModel(real.t5_xxl_config()))
+    counts["llava_13b"] = _linear_share(lambda: LlavaForConditionalGeneration(real.llava_13b_config()))
+    counts["qwen25_vl_7b"] = _linear_share(lambda: Qwen2_5_VLForConditionalGeneration(real.qwen25_vl_7b_config()))
     return counts
 
 
