@@ -38,6 +38,32 @@ class AlignerSource:
 
 
 @dataclass(frozen=True)
+class FluxSampling:
+    """How FLUX images are sampled (img_core/backends/flux_sampling.py, REFERENCE §4).
+
+    true_cfg_scale > 1 runs a second transformer pass per step with the empty negative prompt and the
+    black image's IP tokens (true classifier-free guidance): about 2x the time. It starts at step
+    `true_cfg_start_step` (0-based; the release: 1). sigma_schedule "release" computes the time shift from
+    x-flux's (W//8)*(H//8)//256, "diffusers" from the packed token count, as FluxPipeline does."""
+
+    true_cfg_scale: float = 1.0
+    true_cfg_start_step: int = 0
+    sigma_schedule: str = "diffusers"  # one of img_core.backends.flux_sampling.SCHEDULES
+
+
+FLUX_SAMPLINGS: dict[str, FluxSampling] = {
+    # The release's demo_flux.py, which made the images the released FLUX aligner was trained and judged
+    # on: true CFG 3.5 from the second step, x-flux's schedule. 59 transformer passes for 30 steps.
+    "release": FluxSampling(true_cfg_scale=3.5, true_cfg_start_step=1, sigma_schedule="release"),
+    # Standard FLUX.1-dev (guidance distillation only, one pass per step): ~2x faster, on the release's
+    # sigma schedule (which costs nothing).
+    "fast": FluxSampling(true_cfg_scale=1.0, true_cfg_start_step=0, sigma_schedule="release"),
+    # Exactly what diffusers' FluxPipeline does by default.
+    "diffusers": FluxSampling(),
+}
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     family: str  # "sdxl" | "flux"
@@ -55,7 +81,7 @@ class Preset:
     variant: str | None = None
     ip_scale: float = 0.2
     aligner_passes: int = 3
-    true_cfg_scale: float = 1.0  # FLUX only; the release used 3.5 (REFERENCE §4, unsettled)
+    flux_sampling: FluxSampling = FluxSampling()  # FLUX only: how images are sampled (see FLUX_SAMPLINGS)
     # Diffusion-side quantization on CUDA (bitsandbytes): which components, and the default.
     quantize_components: tuple[str, ...] = ("unet",)
     diffusion_quantization: str = "none"
@@ -63,6 +89,10 @@ class Preset:
     # benchmarks/bench_core.py). A session offloads the pipeline automatically on smaller GPUs.
     resident_gib: float = 0.0
     is_tiny: bool = False
+
+    @property
+    def true_cfg_scale(self) -> float:
+        return self.flux_sampling.true_cfg_scale
 
     def resolved(self, tiny_root: Path) -> "Preset":
         """For tiny presets, turn folder names into absolute paths under `tiny_root`."""
@@ -119,6 +149,7 @@ PRESETS: dict[str, Preset] = {
         description="FLUX.1-dev + XLabs IP-Adapter, IMG aligner, IMG LLaVA-1.5-13B",
         pipeline_id="black-forest-labs/FLUX.1-dev",
         dtype="bfloat16",
+        flux_sampling=FLUX_SAMPLINGS["release"],  # REFERENCE §4; FLUX_SAMPLINGS["fast"] halves the time
         quantize_components=("transformer", "text_encoder_2"),
         diffusion_quantization="bnb-nf4",  # bf16 FLUX alone is ~31 GB; nf4 brings it near 12 GB
         ip_adapter=IPAdapterSource(
@@ -156,6 +187,7 @@ PRESETS: dict[str, Preset] = {
         family="flux",
         description="Tiny random-weight FLUX stack + tiny Qwen2.5-VL, for CPU demos and tests (images are noise)",
         pipeline_id="tiny-flux",
+        flux_sampling=FLUX_SAMPLINGS["release"],  # the release's code path; 4 tiny steps stay cheap
         ip_adapter=IPAdapterSource(
             repo="tiny-flux-ip-adapter", weight_name="ip_adapter.safetensors", image_encoder="tiny-clip-vit"
         ),
