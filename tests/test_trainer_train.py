@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -290,3 +291,162 @@ def test_mixed_precision_bf16_trains_on_cpu(small_store, tmp_path, fresh_acceler
     aligner = ImplicitAligner.from_pretrained(final)
     assert aligner.zero_linear.weight.dtype == torch.float32  # autocast only; weights stay float32
     assert torch.isfinite(aligner.zero_linear.weight).all() and aligner.zero_linear.weight.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------- hardening
+
+
+def poison_samples(store: Path, indices: list[int], value: float = float("nan")) -> None:
+    """Put `value` into image_l of the given store samples (bypassing write_shard, which refuses it) and
+    rewrite the manifest, so its checksums describe the poisoned shards: a store damaged upstream."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    offset = 0
+    for name, size in zip(manifest["shards"], manifest["shard_sizes"]):
+        rows = [i - offset for i in indices if offset <= i < offset + size]
+        if rows:
+            with safe_open(str(store / name), framework="pt") as handle:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                metadata = handle.metadata()
+            tensors["image_l"][rows, 0, 0] = value
+            save_file(tensors, str(store / name), metadata=metadata)
+        offset += size
+    write_manifest(store, manifest)
+
+
+def test_a_nan_sample_is_skipped_counted_and_never_saved(tmp_path):
+    from trainer.train import split_indices
+
+    store = tmp_path / "store"
+    write_synthetic_store(store, 96, shard_size=40, seed=1)
+    nan_index = split_indices(96, 16, 0)[0][0]  # a training sample
+    poison_samples(store, [nan_index])
+    # batch 4 x accumulation 2 = 8 samples per step, 12 steps = 96 samples: the 80 training samples once
+    final = train(run_config(store, tmp_path / "run", batch_size=4, gradient_accumulation_steps=2, max_steps=12))
+
+    records = [r for r in metrics_without_timing(tmp_path / "run") if "loss" in r]
+    assert records[-1]["skipped_nonfinite"] == 1 and records[-1]["skipped_unreadable"] == 0
+    assert all(np.isfinite(r["loss"]) for r in records)
+    state = final_state(tmp_path / "run")
+    assert state["skipped"] == {"nonfinite": 1, "unreadable": 0}
+    # no step was all-skipped, so every logged step is one optimizer step (AdamW counts its updates)
+    assert all(int(s["step"]) == 12 for s in state["optimizer"]["state"].values())
+    aligner = ImplicitAligner.from_pretrained(final)
+    assert aligner.zero_linear.weight.abs().sum() > 0
+    out = aligner.align(torch.randn(2, 4, 32), torch.randn(2, 5, 16))
+    assert torch.isfinite(out).all()
+
+
+def test_an_all_nan_store_stops_with_a_clear_error_and_saves_nothing(tmp_path):
+    from img_core.errors import CorruptFileError
+
+    store = tmp_path / "store"
+    write_synthetic_store(store, 48, shard_size=48, seed=1)
+    poison_samples(store, list(range(48)), value=float("inf"))
+    with pytest.raises(CorruptFileError, match="3 micro-batches in a row were skipped at step 3"):
+        train(run_config(store, tmp_path / "run", max_skipped_in_a_row=3, checkpoint_every=1))
+    assert not (tmp_path / "run" / "final").exists()
+    from trainer.train import load_checkpoint
+
+    # steps 1 and 2 made no update: their checkpoints hold the (finite) initial aligner
+    folders = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [p.name for p in folders] == ["step-00000001", "step-00000002"]
+    assert all(load_checkpoint(folder)["aligner"]["zero_linear.weight"].abs().sum() == 0 for folder in folders)
+    records = metrics_without_timing(tmp_path / "run")
+    assert records[0]["loss"] is None and records[0]["skipped_nonfinite"] == 2  # nothing to average
+
+
+def damage(path: Path, kind: str) -> None:
+    data = path.read_bytes()
+    if kind == "flipped":  # 4 KiB of inverted bytes in the middle of the file
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4096]) + data[middle + 4096 :])
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("kind", ["flipped", "truncated", "empty"])
+def test_a_damaged_checkpoint_falls_back_to_the_newest_good_one(small_store, tmp_path, caplog, kind):
+    from img_core.errors import CorruptFileError
+
+    settings = {"checkpoint_every": 2, "keep_checkpoints": 3, "max_steps": 6}
+    train(run_config(small_store, tmp_path / "straight", **settings))
+    run = tmp_path / "run"
+    train(run_config(small_store, run, **settings))
+    damage(run / "checkpoints" / "step-00000006" / "checkpoint.pt", kind)
+
+    with pytest.raises(CorruptFileError, match=r"step-00000006/checkpoint.pt"):
+        train(run_config(small_store, run, resume=str(run / "checkpoints" / "step-00000006"), **settings))
+    with caplog.at_level("WARNING"):
+        train(run_config(small_store, run, resume="latest", **settings))
+    assert "step-00000006/checkpoint.pt" in caplog.text and "falling back" in caplog.text
+    assert (run / "checkpoints" / "damaged-step-00000006").is_dir()
+    assert_same_training_state(final_state(run), final_state(tmp_path / "straight"))  # redone from step 4
+
+    for folder in (run / "checkpoints").glob("step-*"):
+        damage(folder / "checkpoint.pt", kind)
+    with pytest.raises(CorruptFileError, match="every checkpoint in .* is damaged"):
+        train(run_config(small_store, run, resume="latest", **settings))
+
+
+def test_keep_checkpoints_holds_after_a_resume(small_store, tmp_path):
+    train(run_config(small_store, tmp_path, checkpoint_every=2, keep_checkpoints=3, max_steps=6))
+    assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 3
+    train(run_config(small_store, tmp_path, checkpoint_every=2, keep_checkpoints=2, max_steps=6, resume="latest"))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-00000004", "step-00000006"]
+
+
+@pytest.mark.parametrize("kind", ["flipped", "truncated", "empty", "missing"])
+def test_a_damaged_shard_is_refused_naming_the_file(tmp_path, kind):
+    from img_core.errors import CorruptFileError
+
+    write_synthetic_store(tmp_path / "store", 32, shard_size=16, seed=2)
+    shard = tmp_path / "store" / shard_name(1)
+    if kind == "missing":
+        shard.unlink()
+    else:
+        damage(shard, kind)
+    error = FileNotFoundError if kind == "missing" else CorruptFileError
+    with pytest.raises(error, match=rf"{shard}.*(missing|empty|damaged: its sha256).*re-run trainer.extract"):
+        train(run_config(tmp_path / "store", tmp_path / "run", val_samples=4, max_steps=1))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: {**m, "shards": None}, r'field "shards" must be a list, found null'),
+        (lambda m: [m], r"must hold a JSON object, it holds a list"),
+        (lambda m: {**m, "num_samples": "32"}, r'field "num_samples" must be a number, found a string'),
+        (lambda m: {**m, "shard_sha256": list(m["shard_sha256"].values())}, r'field "shard_sha256" must be an object'),
+        (lambda m: {**m, "shards": ["../../etc/passwd"]}, r'field "shards" must list shard file names'),
+    ],
+)
+def test_manifest_errors_name_the_file_and_the_field(tmp_path, edit, message):
+    from img_core.errors import CorruptFileError
+
+    manifest = write_synthetic_store(tmp_path, 8, shard_size=4)
+    (tmp_path / "manifest.json").write_text(json.dumps(edit(manifest)))
+    with pytest.raises(CorruptFileError, match=rf"{tmp_path / 'manifest.json'}(: | ){message}"):
+        FeatureStore(tmp_path)
+
+
+def test_a_truncated_manifest_names_the_file(tmp_path):
+    from img_core.errors import CorruptFileError
+
+    write_synthetic_store(tmp_path, 8, shard_size=4)
+    text = (tmp_path / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(CorruptFileError, match=rf"{tmp_path / 'manifest.json'} is not valid JSON .* line \d+"):
+        FeatureStore(tmp_path)
+
+
+def test_write_shard_refuses_non_finite_features(tmp_path):
+    big = FeatureSample(torch.full((2, 4), 1e5), torch.zeros(2, 4), torch.zeros(3, 4))  # inf in float16
+    with pytest.raises(ValueError, match="image_w hold NaN or inf .*float16"):
+        write_shard(tmp_path / shard_name(0), [big], dtype="float16")
+    assert not list(tmp_path.iterdir())
+    write_shard(tmp_path / shard_name(0), [big], dtype="float32")  # representable in float32

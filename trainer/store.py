@@ -7,8 +7,8 @@ Layout of a store folder:
          "guidance_dim": Dg, "guidance_mode": "question"|"dialogue", "chat_template": str|null,
          "mllm": str|null, "image_encoder": str|null, "shards": [file names], ...}
         Extra keys written here (readers must ignore keys they do not know): "dtype",
-        "image_feature_kind", "preset", "shard_sizes", "skipped" ({"ties", "corrupt"}),
-        "bytes_per_sample".
+        "image_feature_kind", "preset", "shard_sizes", "skipped" ({"ties", "corrupt", ...}),
+        "bytes_per_sample", "shard_sha256" ({file name: sha256 hex digest of the file}).
     STORE/shard-000000.safetensors, shard-000001.safetensors, ...
         image_w        [n, Si, D]   winner's image features (float16, bfloat16 or float32)
         image_l        [n, Si, D]   loser's image features
@@ -20,21 +20,35 @@ Layout of a store folder:
 Shard `j` holds source rows [j*shard_size, (j+1)*shard_size) minus skipped ones, so shard names do not
 depend on how many processes wrote them, and an interrupted extraction skips the shards that exist.
 Every shard is written to a temporary name and renamed, so a shard that exists is complete.
+
+Integrity: the manifest records each shard's sha256, which `FeatureStore` verifies when it opens the
+store (one sequential read of the shards), so flipped bytes, truncation or a missing shard are refused
+with the file named; a manifest that is not the documented JSON object is refused naming the field.
+Non-finite values are never written: `write_shard` refuses them.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from img_core.errors import CorruptFileError
+from img_core.integrity import nonfinite_tensors, sha256_file, verify_checksum
+
+logger = logging.getLogger(__name__)
+
 FORMAT = "img-features/1"
 MANIFEST_NAME = "manifest.json"
-REQUIRED_KEYS = ("num_samples", "image_tokens", "image_dim", "guidance_dim", "guidance_mode", "shards")
+# Required manifest fields and their JSON types (ints, a string, a list of shard file names).
+REQUIRED_FIELDS = {"num_samples": int, "image_tokens": int, "image_dim": int, "guidance_dim": int,
+                   "guidance_mode": str, "shards": list}
+REQUIRED_KEYS = tuple(REQUIRED_FIELDS)
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -88,6 +102,9 @@ def write_shard(
             "guidance_mask": torch.zeros(0, 0, dtype=torch.bool),
             "source_index": torch.zeros(0, dtype=torch.int64),
         }
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise ValueError(f"refusing to write {path}: {', '.join(bad)} hold NaN or inf (after casting to {dtype})")
     header = {key: str(value) for key, value in (metadata or {}).items()}
     header["num_samples"] = str(len(samples))
     tmp = path.with_name(path.name + ".tmp")
@@ -113,7 +130,7 @@ def write_manifest(store_dir: str | Path, fields: dict, shard_names: list[str] |
     `fields` gives guidance_mode, chat_template, mllm, image_encoder and any extra keys; the sample count,
     dims, shard list and bytes per sample are read from the shards themselves."""
     store_dir = Path(store_dir)
-    shards, sizes, total_bytes = [], [], 0
+    shards, sizes, digests, total_bytes = [], [], {}, 0
     dims = None
     names = shard_names if shard_names is not None else sorted(p.name for p in store_dir.glob("shard-*.safetensors"))
     for path in (store_dir / name for name in names):
@@ -127,6 +144,7 @@ def write_manifest(store_dir: str | Path, fields: dict, shard_names: list[str] |
         dims = shard_dims
         shards.append(path.name)
         sizes.append(header["num_samples"])
+        digests[path.name] = sha256_file(path)
         total_bytes += path.stat().st_size
     if dims is None:
         raise ValueError(f"no non-empty shards in {store_dir}: nothing to describe")
@@ -143,12 +161,69 @@ def write_manifest(store_dir: str | Path, fields: dict, shard_names: list[str] |
         "image_encoder": fields.get("image_encoder"),
         "shards": shards,
         "shard_sizes": sizes,
+        "shard_sha256": digests,
         "bytes_per_sample": round(total_bytes / num_samples, 1),
     }
     manifest.update({k: v for k, v in fields.items() if k not in manifest})
     tmp = store_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, store_dir / MANIFEST_NAME)
+    return manifest
+
+
+def sample_is_finite(sample: FeatureSample, dtype: str = "float16") -> bool:
+    """Whether every feature of `sample` is finite once cast to the storage dtype (float16 overflows
+    to inf above 65504)."""
+    tensors = {"image_w": sample.image_w, "image_l": sample.image_l, "guidance": sample.guidance}
+    return not nonfinite_tensors({k: v.to(STORAGE_DTYPES[dtype]) for k, v in tensors.items()})
+
+
+def _json_type(value) -> str:
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def read_manifest(store_dir: str | Path) -> dict:
+    """STORE/manifest.json, checked: a JSON object with every required field of the right type and a
+    plain shard file name per entry. Errors name the file and the field."""
+    path = Path(store_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a feature store (run trainer.extract)")
+    try:
+        manifest = json.loads(path.read_text())
+    except UnicodeDecodeError as error:
+        raise CorruptFileError(f"{path} is not a text file ({error}): re-run trainer.extract to rewrite it") from error
+    except json.JSONDecodeError as error:
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); it is damaged "
+            "or truncated: re-run trainer.extract with the same --out to rewrite it"
+        ) from error
+    if not isinstance(manifest, dict):
+        raise CorruptFileError(f"{path} must hold a JSON object, it holds {_json_type(manifest)}")
+    if manifest.get("format") != FORMAT:
+        raise CorruptFileError(f"{path}: field \"format\" is {manifest.get('format')!r}, expected {FORMAT!r}")
+    missing = [key for key in REQUIRED_FIELDS if key not in manifest]
+    if missing:
+        raise CorruptFileError(f"{path} lacks the fields {missing}")
+    for key, kind in REQUIRED_FIELDS.items():
+        value = manifest[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CorruptFileError(
+                f"{path}: field \"{key}\" must be {_json_type(kind())}, found {_json_type(value)} ({value!r:.60})"
+            )
+    for name in manifest["shards"]:
+        if not isinstance(name, str) or Path(name).name != name or not name:
+            raise CorruptFileError(f"{path}: field \"shards\" must list shard file names, found {name!r:.60}")
+    digests = manifest.get("shard_sha256")
+    if digests is not None:
+        if not isinstance(digests, dict):
+            raise CorruptFileError(
+                f"{path}: field \"shard_sha256\" must be an object {{file name: sha256}}, found {_json_type(digests)}"
+            )
+        unlisted = [name for name in manifest["shards"] if not isinstance(digests.get(name), str)]
+        if unlisted:
+            raise CorruptFileError(f"{path}: field \"shard_sha256\" has no digest for {unlisted[:5]}")
     return manifest
 
 
@@ -169,23 +244,35 @@ class FeatureStore(torch.utils.data.Dataset):
     `collate_features`. Shards are memory-mapped and opened lazily (safe to use in DataLoader workers).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path} does not exist: not a feature store (run trainer.extract)")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
-        missing = [key for key in REQUIRED_KEYS if key not in self.manifest]
-        if missing:
-            raise ValueError(f"{manifest_path} lacks keys {missing}")
+        self.manifest = read_manifest(self.path)
         self.shard_paths = [self.path / name for name in self.manifest["shards"]]
         self.shard_sizes = []
+        digests = self.manifest.get("shard_sha256")
+        if verify and digests is None:
+            logger.warning("%s records no shard checksums (written by an older trainer.extract): integrity "
+                           "not verified", manifest_path)
         for shard_path in self.shard_paths:
             if not shard_path.is_file():
-                raise FileNotFoundError(f"{shard_path} is listed in the manifest but missing")
-            header = read_shard_header(shard_path)
+                raise FileNotFoundError(
+                    f"{shard_path} is listed in the manifest but missing: re-run trainer.extract with the same "
+                    "--out to re-extract it"
+                )
+            if verify and digests is not None:
+                try:
+                    verify_checksum(shard_path, digests[shard_path.name])
+                except CorruptFileError as error:
+                    raise CorruptFileError(
+                        f"{error}: re-run trainer.extract with the same --out to re-extract it"
+                    ) from error
+            try:
+                header = read_shard_header(shard_path)
+            except Exception as error:  # noqa: BLE001 - safetensors reports damage as several error types
+                raise CorruptFileError(
+                    f"{shard_path} is not a readable shard ({error}): re-run trainer.extract to re-extract it"
+                ) from error
             expected = [self.manifest["image_tokens"], self.manifest["image_dim"]]
             if header["shapes"]["image_w"][1:] != expected or header["shapes"]["guidance"][2] != self.guidance_dim:
                 raise ValueError(f"{shard_path} does not match the manifest's dims (Si, D, Dg)")

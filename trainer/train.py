@@ -6,8 +6,15 @@
     python -m trainer.train --features STORE --out RUN --resume          # continue from the newest checkpoint
 
 RUN/ gets config.json (this run's settings), metrics.jsonl (one JSON object per log or validation
-step), checkpoints/step-NNNNNNNN/checkpoint.pt (written atomically) and final/ (an aligner folder that
-`ImplicitAligner.from_pretrained` and the app load, with the store's metadata and the step count).
+step), checkpoints/step-NNNNNNNN/checkpoint.pt (written atomically, with a checkpoint.pt.sha256 sidecar)
+and final/ (an aligner folder that `ImplicitAligner.from_pretrained` and the app load, with the store's
+metadata and the step count).
+
+Damaged data is never used silently: a micro-batch whose inputs or loss are not finite (or, online,
+whose images are all unreadable) is skipped and counted in metrics.jsonl (`skipped_nonfinite`,
+`skipped_unreadable`), and the run stops with an error after --max-skipped-in-a-row of them in a row;
+weights that are not finite are never saved. `--resume` verifies each checkpoint's sha256 and falls
+back, with a warning, to the newest checkpoint that is intact (damaged ones are renamed damaged-step-*).
 
 Data order: every epoch is a permutation of the training indices seeded by (seed, epoch); the epochs are
 concatenated into one stream and process p of P takes samples [p*B, (p+1)*B) of each group of P*B. The
@@ -32,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from img_core.errors import CorruptFileError
+from img_core.integrity import check_finite, nonfinite_tensors, verify_checksum, write_checksum
 from trainer import option, parse_config
 from trainer.objective import REDUCTIONS, ReferenceUpdater, iupo_loss, squared_distance
 from trainer.store import FeatureStore, collate_features
@@ -60,6 +69,7 @@ class TrainConfig:
     device: str | None = option(None, "--online: device for the preset's models (default: the accelerator's)")
     val_samples: int = option(500, "held-out samples for validation (0 = none; the paper's ablations use 500 prompts)")
     num_workers: int = option(0, "DataLoader worker processes reading the store")
+    verify_store: bool = option(True, "check every shard against the sha256 in the store's manifest before training")
     # model
     init_from: str | None = option(None, "aligner to start from: a save_pretrained folder or an official .pth")
     depth: int = option(4, "aligner blocks (paper: 4)")
@@ -83,6 +93,10 @@ class TrainConfig:
     val_every: int = option(1000, "steps between validations (also at the end)")
     checkpoint_every: int = option(1000, "steps between checkpoints (also at the end)")
     keep_checkpoints: int = option(2, "newest checkpoints kept on disk")
+    max_skipped_in_a_row: int = option(
+        20, "stop with an error after this many micro-batches in a row were skipped (non-finite inputs or loss, "
+        "or online: no readable image)"
+    )
     resume: str | None = option(
         None, "checkpoint folder to continue from; the flag alone means the newest in OUT/checkpoints", const="latest"
     )
@@ -96,7 +110,7 @@ class TrainConfig:
         elif not self.features:
             raise ValueError("--features STORE is required (or --online --dataset SRC --preset P)")
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "val_every",
-                     "checkpoint_every", "keep_checkpoints", "ref_update_k"):
+                     "checkpoint_every", "keep_checkpoints", "ref_update_k", "max_skipped_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.val_samples < 0:
@@ -229,6 +243,53 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*[0-9]"))
 
 
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints."""
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """The training state in folder/checkpoint.pt, after checking its sha256 sidecar and that its weights
+    are finite; CorruptFileError (naming the file and the damage) otherwise."""
+    path = folder / CHECKPOINT_NAME
+    if not verify_checksum(path):
+        logger.warning("%s has no sha256 sidecar (written by an older trainer): loading it unverified", path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch reports damaged zip/pickle data as many error types
+        raise CorruptFileError(f"{path} cannot be read ({type(error).__name__}: {error})") from error
+    missing = [key for key in ("step", "samples_seen", "aligner", "reference", "optimizer", "config")
+               if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CorruptFileError(f"{path} is not a training checkpoint: it lacks {missing}")
+    check_finite(checkpoint["aligner"], f"{path} (aligner)")
+    check_finite(checkpoint["reference"], f"{path} (reference)")
+    return checkpoint
+
+
+def newest_good_checkpoint(out: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint in OUT/checkpoints that loads intact, or None when there is none. Damaged
+    ones are renamed damaged-step-* (kept for inspection, no longer counted) with a warning."""
+    folders = checkpoint_dirs(out)
+    damaged = []
+    for folder in reversed(folders):
+        try:
+            return folder, load_checkpoint(folder)
+        except CorruptFileError as error:
+            logger.warning("%s; falling back to the previous checkpoint", error)
+            aside = folder.with_name("damaged-" + folder.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            damaged.append(aside.name)
+    if damaged:
+        raise CorruptFileError(
+            f"every checkpoint in {out / 'checkpoints'} is damaged ({', '.join(damaged)}, renamed): pass --resume "
+            "with a good checkpoint folder, or another --out to start over"
+        )
+    return None
+
+
 def atomic_save_dir(write, final: Path) -> None:
     """Call write(tmp_dir), then move tmp_dir to `final` (replacing an older `final`)."""
     tmp = final.with_name("." + final.name + ".tmp")
@@ -284,20 +345,26 @@ def train(cfg: TrainConfig) -> Path:
     step, samples_seen = 0, 0
 
     # 3. resume
-    resume_dir = None
+    resume_dir, checkpoint = None, None
     if cfg.resume == "latest":
-        resume_dir = (checkpoint_dirs(out) or [None])[-1]
-        if resume_dir is None:
+        if accelerator.is_main_process:  # verifies, and renames damaged checkpoints aside
+            found = newest_good_checkpoint(out)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:  # finds what the main process settled on
+            found = newest_good_checkpoint(out)
+        if found is None:
             logger.info("no checkpoint in %s: starting from scratch", out / "checkpoints")
+        else:
+            resume_dir, checkpoint = found
     elif cfg.resume:
         resume_dir = Path(cfg.resume)
         if not (resume_dir / CHECKPOINT_NAME).is_file():
             raise FileNotFoundError(f"--resume {resume_dir} has no {CHECKPOINT_NAME}")
+        checkpoint = load_checkpoint(resume_dir)
     elif checkpoint_dirs(out):
         raise ValueError(f"{out} already has checkpoints: pass --resume to continue it, or choose another --out")
-    checkpoint = None
-    if resume_dir is not None:
-        checkpoint = torch.load(resume_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    skipped = {"nonfinite": 0, "unreadable": 0}  # micro-batches skipped so far (all processes)
+    if checkpoint is not None:
         changed = [k for k in TRAJECTORY_SETTINGS if checkpoint["config"].get(k) != getattr(cfg, k)]
         if changed:
             raise ValueError(
@@ -309,6 +376,7 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.load_state_dict(checkpoint["optimizer"])
         updater.load_state_dict(checkpoint["updater"])
         step, samples_seen = checkpoint["step"], checkpoint["samples_seen"]
+        skipped.update(checkpoint.get("skipped", {}))
         logger.info("resuming from %s at step %d", resume_dir, step)
 
     reference.to(accelerator.device)
@@ -320,6 +388,7 @@ def train(cfg: TrainConfig) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        prune_checkpoints(out, cfg.keep_checkpoints)  # --keep-checkpoints may be lower than the last run's
         if (out / METRICS_NAME).exists():  # drop lines a killed run logged after its last checkpoint
             lines = (out / METRICS_NAME).read_text().splitlines()
             kept = [line for line in lines if json.loads(line)["step"] <= step]
@@ -345,14 +414,21 @@ def train(cfg: TrainConfig) -> Path:
             "updater": updater.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "rng": rng_state(),
+            "skipped": dict(skipped),
             "config": dataclasses.asdict(cfg),
             "aligner_config": accelerator.unwrap_model(aligner).config.to_dict(),
         }
         if accelerator.is_main_process:
             folder = out / "checkpoints" / f"step-{step:08d}"
-            atomic_save_dir(lambda tmp: torch.save(state, tmp / CHECKPOINT_NAME), folder)
-            for old in checkpoint_dirs(out)[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old)
+            check_finite(state["aligner"], f"the aligner at step {step} (not saved to {folder})")
+            check_finite(state["reference"], f"the reference aligner at step {step} (not saved to {folder})")
+
+            def write(tmp: Path) -> None:
+                torch.save(state, tmp / CHECKPOINT_NAME)
+                write_checksum(tmp / CHECKPOINT_NAME)
+
+            atomic_save_dir(write, folder)
+            prune_checkpoints(out, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     def validate() -> None:
@@ -372,45 +448,85 @@ def train(cfg: TrainConfig) -> Path:
     logged = ("loss", "base", "pref", "win_rate")
     window = torch.zeros(len(logged) + 1, device=accelerator.device)  # sums of `logged`, micro-batch count
     window_start, window_steps = time.perf_counter(), 0
+    skipped_in_a_row = 0
+    dummy_inputs = dummy_batch(source.manifest, accelerator.device)
     aligner.train()
     while step < cfg.max_steps:
-        distances = torch.zeros(2, device=accelerator.device)  # sum of d(c_w, f), d(c_w, f_ref)
+        # step_sums: d(c_w, f), d(c_w, f_ref) summed over used micro-batches; micro-batches used, skipped
+        # as non-finite, skipped as unreadable; processes that reached max_skipped_in_a_row
+        step_sums = torch.zeros(6, device=accelerator.device)
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
             samples_seen += cfg.batch_size * accelerator.num_processes
-            if batch is None:  # every image of this micro-batch was unreadable (online mode only)
-                continue
-            batch = to_device(batch, accelerator.device)
+            reason = "unreadable" if batch is None else None  # every image unreadable (online mode only)
+            if batch is not None:
+                batch = to_device(batch, accelerator.device)
+                if nonfinite_tensors(batch):
+                    reason = "nonfinite"
+            # Every micro-batch goes through accumulate() and one backward, also a skipped one (a zero
+            # loss on finite dummy inputs), so accelerate's accumulation phase and DDP's gradient
+            # all-reduce stay in step with the loop on every process.
             with accelerator.accumulate(aligner):
-                with accelerator.autocast():
-                    pred = aligner(batch["image_l"], batch["guidance"], batch["guidance_mask"])  # (B, Si, D)
-                    with torch.no_grad():
-                        ref = reference(batch["image_l"], batch["guidance"], batch["guidance_mask"])  # (B, Si, D)
-                loss, stats = iupo_loss(
-                    pred, ref, batch["image_w"], batch["image_l"], lam=cfg.lam, reduction=cfg.reduction
-                )
-                accelerator.backward(loss)
+                if reason is None:
+                    with accelerator.autocast():
+                        pred = aligner(batch["image_l"], batch["guidance"], batch["guidance_mask"])  # (B, Si, D)
+                        with torch.no_grad():
+                            ref = reference(batch["image_l"], batch["guidance"], batch["guidance_mask"])  # (B, Si, D)
+                    loss, stats = iupo_loss(
+                        pred, ref, batch["image_w"], batch["image_l"], lam=cfg.lam, reduction=cfg.reduction
+                    )
+                    if not torch.isfinite(loss):
+                        reason = "nonfinite"
+                if reason is None:
+                    accelerator.backward(loss)
+                    step_sums[:3] += torch.stack([stats["dist_pred"], stats["dist_ref"], torch.ones_like(loss)])
+                    window += torch.stack([loss.detach(), *(stats[key] for key in logged[1:]), torch.ones_like(loss)])
+                    skipped_in_a_row = 0
+                else:
+                    accelerator.backward(zero_loss(aligner, dummy_inputs))
+                    step_sums[3 if reason == "nonfinite" else 4] += 1
+                    skipped_in_a_row += 1
+                    logger.warning("step %d: micro-batch skipped (%s)", step + 1,
+                                   "non-finite inputs or loss" if reason == "nonfinite" else "no readable image")
+        step_sums[5] = float(skipped_in_a_row >= cfg.max_skipped_in_a_row)
+        step_sums = accelerator.reduce(step_sums, reduction="sum")
+        skipped["nonfinite"] += int(step_sums[3])
+        skipped["unreadable"] += int(step_sums[4])
+        if step_sums[5] > 0:
+            raise CorruptFileError(
+                f"{cfg.max_skipped_in_a_row} micro-batches in a row were skipped at step {step + 1} "
+                f"({skipped['nonfinite']} non-finite, {skipped['unreadable']} unreadable so far): the data "
+                f"({cfg.features or cfg.dataset}) is damaged or the loss diverged (try a lower --lr); nothing of "
+                "this step was saved, the last checkpoint is intact"
+            )
+        if step_sums[2] > 0:  # at least one micro-batch of some process was used
+            grads = {name: p.grad for name, p in aligner.named_parameters() if p.grad is not None}
+            if accelerator.scaler is None and nonfinite_tensors(grads):  # fp16: the grad scaler skips it
+                skipped["nonfinite"] += 1
+                logger.warning("step %d: non-finite gradients, optimizer step skipped", step + 1)
+            else:
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            distances += torch.stack([stats["dist_pred"], stats["dist_ref"]])
-            window += torch.stack([loss.detach(), *(stats[key] for key in logged[1:]), torch.ones_like(loss)])
+        optimizer.zero_grad(set_to_none=True)
+        distances = step_sums[:2]
         step += 1
         window_steps += 1
         progress.update(1)
 
         # reference update: "closer" is decided on the step's mean distances over all processes
-        distances = accelerator.reduce(distances, reduction="sum")
         if updater.step(bool(distances[0] < distances[1])):
             reference.load_state_dict(accelerator.unwrap_model(aligner).state_dict())
 
         if step % cfg.log_every == 0:  # means over the window's micro-batches of all processes
             sums = accelerator.reduce(window, reduction="sum").tolist()
-            record = {"step": step, **{k: v / max(sums[-1], 1) for k, v in zip(logged, sums)},
+            means = {k: v / sums[-1] if sums[-1] else None for k, v in zip(logged, sums)}  # None: all skipped
+            record = {"step": step, **means,
                       "ref_updates": updater.updates, "lr": optimizer.param_groups[0]["lr"],
+                      "skipped_nonfinite": skipped["nonfinite"], "skipped_unreadable": skipped["unreadable"],
                       "samples_per_s": window_steps * samples_per_step / (time.perf_counter() - window_start)}
             if accelerator.is_main_process:
                 append_metrics(out, record)
-                progress.set_postfix(loss=f"{record['loss']:.4g}", ref_updates=updater.updates)
+                progress.set_postfix(loss=f"{record['loss']:.4g}" if sums[-1] else "skipped",
+                                     ref_updates=updater.updates)
             window.zero_()
             window_start, window_steps = time.perf_counter(), 0
         if step % cfg.val_every == 0 or step == cfg.max_steps:
@@ -423,11 +539,25 @@ def train(cfg: TrainConfig) -> Path:
     final = out / "final"
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(aligner)
+        check_finite(trained.state_dict(), f"the trained aligner (not saved to {final})")
         trained.config = dataclasses.replace(trained.config, training_steps=step)
         atomic_save_dir(trained.save_pretrained, final)
         logger.info("saved the trained aligner to %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def dummy_batch(manifest: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Finite all-zero aligner inputs of the data's widths: (1, Si, D) image, (1, 1, Dg) guidance, mask."""
+    image = torch.zeros(1, manifest["image_tokens"], manifest["image_dim"], device=device)
+    guidance = torch.zeros(1, 1, manifest["guidance_dim"], device=device)
+    return image, guidance, torch.ones(1, 1, dtype=torch.bool, device=device)
+
+
+def zero_loss(aligner, dummy_inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A loss that is exactly 0 with all-zero gradients, from a forward pass on finite inputs (the
+    backward of a skipped micro-batch; a NaN loss times 0 would still give NaN gradients)."""
+    return aligner(*dummy_inputs).sum() * 0.0
 
 
 def collate_or_none(samples: list[dict | None]) -> dict[str, torch.Tensor] | None:
