@@ -1,0 +1,390 @@
+"""Alignment scorers: one number per (image, prompt), higher is better. `evaluate` and the app use them.
+
+    scorer = load_scorer("hpsv2", device="cuda")
+    scores = scorer.score(images, prompts)          # list[float], one per pair
+    scorer.unload()                                  # frees the weights (they load lazily on first use)
+
+| name               | what                                   | weights                                        | unit |
+| ------------------ | -------------------------------------- | ---------------------------------------------- | ---- |
+| `hpsv2`            | HPS v2.1 (the paper's metric)          | xswu/HPSv2 `HPS_v2.1_compressed.pt` (open_clip ViT-H-14 state dict, converted on load) + laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, tokenizer) | 100 * cos |
+| `pickscore`        | PickScore_v1                           | yuvalkirstain/PickScore_v1 + the CLIP-H processor | logit_scale * cos (~100 * cos) |
+| `clipscore`        | CLIP ViT-L/14                          | openai/clip-vit-large-patch14                  | 100 * max(cos, 0) |
+| `vqascore`         | P("Yes") of the session's own MLLM     | none extra: the loaded critic                  | 0..1 |
+| `vqascore:<mllm>`  | the same with a separate judge MLLM    | any name of img_core.mllm.KNOWN_MLLMS or folder | 0..1 |
+
+All CLIP scorers run through transformers' `CLIPModel`. HPS v2.1 is published only as an open_clip
+checkpoint (`{"state_dict": ...}`, keys `visual.*`, `transformer.*`, ...); `open_clip_to_transformers`
+renames and splits those keys into `CLIPModel`'s (the fused attention `in_proj` becomes q/k/v, the
+projection matrices are transposed), the way convert_llava.py converts the released LLaVA. HPS's own
+image preprocessing is kept: the longest side resized to 224 (bicubic, on the float tensor), padded to
+a square with black, normalised with the CLIP mean/std (HPSv2 `ResizeMaxSize`, light_augmentation=True).
+HPS v2 reports diag(image_features @ text_features) of unit vectors; the paper prints it x100 (28.03), so
+`hpsv2` returns 100 * cos.
+
+VQAScore: the MLLM reads the image and "Does this image show '{prompt}'? Answer yes or no." in its own
+chat template (the critic's encoder); from the logits of the first answer token,
+P(yes) = sum p(yes variants) / (sum p(yes variants) + sum p(no variants)), where the variants are the first
+tokens of "Yes"/"yes"/"YES" (and "No"/"no"/"NO"), with and without a leading space. Real LLaVA and Qwen
+vocabularies hold these words as single tokens; the tiny character-level models use their first letter.
+
+Tiny random stand-ins for every CLIP scorer are built by img_core.tiny_scorers with the same classes.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from img_core.errors import IMGError, InvalidInputError
+from img_core.hub import download_file, from_pretrained_or_explain
+
+logger = logging.getLogger(__name__)
+
+CLIP_H_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+VQA_QUESTION = "Does this image show '{prompt}'? Answer yes or no."
+YES_WORDS = ("Yes", "yes", "YES")
+NO_WORDS = ("No", "no", "NO")
+VQA_SCORER = "vqascore"  # "vqascore" = the session's critic; "vqascore:<mllm>" = a separate judge
+CLIP_TEXT_TOKENS = 77  # CLIP's context length: longer prompts are truncated, as every CLIP metric does
+
+
+class NonFiniteScoreError(IMGError, FloatingPointError):
+    """A scorer produced NaN or infinity (broken weights or inputs): the scores are not used or saved."""
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]: ...
+
+    def unload(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CLIPScorerSpec:
+    """Where a CLIP-based metric's weights live and how its number is made."""
+
+    name: str
+    model_id: str  # transformers CLIPModel folder/id; for open_clip checkpoints the config source
+    processor_id: str  # tokenizer + image processor
+    open_clip_checkpoint: tuple[str, str] | None = None  # (repo, filename) of an open_clip state dict
+    scale: str = "100"  # "100": 100 * cos; "logit_scale": the model's exp(logit_scale) * cos
+    clamp_at_zero: bool = False  # CLIPScore: 100 * max(cos, 0)
+    preprocessing: str = "processor"  # "processor": the CLIP image processor; "hps": HPS v2's resize-and-pad
+
+
+CLIP_SCORERS: dict[str, CLIPScorerSpec] = {
+    "hpsv2": CLIPScorerSpec(
+        "hpsv2", CLIP_H_ID, CLIP_H_ID, open_clip_checkpoint=("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
+        preprocessing="hps",
+    ),
+    "pickscore": CLIPScorerSpec("pickscore", "yuvalkirstain/PickScore_v1", CLIP_H_ID, scale="logit_scale"),
+    "clipscore": CLIPScorerSpec(
+        "clipscore", "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", clamp_at_zero=True
+    ),
+}
+SCORER_NAMES = (*CLIP_SCORERS, VQA_SCORER)
+
+
+def check_scorer_names(names: list[str]) -> list[str]:
+    """The names, stripped and validated (cheap: loads nothing)."""
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise InvalidInputError(f"name at least one scorer: {', '.join(SCORER_NAMES)}")
+    for name in names:
+        if name not in CLIP_SCORERS and name != VQA_SCORER and not name.startswith(VQA_SCORER + ":"):
+            raise InvalidInputError(
+                f"unknown scorer {name!r}: use {', '.join(SCORER_NAMES)} or vqascore:<mllm> for a separate judge"
+            )
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"scorer named twice in {names}")
+    return names
+
+
+def scorer_needs_own_weights(name: str) -> bool:
+    """False only for `vqascore`, which reuses the session's loaded MLLM."""
+    return name != VQA_SCORER
+
+
+def load_scorer(
+    name: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tiny_root: str | Path | None = None,
+    critic=None,
+    quantization: str | None = None,
+) -> Scorer:
+    """A scorer by name (weights load on first `score`). `tiny_root`: use the tiny random stand-ins built
+    under it by img_core.tiny_scorers (tiny presets). `critic`: the loaded MLLMCritic `vqascore` uses."""
+    check_scorer_names([name])
+    if name in CLIP_SCORERS:
+        spec = CLIP_SCORERS[name]
+        if tiny_root is not None:
+            from img_core.tiny_scorers import ensure_tiny_scorers, tiny_scorer_spec
+
+            spec = tiny_scorer_spec(name, ensure_tiny_scorers(tiny_root))
+        return CLIPScorer(spec, device=device, dtype=dtype)
+    judge = name.partition(":")[2]
+    if not judge:
+        if critic is None:
+            raise InvalidInputError("vqascore needs the session's MLLM: load a session first, or name a judge "
+                                    "with vqascore:<mllm>")
+        return VQAScorer(critic, name=name)
+    return VQAScorer.for_judge(judge, device=device, tiny_root=tiny_root, quantization=quantization, name=name)
+
+
+def _check_pairs(images: list, prompts: list[str]) -> None:
+    if len(images) != len(prompts):
+        raise InvalidInputError(f"score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise InvalidInputError(f"score takes PIL images, got {type(image).__name__}")
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError(f"score needs non-empty prompt strings, got {prompt!r}")
+
+
+def _checked_scores(name: str, values: torch.Tensor) -> list[float]:
+    if not torch.isfinite(values).all():
+        raise NonFiniteScoreError(f"scorer {name} produced non-finite scores {values.tolist()}: check its weights "
+                                  "(a damaged download gives NaN) and the images; nothing was saved")
+    return [float(value) for value in values]
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ CLIP metrics
+
+
+def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an open_clip CLIP state dict (ViT vision tower + text transformer) to `CLIPModel` keys."""
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    converted: dict[str, torch.Tensor] = {}
+
+    def blocks(source: str, target: str) -> None:
+        index = 0
+        while f"{source}.{index}.ln_1.weight" in state_dict:
+            s, t = f"{source}.{index}", f"{target}.{index}"
+            q, k, v = state_dict[f"{s}.attn.in_proj_weight"].chunk(3, dim=0)  # (3 W, W) -> 3 x (W, W)
+            q_bias, k_bias, v_bias = state_dict[f"{s}.attn.in_proj_bias"].chunk(3, dim=0)
+            for projection, weight, bias in (("q", q, q_bias), ("k", k, k_bias), ("v", v, v_bias)):
+                converted[f"{t}.self_attn.{projection}_proj.weight"] = weight
+                converted[f"{t}.self_attn.{projection}_proj.bias"] = bias
+            renames = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                       "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+            for old, new in renames.items():
+                for kind in ("weight", "bias"):
+                    converted[f"{t}.{new}.{kind}"] = state_dict[f"{s}.{old}.{kind}"]
+            index += 1
+        if index == 0:
+            raise InvalidInputError(f"not an open_clip CLIP checkpoint: no {source}.0.* keys")
+
+    vision, text = "vision_model", "text_model"
+    converted[f"{vision}.embeddings.class_embedding"] = state_dict["visual.class_embedding"]
+    converted[f"{vision}.embeddings.patch_embedding.weight"] = state_dict["visual.conv1.weight"]
+    converted[f"{vision}.embeddings.position_embedding.weight"] = state_dict["visual.positional_embedding"]
+    for old, new in (("visual.ln_pre", f"{vision}.pre_layrnorm"), ("visual.ln_post", f"{vision}.post_layernorm"),
+                     ("ln_final", f"{text}.final_layer_norm")):
+        for kind in ("weight", "bias"):
+            converted[f"{new}.{kind}"] = state_dict[f"{old}.{kind}"]
+    blocks("visual.transformer.resblocks", f"{vision}.encoder.layers")
+    blocks("transformer.resblocks", f"{text}.encoder.layers")
+    converted[f"{text}.embeddings.token_embedding.weight"] = state_dict["token_embedding.weight"]
+    converted[f"{text}.embeddings.position_embedding.weight"] = state_dict["positional_embedding"]
+    converted["visual_projection.weight"] = state_dict["visual.proj"].t().contiguous()  # (W, E) -> (E, W)
+    converted["text_projection.weight"] = state_dict["text_projection"].t().contiguous()
+    converted["logit_scale"] = state_dict["logit_scale"].reshape(())
+    return converted
+
+
+def load_open_clip_checkpoint(repo: str, filename: str) -> dict[str, torch.Tensor]:
+    """The tensors of an open_clip checkpoint file (`{"state_dict": ...}` or a bare state dict)."""
+    path = download_file(repo, filename)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a damaged or non-tensor pickle is the user's file to replace
+        raise InvalidInputError(f"{path} is not a readable torch checkpoint ({type(error).__name__}: {error}); "
+                                f"download {repo}/{filename} again") from error
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise InvalidInputError(f"{path} holds no state dict of tensors")
+    return state_dict
+
+
+def hps_pixel_values(images: list[Image.Image], size: int, mean: list[float], std: list[float]) -> torch.Tensor:
+    """HPS v2's evaluation preprocessing: longest side -> `size` (bicubic), centred black padding to a
+    square, CLIP normalisation. Returns (B, 3, size, size)."""
+    import torchvision.transforms.functional as F
+
+    batch = []
+    for image in images:
+        pixels = F.to_tensor(image.convert("RGB"))  # (3, H, W) in [0, 1]
+        height, width = pixels.shape[1:]
+        scale = size / max(height, width)
+        if scale != 1.0:
+            new_height, new_width = round(height * scale), round(width * scale)
+            pixels = F.resize(pixels, [new_height, new_width], interpolation=F.InterpolationMode.BICUBIC)
+            pad_h, pad_w = size - new_height, size - new_width
+            pixels = F.pad(pixels, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+        batch.append(F.normalize(pixels, mean=mean, std=std))
+    return torch.stack(batch)
+
+
+def _pooled(output) -> torch.Tensor:
+    """transformers 5 returns model outputs from get_*_features; older versions return the tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class CLIPScorer:
+    """A CLIP-family metric: cosine of the image and text embeddings, scaled as its spec says."""
+
+    def __init__(self, spec: CLIPScorerSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        self.spec = spec
+        self.name = spec.name
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.model = None
+        self.processor = None
+
+    def load(self) -> "CLIPScorer":
+        from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+        if self.model is not None:
+            return self
+        spec = self.spec
+        processor = from_pretrained_or_explain(CLIPProcessor, spec.processor_id)
+        if spec.open_clip_checkpoint is None:
+            model = from_pretrained_or_explain(CLIPModel, spec.model_id, dtype=self.dtype)
+        else:
+            from accelerate import init_empty_weights
+
+            config = from_pretrained_or_explain(CLIPConfig, spec.model_id)
+            state_dict = open_clip_to_transformers(load_open_clip_checkpoint(*spec.open_clip_checkpoint))
+            with init_empty_weights(include_buffers=False):  # parameters on "meta": no random init of 1 B weights
+                model = CLIPModel(config)
+            missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+            if missing or unexpected:
+                raise InvalidInputError(
+                    f"{'/'.join(spec.open_clip_checkpoint)} does not fit {spec.model_id}'s CLIP architecture "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+            model = model.to(dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        logger.info("loaded scorer %s (%s, %s)", self.name, spec.model_id, self.dtype)
+        return self
+
+    def unload(self) -> None:
+        self.model = None
+        self.processor = None
+        _free_memory()
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        _check_pairs(images, prompts)
+        if not images:
+            return []
+        self.load()
+        image_processor = self.processor.image_processor
+        if self.spec.preprocessing == "hps":
+            size = int(self.model.config.vision_config.image_size)
+            pixel_values = hps_pixel_values(images, size, image_processor.image_mean, image_processor.image_std)
+        else:
+            pixel_values = image_processor(images=[image.convert("RGB") for image in images],
+                                           return_tensors="pt")["pixel_values"]
+        text = self.processor.tokenizer(prompts, padding="max_length", truncation=True,
+                                        max_length=CLIP_TEXT_TOKENS, return_tensors="pt")
+        image_embeds = _pooled(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
+        text_embeds = _pooled(self.model.get_text_features(
+            input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
+        ))
+        cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)  # (B,)
+        if self.spec.clamp_at_zero:
+            cosine = cosine.clamp(min=0)
+        scale = self.model.logit_scale.float().exp() if self.spec.scale == "logit_scale" else 100.0
+        return _checked_scores(self.name, (scale * cosine).cpu())
+
+
+# ----------------------------------------------------------------------------------------------- VQAScore
+
+
+def answer_token_ids(tokenizer, words: tuple[str, ...]) -> set[int]:
+    """Ids of the first token of each word, with and without a leading space (whitespace-only pieces skipped)."""
+    ids = set()
+    for word in words:
+        for text in (word, " " + word):
+            for token_id in tokenizer.encode(text, add_special_tokens=False):
+                if tokenizer.decode([token_id]).strip():
+                    ids.add(int(token_id))
+                    break
+    return ids
+
+
+class VQAScorer:
+    """P(the MLLM answers yes) that the image shows the prompt. Reuses a loaded critic or loads a judge."""
+
+    def __init__(self, critic, name: str = VQA_SCORER, owns_critic: bool = False):
+        self.critic = critic
+        self.name = name
+        self.owns_critic = owns_critic
+        self._judge_loader = None
+        self._answer_ids: tuple[list[int], list[int]] | None = None
+
+    @classmethod
+    def for_judge(cls, mllm: str, device="cpu", tiny_root=None, quantization=None, name=None) -> "VQAScorer":
+        """A scorer with its own MLLM (loaded on first use), so the critic does not grade its own advice."""
+        scorer = cls(None, name=name or f"{VQA_SCORER}:{mllm}", owns_critic=True)
+
+        def load_judge():
+            from img_core.mllm import MLLMCritic, resolve_spec
+
+            return MLLMCritic.load(resolve_spec(mllm, Path(tiny_root) if tiny_root else None),
+                                   device=str(device), quantization=quantization)
+
+        scorer._judge_loader = load_judge
+        return scorer
+
+    def unload(self) -> None:
+        if self.owns_critic:
+            self.critic = None
+            _free_memory()
+
+    def _yes_no_ids(self) -> tuple[list[int], list[int]]:
+        if self._answer_ids is None:
+            yes, no = answer_token_ids(self.critic.tokenizer, YES_WORDS), answer_token_ids(self.critic.tokenizer, NO_WORDS)
+            shared = yes & no
+            yes, no = sorted(yes - shared), sorted(no - shared)
+            if not yes or not no:
+                raise InvalidInputError(f"MLLM {self.critic.spec.name}'s tokenizer has no distinct yes/no tokens")
+            self._answer_ids = (yes, no)
+        return self._answer_ids
+
+    def _encode(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
+        encode = getattr(self.critic, "encode_conversation", None) or self.critic._encode
+        inputs = encode(image.convert("RGB"), question, None)
+        return {key: value.to(self.critic.device) for key, value in inputs.items()}
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        _check_pairs(images, prompts)
+        if self.critic is None:
+            self.critic = self._judge_loader()
+        yes, no = self._yes_no_ids()
+        scores = []
+        for image, prompt in zip(images, prompts):
+            inputs = self._encode(image, VQA_QUESTION.format(prompt=prompt.strip()))
+            logits = self.critic.model(**inputs, use_cache=False).logits[0, -1].float()  # (V,) next token
+            probabilities = logits.softmax(dim=-1)
+            p_yes, p_no = probabilities[yes].sum(), probabilities[no].sum()
+            scores.append(p_yes / (p_yes + p_no).clamp(min=torch.finfo(torch.float32).tiny))
+        return _checked_scores(self.name, torch.stack(scores).cpu())

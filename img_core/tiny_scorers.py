@@ -1,0 +1,159 @@
+"""Tiny random-weight stand-ins for the CLIP scorers (HPS v2.1, PickScore, CLIPScore), for CPU tests.
+
+Built from configs with transformers' `CLIPModel` / `CLIPProcessor`, saved in the layouts of the hub repos
+they stand in for, and loaded by img_core.scorers through the very same loaders as the real ids:
+
+    <tiny_root>/scorers-v1/tiny-clip-h/       like laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, processor, weights)
+    <tiny_root>/scorers-v1/tiny-pickscore/    like yuvalkirstain/PickScore_v1 (CLIPModel weights)
+    <tiny_root>/scorers-v1/tiny-hpsv2/HPS_v2.1_compressed.pt   like xswu/HPSv2 (open_clip keys, {"state_dict": ...})
+    <tiny_root>/scorers-v1/tiny-clip-l/       like openai/clip-vit-large-patch14
+
+The HPS file is a CLIPModel's weights written back in open_clip's layout (`transformers_to_open_clip`,
+the inverse of `img_core.scorers.open_clip_to_transformers`), so loading it exercises the real conversion.
+Weights are seeded: the same seed gives the same files. The folder is built privately and renamed into
+place, so parallel test workers never see half-written weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_SCORERS_VERSION = "scorers-v1"  # bump when the tiny scorer architectures change
+TINY_SCORER_IMAGE_SIZE = 32
+TINY_SCORER_FOLDERS = {"clip_h": "tiny-clip-h", "pickscore": "tiny-pickscore", "hpsv2": "tiny-hpsv2",
+                       "clip_l": "tiny-clip-l"}
+
+
+def ensure_tiny_scorers(tiny_root: str | Path, seed: int = 0) -> Path:
+    """Build the tiny scorers under `tiny_root` (the folder of ensure_tiny_models) if missing; return their folder."""
+    target = Path(tiny_root) / TINY_SCORERS_VERSION
+    if (target / "COMPLETE").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".building-scorers-", dir=target.parent))
+    try:
+        build_tiny_scorers(building, seed)
+        (building / "COMPLETE").write_text(f"seed={seed}\n")
+        try:
+            os.rename(building, target)
+        except OSError:
+            if not (target / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return target
+
+
+def tiny_scorer_spec(name: str, scorers_root: Path):
+    """The spec of scorer `name` with its hub ids replaced by the tiny folders under `scorers_root`."""
+    from img_core.scorers import CLIP_SCORERS
+
+    clip_h, clip_l = str(scorers_root / TINY_SCORER_FOLDERS["clip_h"]), str(scorers_root / TINY_SCORER_FOLDERS["clip_l"])
+    tiny = {
+        "hpsv2": dict(model_id=clip_h, processor_id=clip_h,
+                      open_clip_checkpoint=(str(scorers_root / TINY_SCORER_FOLDERS["hpsv2"]), "HPS_v2.1_compressed.pt")),
+        "pickscore": dict(model_id=str(scorers_root / TINY_SCORER_FOLDERS["pickscore"]), processor_id=clip_h),
+        "clipscore": dict(model_id=clip_l, processor_id=clip_l),
+    }
+    return dataclasses.replace(CLIP_SCORERS[name], **tiny[name])
+
+
+def tiny_clip_config(hidden_act: str):
+    """A CLIP with 32-wide towers, 32 px images and 16-d embeddings (ViT-H uses gelu, OpenAI's ViT-L quick_gelu)."""
+    from transformers import CLIPConfig
+
+    from img_core.tiny_diffusion import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, hidden_act=hidden_act,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=TINY_SCORER_IMAGE_SIZE, patch_size=8, hidden_act=hidden_act)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+def tiny_clip_processor():
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from img_core.tiny_diffusion import build_clip_tokenizer
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_SCORER_IMAGE_SIZE},
+        crop_size={"height": TINY_SCORER_IMAGE_SIZE, "width": TINY_SCORER_IMAGE_SIZE},
+    )
+    return CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer())
+
+
+def tiny_clip_model(hidden_act: str, seed: int):
+    """A seeded random CLIPModel; weights scaled up so that random embeddings give varied cosines."""
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(tiny_clip_config(hidden_act)).eval()
+    with torch.no_grad():
+        model.visual_projection.weight.normal_(std=0.5)
+        model.text_projection.weight.normal_(std=0.5)
+    return model
+
+
+def transformers_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPModel state dict in open_clip's key layout (fused q/k/v, transposed projections)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def blocks(source: str, target: str) -> None:
+        index = 0
+        while f"{source}.{index}.layer_norm1.weight" in state_dict:
+            s, t = f"{source}.{index}", f"{target}.{index}"
+            for kind in ("weight", "bias"):
+                out[f"{t}.attn.in_proj_{kind}"] = torch.cat(
+                    [state_dict[f"{s}.self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")], dim=0
+                )
+                for old, new in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                    out[f"{t}.{new}.{kind}"] = state_dict[f"{s}.{old}.{kind}"]
+            index += 1
+
+    out["visual.class_embedding"] = state_dict["vision_model.embeddings.class_embedding"]
+    out["visual.conv1.weight"] = state_dict["vision_model.embeddings.patch_embedding.weight"]
+    out["visual.positional_embedding"] = state_dict["vision_model.embeddings.position_embedding.weight"]
+    for new, old in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
+                     ("ln_final", "text_model.final_layer_norm")):
+        for kind in ("weight", "bias"):
+            out[f"{new}.{kind}"] = state_dict[f"{old}.{kind}"]
+    blocks("vision_model.encoder.layers", "visual.transformer.resblocks")
+    blocks("text_model.encoder.layers", "transformer.resblocks")
+    out["token_embedding.weight"] = state_dict["text_model.embeddings.token_embedding.weight"]
+    out["positional_embedding"] = state_dict["text_model.embeddings.position_embedding.weight"]
+    out["visual.proj"] = state_dict["visual_projection.weight"].t().contiguous()
+    out["text_projection"] = state_dict["text_projection.weight"].t().contiguous()
+    out["logit_scale"] = state_dict["logit_scale"]
+    return {key: value.clone() for key, value in out.items()}
+
+
+def build_tiny_scorers(root: Path, seed: int = 0) -> None:
+    """Write the four tiny scorer folders under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    processor = tiny_clip_processor()
+
+    clip_h = tiny_clip_model("gelu", seed)
+    clip_h.save_pretrained(root / TINY_SCORER_FOLDERS["clip_h"])
+    processor.save_pretrained(root / TINY_SCORER_FOLDERS["clip_h"])
+
+    tiny_clip_model("gelu", seed + 1).save_pretrained(root / TINY_SCORER_FOLDERS["pickscore"])
+
+    hps = tiny_clip_model("gelu", seed + 2)
+    (root / TINY_SCORER_FOLDERS["hpsv2"]).mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": transformers_to_open_clip(hps.state_dict())},
+               root / TINY_SCORER_FOLDERS["hpsv2"] / "HPS_v2.1_compressed.pt")
+
+    clip_l = tiny_clip_model("quick_gelu", seed + 3)
+    clip_l.save_pretrained(root / TINY_SCORER_FOLDERS["clip_l"])
+    processor.save_pretrained(root / TINY_SCORER_FOLDERS["clip_l"])

@@ -1,0 +1,162 @@
+"""Scorers on tiny random CLIP models and the tiny MLLMs, loaded through the same loaders as the real ids:
+each number is checked against the metric's formula computed here from the same weights."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["A red cup next to a blue plate.", "Three dogs running on a beach.", "A cat under a wooden table."]
+
+
+def images(count: int = 3, size: tuple[int, int] = (64, 64)) -> list[Image.Image]:
+    return [
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        for seed in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def scorers_root(tiny_root):
+    from img_core.tiny_scorers import ensure_tiny_scorers
+
+    return ensure_tiny_scorers(tiny_root)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tiny_root):
+    from img_core.mllm import MLLMCritic, resolve_spec
+
+    return MLLMCritic.load(resolve_spec("tiny-llava", tiny_root), device="cpu", quantization="none")
+
+
+def clip_cosines(folder, processor_folder, pixel_values=None, pictures=None, prompts=PROMPTS):
+    """cos(image, text) straight from CLIPModel.forward's normalised embeddings."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(processor_folder)
+    if pixel_values is None:
+        pixel_values = processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+    text = processor.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        output = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixel_values)
+    # logits_per_image = exp(logit_scale) * cos; its diagonal pairs image i with prompt i
+    return output.logits_per_image.diagonal() / model.logit_scale.exp(), model.logit_scale.exp().item()
+
+
+def test_open_clip_layout_round_trips_exactly(scorers_root):
+    from img_core.scorers import open_clip_to_transformers
+    from img_core.tiny_scorers import tiny_clip_model, transformers_to_open_clip
+
+    original = tiny_clip_model("gelu", seed=7).state_dict()
+    open_clip = transformers_to_open_clip(original)
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in open_clip
+    assert open_clip["visual.proj"].shape == original["visual_projection.weight"].t().shape
+    back = open_clip_to_transformers({f"module.{k}": v for k, v in open_clip.items()})  # DDP prefix too
+    expected = {k: v for k, v in original.items() if "position_ids" not in k}
+    assert back.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(back[key], value), key
+
+
+def test_hpsv2_loads_the_open_clip_checkpoint_and_scores_100_cos(scorers_root, tmp_path):
+    from img_core.scorers import hps_pixel_values, load_scorer
+    from img_core.tiny_scorers import TINY_SCORER_IMAGE_SIZE, tiny_clip_model
+
+    scorer = load_scorer("hpsv2", tiny_root=scorers_root.parent)
+    pictures = images()
+    scores = scorer.score(pictures, PROMPTS)
+    # the same weights as a CLIPModel (the tiny HPS file was written from seed 0 + 2), HPS preprocessing
+    folder = tmp_path / "reference-hps"
+    tiny_clip_model("gelu", seed=2).save_pretrained(folder)
+    mean, std = scorer.processor.image_processor.image_mean, scorer.processor.image_processor.image_std
+    pixels = hps_pixel_values(pictures, TINY_SCORER_IMAGE_SIZE, mean, std)
+    cosines, _ = clip_cosines(folder, scorers_root / "tiny-clip-h", pixel_values=pixels)
+    assert scores == pytest.approx((100 * cosines).tolist(), abs=1e-4)
+    assert len(set(round(s, 3) for s in scores)) == 3  # the tiny scorer tells images apart
+
+
+def test_hps_preprocessing_resizes_longest_side_and_pads_black():
+    from img_core.scorers import hps_pixel_values
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    wide = Image.new("RGB", (64, 32), (255, 255, 255))
+    pixels = hps_pixel_values([wide], 32, mean, std)  # 64x32 -> 32x16, padded 8 rows above and below
+    assert pixels.shape == (1, 3, 32, 32)
+    black = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    white = torch.tensor([(1 - m) / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    assert torch.allclose(pixels[0, :, :8], black.expand(3, 8, 32), atol=1e-6)
+    assert torch.allclose(pixels[0, :, 24:], black.expand(3, 8, 32), atol=1e-6)
+    assert torch.allclose(pixels[0, :, 9:23], white.expand(3, 14, 32), atol=1e-3)
+
+
+def test_pickscore_and_clipscore_follow_their_formulas(scorers_root):
+    from img_core.scorers import load_scorer
+
+    pictures = images()
+    pick = load_scorer("pickscore", tiny_root=scorers_root.parent).score(pictures, PROMPTS)
+    cosines, logit_scale = clip_cosines(scorers_root / "tiny-pickscore", scorers_root / "tiny-clip-h", pictures=pictures)
+    assert pick == pytest.approx((logit_scale * cosines).tolist(), abs=1e-4)
+
+    clip = load_scorer("clipscore", tiny_root=scorers_root.parent)
+    values = clip.score(pictures, PROMPTS)
+    cosines, _ = clip_cosines(scorers_root / "tiny-clip-l", scorers_root / "tiny-clip-l", pictures=pictures)
+    assert values == pytest.approx((100 * cosines.clamp(min=0)).tolist(), abs=1e-4)
+    # batching changes nothing, and a scorer unloads and loads again on demand
+    one_by_one = [clip.score([image], [prompt])[0] for image, prompt in zip(pictures, PROMPTS)]
+    clip.unload()
+    assert clip.model is None
+    assert one_by_one == pytest.approx(values, abs=1e-4)
+    assert clip.score(pictures, PROMPTS) == pytest.approx(values, abs=1e-5)
+
+
+def test_vqascore_is_p_yes_over_yes_and_no(tiny_root, tiny_llava):
+    from img_core.scorers import NO_WORDS, VQA_QUESTION, YES_WORDS, answer_token_ids, load_scorer
+
+    pictures = images(2)
+    shared = load_scorer("vqascore", critic=tiny_llava)
+    scores = shared.score(pictures, PROMPTS[:2])
+    yes = sorted(answer_token_ids(tiny_llava.tokenizer, YES_WORDS))
+    no = sorted(answer_token_ids(tiny_llava.tokenizer, NO_WORDS))
+    assert {tiny_llava.tokenizer.decode([i]).strip()[0] for i in yes} == {"Y", "y"}
+    assert {tiny_llava.tokenizer.decode([i]).strip()[0] for i in no} == {"N", "n"}
+    expected = []
+    for image, prompt in zip(pictures, PROMPTS[:2]):
+        inputs = tiny_llava._encode(image, VQA_QUESTION.format(prompt=prompt), None)
+        with torch.no_grad():
+            p = tiny_llava.model(**inputs).logits[0, -1].softmax(-1)
+        expected.append((p[yes].sum() / (p[yes].sum() + p[no].sum())).item())
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert all(0.0 < s < 1.0 for s in scores)
+    # a separately named judge loads its own copy of the same weights: the same numbers
+    judge = load_scorer("vqascore:tiny-llava", tiny_root=tiny_root)
+    assert judge.score(pictures, PROMPTS[:2]) == pytest.approx(scores, abs=1e-5)
+    judge.unload()
+    assert judge.critic is None
+    shared.unload()
+    assert shared.critic is tiny_llava  # the session's MLLM is not the scorer's to free
+
+
+def test_bad_input_and_missing_weights_are_user_errors(scorers_root):
+    from img_core.errors import InvalidInputError, WeightsNotFoundError
+    from img_core.scorers import CLIP_SCORERS, CLIPScorer, NonFiniteScoreError, _checked_scores, check_scorer_names
+    from img_core.scorers import load_scorer
+
+    with pytest.raises(InvalidInputError, match="unknown scorer 'hps'"):
+        check_scorer_names(["hps"])
+    with pytest.raises(InvalidInputError, match="named twice"):
+        check_scorer_names(["hpsv2", "hpsv2"])
+    with pytest.raises(InvalidInputError, match="needs the session's MLLM"):
+        load_scorer("vqascore")
+    scorer = load_scorer("clipscore", tiny_root=scorers_root.parent)
+    with pytest.raises(InvalidInputError, match="one prompt per image"):
+        scorer.score(images(2), PROMPTS)
+    with pytest.raises(InvalidInputError, match="non-empty prompt"):
+        scorer.score(images(1), ["  "])
+    with pytest.raises(NonFiniteScoreError, match="non-finite"):
+        _checked_scores("hpsv2", torch.tensor([1.0, float("nan")]))
+    with pytest.raises(WeightsNotFoundError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):  # HF_HUB_OFFLINE=1
+        CLIPScorer(CLIP_SCORERS["hpsv2"]).score(images(1), PROMPTS[:1])
