@@ -1,13 +1,17 @@
 """The release's FLUX sampling (true CFG from step 1, x-flux's schedule) on the tiny FLUX pipeline:
 equal to diffusers' FluxPipeline when both options are off, CFG starting exactly at the second step,
-the release's sigmas at 1024x1024 computed without a model, and the 2x transformer passes."""
+the release's sigmas at 1024x1024 computed without a model, the 2x transformer passes, and equal to the
+release's own x-flux sampler on the tiny weights of tests/golden/flux_sampling (tools/make_golden_flux.py)."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from safetensors.torch import load_file
 
 from img_core.backends.flux_sampling import flux_sigmas, sample_flux, schedule_mu
 from img_core.presets import FLUX_SAMPLINGS, PRESETS
@@ -16,6 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a red cube on a blue sphere"
 STEPS = 3
+
+GOLDEN = Path(__file__).parent / "golden" / "flux_sampling"
 
 # FLUX.1-dev's scheduler/scheduler_config.json (the values REFERENCE §4 reasons with).
 FLUX_DEV_SCHEDULER = dict(
@@ -161,3 +167,54 @@ def test_bad_options_are_rejected(flux):
         run(flux, cfg_start_step=-1)
     with pytest.raises(ValueError, match="negative_ip_adapter_image_embeds"):
         sample_flux(flux[1], prompt=PROMPT, ip_adapter_image_embeds=[flux[2][:, None]], true_cfg_scale=3.5)
+
+
+@pytest.fixture(scope="module")
+def golden_pipeline():
+    """A FluxPipeline of the golden tiny transformer + XLabs IP-Adapter (no VAE: the golden is latents)."""
+    transformer = FluxTransformer2DModel.from_pretrained(GOLDEN / "transformer")
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    pipeline = FluxPipeline(
+        scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        transformer=transformer,
+    )
+    pipeline.load_ip_adapter(str(GOLDEN), weight_name="ip_adapter.safetensors", image_encoder_pretrained_model_name_or_path=None)
+    pipeline.transformer.encoder_hid_proj.image_projection_layers[0] = torch.nn.Identity()  # tokens are post-projection
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.mark.parametrize("round_name, tokens, ip_scale", [("round0", "black_tokens", 0.0), ("regenerated", "aligned_tokens", 0.2)])
+def test_equals_the_release_x_flux_sampler(golden_pipeline, round_name, tokens, ip_scale):
+    golden = load_file(GOLDEN / "golden.safetensors")
+    recipe = json.loads((GOLDEN / "recipe.json").read_text())
+    assert recipe["timestep_to_start_cfg"] == 1 and recipe["true_gs"] == 3.5
+
+    def ours(**options):
+        settings = dict(true_cfg_scale=3.5, cfg_start_step=1, schedule="release")
+        settings.update(options)
+        return sample_flux(
+            golden_pipeline,
+            prompt_embeds=golden["prompt_embeds"],
+            pooled_prompt_embeds=golden["pooled_prompt_embeds"],
+            negative_prompt_embeds=golden["negative_prompt_embeds"],
+            negative_pooled_prompt_embeds=golden["negative_pooled_prompt_embeds"],
+            ip_adapter_image_embeds=[golden[tokens][:, None]],
+            negative_ip_adapter_image_embeds=[golden["black_tokens"][:, None]],
+            ip_scale=ip_scale,
+            num_inference_steps=recipe["steps"],
+            guidance_scale=recipe["guidance"],
+            width=recipe["width"],
+            height=recipe["height"],
+            latents=golden["packed_noise"],
+            output_type="latent",
+            **settings,
+        )
+
+    expected = golden[f"{round_name}_latents"]
+    sigmas = flux_sigmas(golden_pipeline.scheduler, recipe["steps"], recipe["width"], recipe["height"], 8, "release")
+    np.testing.assert_allclose(sigmas.double().numpy(), golden["timesteps"].numpy(), atol=1e-6)
+    torch.testing.assert_close(ours(), expected, rtol=1e-4, atol=1e-4)
+    # diffusers' CFG start or schedule would not match the release
+    assert (ours(cfg_start_step=0) - expected).abs().max() > 1e-2
+    assert (ours(schedule="diffusers") - expected).abs().max() > 1e-2
