@@ -4,25 +4,33 @@ The authors ship their fine-tuned LLaVA-1.5-13B as the original code-base saves 
 config.json with `LlavaLlamaForCausalLM`, `mm_projector_type: mlp2x_gelu`, `mm_vision_tower`,
 `mm_vision_select_layer: -2`, `image_aspect_ratio: pad`; weights (.bin or .safetensors, maybe sharded) named
 
-    model.embed_tokens.* / model.layers.* / model.norm.*  -> language model (LlamaModel)
-    lm_head.weight                                        -> lm_head
-    model.mm_projector.0.* / model.mm_projector.2.*       -> multi_modal_projector.linear_1 / linear_2
-    model.vision_tower.*  (if present)                    -> dropped: the original loader re-reads the tower
-                                                             from `mm_vision_tower`, so does this converter
+    model.embed_tokens.* / model.layers.* / model.norm.*  -> model.language_model.*
+    lm_head.weight                                        -> lm_head.weight
+    model.mm_projector.0.* / model.mm_projector.2.*       -> model.multi_modal_projector.linear_1.* / linear_2.*
+    model.vision_tower.vision_tower.*  (if present)       -> model.vision_tower.*  when the config sets
+                                                             `unfreeze_mm_vision_tower`, else dropped
 
-and a Llama tokenizer. The output is a `LlavaForConditionalGeneration` + `LlavaProcessor` folder that
-`MLLMCritic` loads with plain `from_pretrained`:
+and a Llama tokenizer. The vision tower rule is the original loader's (haotian-liu/LLaVA c121f04,
+`CLIPVisionTower.__init__`): with `unfreeze_mm_vision_tower` the tower is built before the checkpoint's
+weights are loaded, so its tuned weights replace the CLIP ones; without it the tower is loaded from
+`mm_vision_tower` afterwards and any tower weights in the checkpoint are ignored.
+
+The output is a `LlavaForConditionalGeneration` + `LlavaProcessor` folder that `MLLMCritic` loads with
+plain `from_pretrained`:
 
   * the tokenizer gets `<image>` and `<pad>` special tokens; the embedding matrix and `lm_head` grow by
     as many rows, initialised to the mean of the existing rows (the `<image>` rows are never read: image
     features replace them; `<pad>` never occurs in batch-1 inputs; a mean `lm_head` row keeps their logits
     at the average so greedy decoding does not pick them);
-  * the CLIP vision tower and its image processor come from `vision_tower` (hub id or folder);
+  * the CLIP vision tower config and image processor come from `vision_tower` (hub id or folder), and its
+    weights too unless the checkpoint carries a tuned tower;
   * `img_studio_mllm.json` records the chat template and aspect mode (`mllm.spec_from_folder` reads it).
 
-The model is assembled on the meta device and the loaded tensors are assigned, so peak memory is about
-one copy of the checkpoint. Source folders with only a sentencepiece `tokenizer.model` (no
-tokenizer.json) need the `sentencepiece` and `protobuf` packages.
+Conversion runs shard by shard, so peak memory is one original shard and peak disk is the output plus one
+original shard when `delete_source_shards` is set. It writes into a temporary folder next to the output
+(`.<name>.partial`) with a journal of the shards done; a run that is killed resumes there, and the folder
+is renamed to the output only when complete, with a completion marker (`img_core.prepare`). Source
+folders with only a sentencepiece `tokenizer.model` (no tokenizer.json) need `sentencepiece` + `protobuf`.
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +54,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 PAD_TOKEN = "<pad>"
 CHAT_TEMPLATES = ("llava-v0", "llava-v1")
+PARTIAL_SUFFIX = ".partial"  # the temporary folder next to the output: `.<output name>.partial`
+JOURNAL = "conversion-progress.json"  # inside the partial folder: settings and the source shards done
+ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower."  # CLIPVisionTower.vision_tower (a CLIPVisionModel)
 # Llama settings carried from the original config.json into the transformers text config.
 LLAMA_CONFIG_KEYS = (
     "hidden_size",
@@ -63,6 +77,9 @@ LLAMA_CONFIG_KEYS = (
 )
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+# progress(stage, done, total, unit), as in img_core.prepare
+ProgressCallback = Callable[[str, float, float, str | None], None]
+
 
 def add_image_and_pad_tokens(tokenizer) -> None:
     """Add `<image>` then `<pad>` as special tokens (llava-hf's order: 32000, 32001) and make `<pad>` the
@@ -77,33 +94,53 @@ def add_image_and_pad_tokens(tokenizer) -> None:
     tokenizer.add_special_tokens({"pad_token": special(PAD_TOKEN)})
 
 
-def rename_original_key(key: str) -> tuple[str, str] | None:
-    """Original LLaVA key -> (target module, key inside it), or None for keys that are dropped."""
-    if key.startswith("model.vision_tower.") or key.endswith("rotary_emb.inv_freq"):
+def rename_original_key(key: str, tower_keys: set[str], keep_tower: bool) -> str | None:
+    """Original LLaVA key -> key of `LlavaForConditionalGeneration.state_dict()`, or None if dropped.
+
+    `tower_keys` are the vision tower's own state-dict keys; the original (transformers 4.x) CLIP keys
+    carry a `vision_model.` prefix that transformers 5's CLIPVisionModel no longer has."""
+    if key.endswith("rotary_emb.inv_freq"):
         return None
+    if key.startswith("model.vision_tower."):
+        if not keep_tower:
+            return None
+        inner = key.removeprefix(ORIGINAL_TOWER_PREFIX)
+        for candidate in (inner, inner.removeprefix("vision_model.")):
+            if candidate in tower_keys:
+                return f"model.vision_tower.{candidate}"
+        if inner.endswith("position_ids"):  # a non-persistent buffer some versions saved
+            return None
+        raise InvalidInputError(f"unexpected vision tower key {key} in an original LLaVA checkpoint")
     if key.startswith("model.mm_projector."):
         index, rest = key.removeprefix("model.mm_projector.").split(".", 1)
         linear = {"0": "linear_1", "2": "linear_2"}.get(index)
         if linear is None:
             raise InvalidInputError(f"unexpected projector key {key}: mlp2x_gelu has layers 0 and 2 only")
-        return "multi_modal_projector", f"{linear}.{rest}"
+        return f"model.multi_modal_projector.{linear}.{rest}"
     if key == "lm_head.weight":
-        return "lm_head", "weight"
+        return key
     if key.startswith("model."):
-        return "language_model", key.removeprefix("model.")
+        return "model.language_model." + key.removeprefix("model.")
     raise InvalidInputError(f"unexpected key {key} in an original LLaVA checkpoint")
 
 
-def weight_files(source: Path) -> list[Path]:
-    """The checkpoint's weight files: safetensors shards if any, else pytorch_model*.bin shards."""
+def source_shard_names(source: Path) -> list[str]:
+    """The checkpoint's weight files, from its index (pytorch_model.bin / model.safetensors .index.json)
+    or else by name: safetensors shards if any, else pytorch_model*.bin shards."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = source / index_name
+        if index.is_file():
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     files = sorted(source.glob("model*.safetensors")) or sorted(source.glob("pytorch_model*.bin"))
     if not files:
         raise WeightsNotFoundError(f"{source} holds no model*.safetensors or pytorch_model*.bin weights")
-    return files
+    return [path.name for path in files]
 
 
 def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     """One shard; .bin files are read with `weights_only=True` (never arbitrary pickles)."""
+    if not path.is_file():
+        raise WeightsNotFoundError(f"checkpoint shard {path} is missing")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -140,26 +177,44 @@ def read_original_config(source: Path) -> dict:
     return config
 
 
+def partial_folder(output_dir: Path) -> Path:
+    """The temporary folder a conversion into `output_dir` writes to (next to it, same file system)."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(f".{output_dir.name}{PARTIAL_SUFFIX}")
+
+
 def convert_llava_checkpoint(
     source: str | Path,
     output_dir: Path,
     vision_tower: str | Path = DEFAULT_VISION_TOWER,
     chat_template: str = "llava-v0",
     dtype: torch.dtype | None = None,
+    delete_source_shards: bool = False,
+    shard_names: list[str] | None = None,
+    fetch_shard: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """Convert the original-layout LLaVA folder `source` into a transformers folder `output_dir`.
 
-    dtype defaults to the checkpoint's `torch_dtype` (float16 if it has none). Returns `output_dir`."""
+    dtype defaults to the checkpoint's `torch_dtype` (float16 if it has none). `shard_names` defaults to
+    `source_shard_names(source)`; `fetch_shard(name)` is called before a shard is read (a just-in-time
+    download) and only for shards not converted yet; `delete_source_shards` removes each original shard
+    once converted. Resumes an interrupted conversion with the same settings. Returns `output_dir`."""
     from accelerate import init_empty_weights
     from transformers import (
         AutoTokenizer,
         CLIPImageProcessor,
-        CLIPVisionModel,
+        CLIPVisionConfig,
+        GenerationConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
+
+    from img_core.prepare import write_completion_marker
+
+    report = progress or (lambda stage, done, total, unit: None)
 
     # 1. check inputs
     source, output_dir = Path(source).expanduser(), Path(output_dir).expanduser()
@@ -168,8 +223,10 @@ def convert_llava_checkpoint(
     original = read_original_config(source)
     dtype = dtype or DTYPES.get(str(original.get("torch_dtype")), torch.float16)
     original_tower = original.get("mm_vision_tower")
-    if original_tower and Path(str(original_tower)).name != Path(str(vision_tower)).name:
+    if original_tower and _tower_name(original_tower) != _tower_name(vision_tower):
         logger.warning("checkpoint was trained with vision tower %s but %s is used", original_tower, vision_tower)
+    keep_tower = bool(original.get("unfreeze_mm_vision_tower", False))
+    shard_names = list(shard_names) if shard_names is not None else source_shard_names(source)
 
     # 2. tokenizer: add <image> and <pad>
     try:
@@ -181,44 +238,21 @@ def convert_llava_checkpoint(
         ) from error
     add_image_and_pad_tokens(tokenizer)
 
-    # 3. vision tower and its image processor
+    # 3. vision tower config and image processor (weights later, only where the checkpoint has none)
     try:
-        vision_model = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=dtype)
+        vision_config = CLIPVisionConfig.from_pretrained(str(vision_tower))
         image_processor = CLIPImageProcessor.from_pretrained(str(vision_tower))
     except OSError as error:
-        raise WeightsNotFoundError(
-            f"vision tower {vision_tower} not found ({str(error).splitlines()[0]}). On a machine with internet "
-            f"run `huggingface-cli download {vision_tower}` and copy the cache here, or pass a local folder."
-        ) from error
+        raise _tower_not_found(vision_tower, error) from error
 
-    # 4. weights: rename, group per module, grow the vocabulary rows
-    modules = ("language_model", "multi_modal_projector", "lm_head")
-    grouped: dict[str, dict[str, torch.Tensor]] = {module: {} for module in modules}
-    dropped = []
-    for path in weight_files(source):
-        for key, tensor in load_weight_file(path).items():
-            target = rename_original_key(key)
-            if target is None:
-                dropped.append(key)
-                continue
-            module, name = target
-            grouped[module][name] = tensor.to(dtype)
-    if any(key.startswith("model.vision_tower.") for key in dropped):
-        logger.warning("dropped the checkpoint's own vision tower weights; the tower comes from %s", vision_tower)
-    embeddings = grouped["language_model"]["embed_tokens.weight"]  # (V, D)
-    old_rows = embeddings.shape[0]
-    vocab_size = max(old_rows, len(tokenizer))
-    grouped["language_model"]["embed_tokens.weight"] = grow_rows(embeddings, vocab_size)
-    grouped["lm_head"]["weight"] = grow_rows(grouped["lm_head"]["weight"], vocab_size)
-
-    # 5. transformers config
+    # 4. transformers config; the model on the meta device gives the expected keys and shapes
+    vocab_size = max(int(original.get("vocab_size") or 0), len(tokenizer))
     text_config = LlamaConfig(
         **{key: original[key] for key in LLAMA_CONFIG_KEYS if original.get(key) is not None},
         vocab_size=vocab_size,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    vision_config = vision_model.config
     select_feature = original.get("mm_vision_select_feature", "patch")
     config = LlavaConfig(
         vision_config=vision_config,
@@ -230,17 +264,83 @@ def convert_llava_checkpoint(
         vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
         multimodal_projector_bias=True,
     )
-
-    # 6. assemble on the meta device, assign the tensors, save
+    config.dtype = dtype
     with init_empty_weights():
-        model = LlavaForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(grouped["language_model"], strict=True, assign=True)
-    model.model.multi_modal_projector.load_state_dict(grouped["multi_modal_projector"], strict=True, assign=True)
-    model.lm_head.load_state_dict(grouped["lm_head"], strict=True, assign=True)
-    model.model.vision_tower.load_state_dict(vision_model.state_dict(), strict=True, assign=True)
-    model.config.dtype = dtype
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, max_shard_size="5GB")
+        expected = {key: tuple(t.shape) for key, t in LlavaForConditionalGeneration(config).state_dict().items()}
+    tower_keys = {key.removeprefix("model.vision_tower.") for key in expected if key.startswith("model.vision_tower.")}
+
+    # 5. convert shard by shard into the partial folder, resuming a run with the same settings
+    settings = {
+        "source_shards": shard_names,
+        "dtype": str(dtype).removeprefix("torch."),
+        "vision_tower": str(vision_tower),
+        "chat_template": chat_template,
+        "keep_tower": keep_tower,
+        "vocab_size": vocab_size,
+    }
+    partial = partial_folder(output_dir)
+    journal = _read_journal(partial)
+    if journal.get("settings") != settings:
+        if partial.exists():
+            logger.info("restarting the conversion in %s (no journal, or other settings)", partial)
+            shutil.rmtree(partial)
+        journal = {"settings": settings, "done": []}
+    partial.mkdir(parents=True, exist_ok=True)
+    _write_json(partial / JOURNAL, journal)
+    total_shards = len(shard_names) + 1  # + one shard for the vision tower weights the checkpoint lacks
+    dropped_tower = 0
+    for number, name in enumerate(shard_names, start=1):
+        output_name = _output_shard_name(number, total_shards)
+        if name in journal["done"] and (partial / output_name).is_file():
+            report("converting shard", number, total_shards, None)
+            continue
+        if fetch_shard is not None:
+            fetch_shard(name)
+        converted: dict[str, torch.Tensor] = {}
+        for key, tensor in load_weight_file(source / name).items():
+            target = rename_original_key(key, tower_keys, keep_tower)
+            if target is None:
+                dropped_tower += key.startswith("model.vision_tower.")
+                continue
+            if target in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+                tensor = grow_rows(tensor, vocab_size)
+            converted[target] = _checked(target, tensor.to(dtype), expected)
+        _save_shard(converted, partial / output_name)
+        del converted
+        journal["done"].append(name)
+        _write_json(partial / JOURNAL, journal)
+        if delete_source_shards:
+            (source / name).unlink(missing_ok=True)
+        report("converting shard", number, total_shards, None)
+    if dropped_tower:
+        logger.warning(
+            "dropped %d vision tower tensors of the checkpoint: its config does not set unfreeze_mm_vision_tower, "
+            "so the original loader reads the tower from %s, and so does this conversion",
+            dropped_tower, original_tower or vision_tower,
+        )
+
+    # 6. the vision tower weights the checkpoint did not provide, from `vision_tower`
+    written = _written_keys(partial, total_shards - 1)
+    missing_tower = sorted(key for key in expected if key.startswith("model.vision_tower.") and key not in written)
+    if keep_tower and len(missing_tower) == len(tower_keys):
+        logger.warning("the config sets unfreeze_mm_vision_tower but the checkpoint holds no vision tower "
+                       "weights; using those of %s", vision_tower)
+    tower_tensors = _base_tower_tensors(vision_tower, missing_tower, dtype) if missing_tower else {}
+    _save_shard({key: _checked(key, t, expected) for key, t in tower_tensors.items()},
+                partial / _output_shard_name(total_shards, total_shards))
+    report("converting shard", total_shards, total_shards, None)
+
+    # 7. check completeness, then index, config, processor, record and the completion marker
+    weight_map = _weight_map(partial, total_shards)
+    missing, unexpected = sorted(set(expected) - set(weight_map)), sorted(set(weight_map) - set(expected))
+    if missing or unexpected:
+        raise InvalidInputError(
+            f"converting {source} did not give a complete LLaVA model: missing {missing[:5]} "
+            f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)"
+        )
+    _write_json(partial / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    config.save_pretrained(partial)
+    GenerationConfig.from_model_config(config).save_pretrained(partial)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -249,28 +349,130 @@ def convert_llava_checkpoint(
         image_token=LLAVA_IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's CLS token
     )
-    processor.save_pretrained(output_dir)
-    added_tokens = (LLAVA_IMAGE_TOKEN, PAD_TOKEN)
+    processor.save_pretrained(partial)
     record = {
         "chat_template": chat_template,
         "image_aspect": "pad" if original.get("image_aspect_ratio", "pad") == "pad" else "native",
         "source": str(source),
         "vision_tower": str(vision_tower),
-        "added_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in added_tokens},
+        "vision_tower_weights": "checkpoint (unfreeze_mm_vision_tower)" if keep_tower and not missing_tower
+        else str(vision_tower),
+        "added_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in (LLAVA_IMAGE_TOKEN, PAD_TOKEN)},
         "converted_by": "img_core.convert_llava",
     }
-    (output_dir / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("converted %s -> %s (%s, vocabulary %d -> %d)", source, output_dir, dtype, old_rows, vocab_size)
+    _write_json(partial / CONVERSION_RECORD, record)
+    (partial / JOURNAL).unlink()
+    write_completion_marker(partial)
+    _replace_folder(partial, output_dir)
+    logger.info("converted %s -> %s (%s, vocabulary %d)", source, output_dir, dtype, vocab_size)
     return output_dir
 
 
+def _tower_name(vision_tower: str | Path) -> str:
+    """"clip-vit-large-patch14-336" for a hub id, a folder of that name, or its Hugging Face cache snapshot."""
+    parts = Path(str(vision_tower)).parts
+    cached = [part for part in parts if part.startswith("models--")]
+    return cached[-1].split("--")[-1] if cached else (parts[-1] if parts else "")
+
+
+def _output_shard_name(number: int, total: int) -> str:
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+def _checked(key: str, tensor: torch.Tensor, expected: dict[str, tuple]) -> torch.Tensor:
+    """The tensor, contiguous, after checking its shape and that every value is finite."""
+    if key in expected and tuple(tensor.shape) != expected[key]:
+        raise InvalidInputError(f"{key} has shape {tuple(tensor.shape)}, the config needs {expected[key]}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise InvalidInputError(f"{key} holds NaN or infinite values: the checkpoint is damaged, download it again")
+    return tensor.contiguous()
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors shard atomically (a file of that name is always complete)."""
+    from safetensors.torch import save_file
+
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata={"format": "pt"})
+    os.replace(temporary, path)
+
+
+def _written_keys(folder: Path, shards: int) -> set[str]:
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for number in range(1, shards + 1):
+        path = folder / _output_shard_name(number, shards + 1)
+        with safe_open(str(path), "pt") as shard:
+            keys.update(shard.keys())
+    return keys
+
+
+def _weight_map(folder: Path, total: int) -> dict[str, str]:
+    from safetensors import safe_open
+
+    weight_map: dict[str, str] = {}
+    for number in range(1, total + 1):
+        name = _output_shard_name(number, total)
+        with safe_open(str(folder / name), "pt") as shard:
+            weight_map.update({key: name for key in shard.keys()})
+    return weight_map
+
+
+def _base_tower_tensors(vision_tower: str | Path, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The given `model.vision_tower.*` keys, from the CLIP vision tower `vision_tower`."""
+    from transformers import CLIPVisionModel
+
+    try:
+        tower = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=dtype)
+    except OSError as error:
+        raise _tower_not_found(vision_tower, error) from error
+    state = tower.state_dict()
+    return {key: state[key.removeprefix("model.vision_tower.")] for key in keys}
+
+
+def _tower_not_found(vision_tower: str | Path, error: Exception) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
+        f"vision tower {vision_tower} not found ({str(error).splitlines()[0]}). On a machine with internet "
+        f"run `hf download {vision_tower}` and copy the cache here, or pass a local folder."
+    )
+
+
+def _read_journal(partial: Path) -> dict:
+    try:
+        return json.loads((partial / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _replace_folder(complete: Path, output_dir: Path) -> None:
+    """Rename `complete` to `output_dir`; an existing `output_dir` is replaced only after that succeeds."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not output_dir.exists():
+        os.rename(complete, output_dir)
+        return
+    previous = output_dir.with_name(f".{output_dir.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    os.rename(output_dir, previous)
+    os.rename(complete, output_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m img_core convert-llava --source DIR --out DIR [--vision-tower ID] [--chat-template T]`."""
+    """`python -m img_core convert-llava --source DIR --out DIR [--vision-tower ID] [--chat-template T]
+    [--push-to-hub ID]`."""
     parser = argparse.ArgumentParser(
         prog="python -m img_core convert-llava",
         description="Convert an original-layout LLaVA checkpoint (e.g. shi-labs/IMG llava/) to transformers.",
     )
-    parser.add_argument("--source", required=True, help="folder in the original LLaVA code-base layout")
+    parser.add_argument("--source", help="folder in the original LLaVA code-base layout (optional with "
+                        "--push-to-hub when --out is already a converted folder)")
     parser.add_argument("--out", required=True, help="output folder (transformers LlavaForConditionalGeneration)")
     parser.add_argument("--vision-tower", default=DEFAULT_VISION_TOWER, help="CLIP vision tower hub id or folder")
     parser.add_argument(
@@ -278,17 +480,30 @@ def main(argv: list[str] | None = None) -> int:
         help="template the checkpoint was fine-tuned with (IMG's `llava` folder: llava-v0)",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's torch_dtype")
+    parser.add_argument("--push-to-hub", metavar="ID", help="then upload the converted folder to this hub repo "
+                        "(owner/name; needs `hf auth login`), so a Space can load it with --mllm ID")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = parser.parse_args(argv)
+    from img_core.prepare import check_push_target, push_to_hub
+
     try:
-        out = convert_llava_checkpoint(
-            args.source,
-            Path(args.out),
-            vision_tower=args.vision_tower,
-            chat_template=args.chat_template,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-        )
+        if args.push_to_hub:
+            check_push_target(args.push_to_hub)  # refuse a bad id or offline mode before converting
+        if args.source:
+            out = convert_llava_checkpoint(
+                args.source,
+                Path(args.out),
+                vision_tower=args.vision_tower,
+                chat_template=args.chat_template,
+                dtype=DTYPES[args.dtype] if args.dtype else None,
+            )
+            print(f"converted {args.source} -> {out}")
+        elif not args.push_to_hub:
+            raise InvalidInputError("--source is required (unless --push-to-hub uploads an existing --out folder)")
+        if args.push_to_hub:
+            url = push_to_hub(Path(args.out), args.push_to_hub, private=args.private)
+            print(f"uploaded {args.out} -> {url}")
     except IMGError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"converted {args.source} -> {out}")
     return 0

@@ -2,7 +2,9 @@
 
 The fixture writes what the original code-base saves: config.json with `LlavaLlamaForCausalLM` and the mm_*
 settings, Llama weights under `model.*` / `lm_head`, an mlp2x_gelu projector under `model.mm_projector.{0,2}`
-in two .bin shards, and a Llama tokenizer; plus a separate tiny CLIP vision tower folder.
+in two .bin shards with their index, and a Llama tokenizer; plus a separate tiny CLIP vision tower folder.
+A second checkpoint sets `unfreeze_mm_vision_tower` and carries a tuned tower (transformers 4.x key names,
+`model.vision_tower.vision_tower.vision_model.*`), which the conversion must keep.
 """
 
 import os
@@ -16,6 +18,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from img_core.convert_llava import convert_llava_checkpoint, main  # noqa: E402
+from img_core.prepare import COMPLETION_MARKER, is_prepared  # noqa: E402
 from img_core.errors import InvalidInputError  # noqa: E402
 from img_core.mllm import CONVERSION_RECORD, MLLMCritic, resolve_spec  # noqa: E402
 from img_core.tiny_mllm import (  # noqa: E402
@@ -34,9 +37,20 @@ def mlp2x_gelu(features: torch.Tensor, weights: dict[str, torch.Tensor]) -> torc
     return F.linear(F.gelu(hidden), weights["model.mm_projector.2.weight"], weights["model.mm_projector.2.bias"])
 
 
-def write_original_layout(source, llama_dir, seed: int = 0) -> dict[str, torch.Tensor]:
+def original_tower_state(tower) -> dict[str, torch.Tensor]:
+    """A CLIPVisionModel's weights under the original LLaVA checkpoint's names (transformers 4.x CLIP keys)."""
+    return {
+        "model.vision_tower.vision_tower.vision_model." + key.removeprefix("vision_model."): value.clone()
+        for key, value in tower.state_dict().items()
+    }
+
+
+def write_original_layout(
+    source, llama_dir, seed: int = 0, tuned_tower=None, shards: int = 2
+) -> dict[str, torch.Tensor]:
     """Write a tiny original-layout LLaVA checkpoint into `source`; save the same Llama weights as a plain
-    LlamaForCausalLM into `llama_dir`. Returns the projector tensors."""
+    LlamaForCausalLM into `llama_dir`. With `tuned_tower` (a CLIPVisionModel) the config sets
+    `unfreeze_mm_vision_tower` and the checkpoint carries that tower's weights. Returns the projector tensors."""
     from transformers import LlamaForCausalLM
 
     tokenizer = build_tiny_llama_tokenizer()
@@ -56,15 +70,19 @@ def write_original_layout(source, llama_dir, seed: int = 0) -> dict[str, torch.T
 
     state = {key: value.clone() for key, value in llama.state_dict().items()}
     state.update(projector)
-    # Some original checkpoints carry the tower too; the original loader ignores it, so must the converter.
-    state["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"] = torch.full((VISION_WIDTH,), 7.0)
+    if tuned_tower is None:
+        # Some original checkpoints carry a frozen tower too; the original loader ignores it, so must we.
+        state["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"] = torch.full((VISION_WIDTH,), 7.0)
+    else:
+        state.update(original_tower_state(tuned_tower))
     keys = sorted(state)
-    half = len(keys) // 2
-    shards = {"pytorch_model-00001-of-00002.bin": keys[:half], "pytorch_model-00002-of-00002.bin": keys[half:]}
-    for filename, shard_keys in shards.items():
-        torch.save({key: state[key] for key in shard_keys}, source / filename)
-    weight_map = {key: filename for filename, shard_keys in shards.items() for key in shard_keys}
-    (source / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    names = [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+    weight_map = {key: names[i * shards // len(keys)] for i, key in enumerate(keys)}
+    for filename in names:
+        torch.save({key: state[key] for key in keys if weight_map[key] == filename}, source / filename)
+    total_size = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (source / "pytorch_model.bin.index.json").write_text(json.dumps(index))
 
     original_config = {
         "architectures": ["LlavaLlamaForCausalLM"],
@@ -92,6 +110,8 @@ def write_original_layout(source, llama_dir, seed: int = 0) -> dict[str, torch.T
         "mm_use_im_patch_token": False,
         "image_aspect_ratio": "pad",
     }
+    if tuned_tower is not None:
+        original_config["unfreeze_mm_vision_tower"] = True
     (source / "config.json").write_text(json.dumps(original_config, indent=2))
     return projector
 
@@ -167,6 +187,48 @@ def test_image_features_use_the_given_tower_layer_minus_2_without_cls(converted,
     # The checkpoint's own (bogus, all-7) tower weights were dropped in favour of the given tower.
     converted_norm = critic.model.model.vision_tower.post_layernorm.weight
     assert torch.equal(converted_norm, tower.post_layernorm.weight) and not torch.all(converted_norm == 7.0)
+
+
+def test_frozen_tower_weights_are_dropped_with_a_note(tmp_path, converted, caplog):
+    out = tmp_path / "again"
+    with caplog.at_level("WARNING", logger="img_core.convert_llava"):
+        convert_llava_checkpoint(converted["source"], out, vision_tower=converted["tower_dir"])
+    assert "dropped 1 vision tower tensors" in caplog.text and "unfreeze_mm_vision_tower" in caplog.text
+    record = json.loads((out / CONVERSION_RECORD).read_text())
+    assert record["vision_tower_weights"] == str(converted["tower_dir"])
+
+
+def test_conversion_output_is_marked_complete_and_nothing_half_is_left(converted):
+    assert is_prepared(converted["out"]) and (converted["out"] / COMPLETION_MARKER).is_file()
+    assert sorted(p.name for p in converted["out"].parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_tuned_vision_tower_is_kept_when_the_config_unfreezes_it(tmp_path, converted):
+    """unfreeze_mm_vision_tower: the checkpoint's tuned tower replaces the CLIP one (original LLaVA loader)."""
+    from transformers import CLIPVisionModel
+
+    from img_core.tiny_mllm import tiny_clip_vision_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        tuned = CLIPVisionModel(tiny_clip_vision_config()).eval()
+    source, out = tmp_path / "llava", tmp_path / "hf"
+    source.mkdir()
+    projector = write_original_layout(source, tmp_path / "llama", tuned_tower=tuned, shards=3)
+    assert main(["--source", str(source), "--out", str(out), "--vision-tower", str(converted["tower_dir"])]) == 0
+    critic = MLLMCritic.load(resolve_spec(str(out)))
+
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        patches = tuned(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # (1, 16, 32)
+        expected = mlp2x_gelu(patches, projector)
+        actual = critic.model.get_image_features(pixel_values).pooler_output[0]  # (16, 64)
+        base = CLIPVisionModel.from_pretrained(converted["tower_dir"]).eval()
+        base_patches = base(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(actual, expected[0], atol=1e-5, rtol=0)
+    assert (mlp2x_gelu(base_patches, projector)[0] - actual).abs().max() > 1e-2  # not the base tower's
+    record = json.loads((out / CONVERSION_RECORD).read_text())
+    assert record["vision_tower_weights"] == "checkpoint (unfreeze_mm_vision_tower)"
 
 
 def test_converted_model_gives_guidance(critic):

@@ -1,0 +1,669 @@
+"""Make a preset ready on a fresh machine: fetch what it needs from the hub and convert the IMG LLaVA once.
+
+The real presets' MLLM, `img-llava-13b`, ships only in the original LLaVA code-base layout (REFERENCE §5).
+`prepare(preset)` turns a machine with a GPU and internet into one that runs the preset:
+
+    1. the small files of `shi-labs/IMG` `llava/` (config, tokenizer, shard index)      -> a staging folder
+    2. free disk space check (sizes from the hub's file metadata, the shard index, or an estimate)
+    3. the CLIP vision tower (config + processor; weights unless the checkpoint has a tuned tower)
+    4. shard by shard: download one original shard, convert it, delete it               -> `.<target>.partial`
+    5. completion marker, rename to the target in the cache (`~/.cache/img-studio/img-llava-13b-hf`)
+    6. the preset's aligner file (and the release's `resampler.pth` for SDXL)           -> the HF cache
+
+Everything downloaded goes through ONE function, `_download_snapshot`, so tests can point it at a local
+folder that stands in for the hub (the code after the download call is the same). A preparation that is
+killed resumes from the shards already converted (`img_core.convert_llava` keeps a journal); the target
+folder only ever appears complete, and `check_prepared_folder` (called by the MLLM loader) refuses a
+converted folder without the completion marker or with files whose sizes changed since.
+
+Progress goes to a callback `progress(stage, done, total, unit)`, e.g. ("downloading IMG LLaVA", 7.1, 26,
+"GB") or ("converting shard", 2, 3, None), and to tqdm bars in the terminal.
+
+    python -m img_core prepare --preset sdxl [--mllm HUB_ID_OR_DIR] [--keep-original]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from img_core.errors import IMGError, InvalidInputError, WeightsNotFoundError
+from img_core.mllm import CONVERSION_RECORD, DEFAULT_CACHE_DIR, KNOWN_MLLMS, MLLMSpec, resolve_spec, spec_from_folder
+from img_core.mllm.specs import missing_weights_error
+from img_core.presets import IMG_HUB_REPO, PRESETS, Preset, get_preset
+from img_core.resampler import RESAMPLER_FILENAME
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, float, float, str | None], None]  # (stage, done, total, unit)
+
+CACHE_ENV = "IMG_STUDIO_CACHE"  # where converted models go (default ~/.cache/img-studio); /data/... on Spaces
+COMPLETION_MARKER = "img_studio_complete.json"  # written last into a converted folder: its files and sizes
+GB = 1e9  # progress and messages count decimal gigabytes, as the hub shows file sizes
+DISK_MARGIN_BYTES = int(1 * GB)  # kept free on top of what preparation writes
+
+
+@dataclass(frozen=True)
+class ReleaseMLLM:
+    """An MLLM that the release ships in the original LLaVA layout, and how to convert it."""
+
+    repo: str
+    subfolder: str  # the original-layout folder inside `repo`
+    vision_tower: str  # the CLIP tower named by its `mm_vision_tower`
+    chat_template: str
+    estimated_bytes: float  # used only when neither the hub nor the shard index gives the size
+
+
+# Estimates (not measurements): LLaVA-1.5-13B 13.35 B parameters in fp16; CLIP ViT-L/14-336 fp32 weights.
+RELEASE_MLLMS: dict[str, ReleaseMLLM] = {
+    "img-llava-13b": ReleaseMLLM(
+        repo=IMG_HUB_REPO,
+        subfolder="llava",
+        vision_tower="openai/clip-vit-large-patch14-336",
+        chat_template="llava-v0",  # the release's folder is named `llava`: conv_llava_v0
+        estimated_bytes=26.7 * GB,
+    ),
+}
+ESTIMATED_FILE_BYTES = {  # estimates for the hub files below when the hub's metadata cannot be read
+    "vision_tower": 1.8 * GB,
+    "aligner_sdxl.pth": 0.8 * GB,  # 195 M fp32 parameters
+    "aligner_flux.pth": 2.7 * GB,  # 675 M fp32 parameters
+    RESAMPLER_FILENAME: 0.2 * GB,
+}
+TOWER_CONFIG_FILES = ["config.json", "preprocessor_config.json"]
+TOWER_WEIGHT_FILES = ["model.safetensors", "pytorch_model.bin"]  # the first one the repo has is fetched
+
+
+class NotEnoughDiskError(IMGError, OSError):
+    """Preparation needs more free disk space than there is."""
+
+
+@dataclass
+class PrepareReport:
+    """What `prepare` fetched and where the preset's models now are."""
+
+    preset: str
+    mllm_folder: Path | None = None  # a converted / downloaded MLLM folder (None: loads from the hub itself)
+    fetched: list[tuple[str, str]] = field(default_factory=list)  # (what, where)
+    kept_original: Path | None = None
+
+    def lines(self) -> list[str]:
+        lines = [f"{what}: {where}" for what, where in self.fetched]
+        if self.mllm_folder:
+            lines.append(f"MLLM ready: {self.mllm_folder}")
+        if self.kept_original:
+            lines.append(f"original layout kept: {self.kept_original}")
+        return lines or [f"preset {self.preset}: nothing to prepare"]
+
+
+# ----------------------------------------------------------------------------------- the download call
+
+
+def _download_snapshot(repo: str, patterns: list[str] | None, local_dir: Path | None) -> Path:
+    """Download the files of hub repo `repo` matching `patterns` (all if None) into `local_dir`, or into
+    the Hugging Face cache (HF_HOME) when None; return the folder that holds them in the repo's layout.
+
+    The only place that talks to the hub for downloads: tests replace it with a local stand-in."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo, allow_patterns=patterns, local_dir=local_dir))
+
+
+def _hub_file_sizes(repo: str) -> dict[str, int] | None:
+    """{path in repo: bytes} from the hub's file metadata, or None when the hub cannot be asked."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(repo, files_metadata=True)
+    except Exception as error:  # noqa: BLE001 - offline, gated, network: sizes fall back to estimates
+        logger.info("no file metadata for %s (%s): sizes are estimates", repo, type(error).__name__)
+        return None
+    return {sibling.rfilename: int(sibling.size or 0) for sibling in info.siblings or []}
+
+
+# ------------------------------------------------------------------------------------- where things go
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The folder converted models go to: `cache_dir`, else $IMG_STUDIO_CACHE, else ~/.cache/img-studio."""
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def prepared_folder(mllm_name: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the converted copy of a release MLLM lives (`<cache>/img-llava-13b-hf`)."""
+    return cache_root(cache_dir) / Path(KNOWN_MLLMS[mllm_name].model_id).name
+
+
+def prepared_spec(mllm_name: str, folder: str | Path) -> MLLMSpec:
+    """The spec to load a prepared `folder` with: a known MLLM keeps its name and settings, anything else
+    is read from the folder."""
+    if mllm_name in KNOWN_MLLMS:
+        return replace(KNOWN_MLLMS[mllm_name], model_id=str(folder))
+    return spec_from_folder(folder)
+
+
+# ------------------------------------------------------------------------------- completion and checks
+
+
+def write_completion_marker(folder: Path) -> None:
+    """Record every file of `folder` with its size; written last, it says the folder is complete."""
+    folder = Path(folder)
+    files = {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != COMPLETION_MARKER
+    }
+    temporary = folder / (COMPLETION_MARKER + ".tmp")
+    temporary.write_text(json.dumps({"files": files}, indent=2) + "\n")
+    os.replace(temporary, folder / COMPLETION_MARKER)
+
+
+def is_prepared(folder: str | Path) -> bool:
+    """True when `folder` holds a complete converted model (marker present, every file at its size)."""
+    if not Path(folder).expanduser().is_dir():
+        return False
+    try:
+        check_prepared_folder(folder, is_conversion=True)
+    except WeightsNotFoundError:
+        return False
+    return True
+
+
+def check_prepared_folder(folder: str | Path, is_conversion: bool | None = None) -> None:
+    """Raise WeightsNotFoundError when `folder` is a conversion output that is not complete.
+
+    The MLLM loader calls this for local folders. A folder needs the completion marker when it is a
+    conversion output (it has `img_studio_mllm.json`, a conversion journal, or the `.partial` name) or a
+    prepared target in the cache; other folders (hub downloads, tiny test models) pass. A folder from an
+    earlier converter (record written last, no marker) passes when every shard in its index exists.
+    `is_conversion` forces the decision whether `folder` is a conversion output."""
+    from img_core.convert_llava import JOURNAL, PARTIAL_SUFFIX
+
+    folder = Path(folder).expanduser()
+    marker = folder / COMPLETION_MARKER
+    if is_conversion is None:
+        targets = {prepared_folder(name).resolve() for name in RELEASE_MLLMS}
+        is_conversion = (
+            (folder / CONVERSION_RECORD).is_file()
+            or (folder / JOURNAL).is_file()
+            or folder.name.endswith(PARTIAL_SUFFIX)
+            or folder.resolve() in targets
+        )
+    if not is_conversion and not marker.is_file():
+        return
+    how = "run `python -m img_core prepare --preset sdxl` (or convert-llava) again to finish or redo it"
+    if not marker.is_file():
+        if _complete_without_marker(folder):
+            logger.info("%s has no completion marker but a complete index (earlier converter)", folder)
+            return
+        raise WeightsNotFoundError(f"{folder} is an incomplete conversion (no {COMPLETION_MARKER}): {how}")
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise WeightsNotFoundError(f"{marker} is unreadable ({error}): {how}") from error
+    for name, size in listed.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            state = "missing" if not path.is_file() else f"{path.stat().st_size} bytes instead of {size}"
+            raise WeightsNotFoundError(f"{folder} is damaged: {name} is {state}. Delete the folder and {how}")
+
+
+def _complete_without_marker(folder: Path) -> bool:
+    """A folder the earlier (single-pass) converter finished: record present, every indexed shard there."""
+    from img_core.convert_llava import JOURNAL
+
+    if not (folder / CONVERSION_RECORD).is_file() or (folder / JOURNAL).exists():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return all((folder / shard).is_file() for shard in shards)
+    return (folder / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------- disk space
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the file system that holds `folder` (or its nearest existing parent)."""
+    folder = Path(folder).expanduser().resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_free_space(folder: Path, need_bytes: float, free_bytes: int | None = None, what: str = "") -> None:
+    """Raise NotEnoughDiskError when `folder`'s file system has less than `need_bytes` + a margin free.
+
+    `free_bytes` replaces the measured free space (a parameter for tests and dry runs)."""
+    free = free_disk_bytes(folder) if free_bytes is None else free_bytes
+    need = need_bytes + DISK_MARGIN_BYTES
+    if free < need:
+        raise NotEnoughDiskError(
+            f"{what or 'preparation'} needs about {need / GB:.1f} GB free in {folder} "
+            f"(including {DISK_MARGIN_BYTES / GB:.0f} GB of margin) but only {free / GB:.1f} GB are free: free "
+            f"some space, or point {CACHE_ENV} (converted models) / HF_HOME (downloads) at a larger disk"
+        )
+
+
+def conversion_disk_need(shard_bytes: dict[str, float], done: set[str], keep_original: bool) -> float:
+    """Peak extra disk of converting the shards not `done`: the converted output, plus the original
+    shards (all of them if kept, else the largest one: each is deleted once converted)."""
+    remaining = [size for name, size in shard_bytes.items() if name not in done]
+    if not remaining:
+        return 0.0
+    originals = sum(remaining) if keep_original else max(remaining)
+    return sum(remaining) + originals
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+class ProgressReporter:
+    """Fans progress out to the caller's callback and to one tqdm bar per stage (stderr)."""
+
+    def __init__(self, callback: ProgressCallback | None, show_bars: bool = True):
+        self.callback = callback
+        self.show_bars = show_bars
+        self.bars: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, stage: str, done: float, total: float, unit: str | None = None) -> None:
+        with self._lock:
+            if self.show_bars:
+                from tqdm.auto import tqdm
+
+                if stage not in self.bars:
+                    self.bars[stage] = tqdm(total=round(total, 1), desc=stage, unit=unit or "step", file=sys.stderr)
+                bar = self.bars[stage]
+                bar.n = round(done, 1)
+                bar.refresh()
+            if self.callback is not None:
+                self.callback(stage, done, total, unit)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def format_progress(stage: str, done: float, total: float, unit: str | None = None) -> str:
+    """One status line: "downloading IMG LLaVA 7.1/26.0 GB", "converting shard 2/3"."""
+    if unit:
+        return f"{stage} {done:.1f}/{total:.1f} {unit}"
+    return f"{stage} {int(done)}/{int(total)}"
+
+
+@contextmanager
+def _watch_download(folder: Path, report: Callable[[float], None], interval_s: float = 1.0) -> Iterator[None]:
+    """While the body downloads into `folder`, call `report(bytes added so far)` every `interval_s`."""
+    start = _folder_bytes(folder)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            report(_folder_bytes(folder) - start)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (partial downloads included)."""
+    if not folder.exists():
+        return 0
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:  # a temporary file renamed while walking
+            pass
+    return total
+
+
+# ------------------------------------------------------------------------------------------ preparing
+
+
+def prepare(
+    preset: str | Preset,
+    mllm: str | None = None,
+    cache_dir: str | Path | None = None,
+    keep_original: bool = False,
+    with_aligner: bool = True,
+    vision_tower: str | Path | None = None,
+    free_bytes: int | None = None,
+    progress: ProgressCallback | None = None,
+    show_progress_bars: bool = True,
+) -> PrepareReport:
+    """Make `preset` ready to load: convert its release MLLM into the cache if it is not there, fetch
+    its aligner (and the SDXL release Resampler) into the Hugging Face cache.
+
+    `mllm` overrides the preset's MLLM: a known name, a local converted folder (checked), or the hub id of
+    an already converted copy (downloaded as is). `vision_tower` overrides the release MLLM's CLIP tower
+    (hub id or local folder). `free_bytes` replaces the measured free disk space. Raises
+    WeightsNotFoundError when offline with nothing cached, NotEnoughDiskError when the disk is too small."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    report = PrepareReport(preset=preset.name)
+    if preset.is_tiny:
+        return report  # tiny presets are built locally by img_core.tiny
+    reporter = ProgressReporter(progress, show_progress_bars)
+    try:
+        report.mllm_folder = _prepare_mllm(
+            mllm or preset.mllm, cache_dir, keep_original, vision_tower, free_bytes, reporter, report
+        )
+        if with_aligner:
+            _fetch_aligner(preset, free_bytes, reporter, report)
+    finally:
+        reporter.close()
+    return report
+
+
+def ensure_prepared(
+    preset_or_mllm_name: str, progress: ProgressCallback | None = None, cache_dir: str | Path | None = None
+) -> Path | None:
+    """The local folder to load the MLLM from, preparing it first if needed; None when the MLLM needs no
+    preparation (hub ids the loader downloads itself, tiny models).
+
+    Takes a preset name (its MLLM), a known MLLM name, a local folder or the hub id of a converted copy.
+    Fast when already prepared (checks the completion marker; no network)."""
+    name = PRESETS[preset_or_mllm_name].mllm if preset_or_mllm_name in PRESETS else preset_or_mllm_name
+    reporter = ProgressReporter(progress, show_bars=True)
+    try:
+        return _prepare_mllm(name, cache_dir, False, None, None, reporter, PrepareReport(preset=name))
+    finally:
+        reporter.close()
+
+
+def resolve_prepared_spec(
+    mllm_name: str, tiny_root: Path | None = None, progress: ProgressCallback | None = None
+) -> MLLMSpec:
+    """`resolve_spec`, preparing the MLLM first where it needs it (what a session calls on first load)."""
+    folder = ensure_prepared(mllm_name, progress)
+    if folder is None:
+        return resolve_spec(mllm_name, tiny_root)
+    return prepared_spec(mllm_name, folder)
+
+
+def _prepare_mllm(
+    name: str,
+    cache_dir: str | Path | None,
+    keep_original: bool,
+    vision_tower: str | Path | None,
+    free_bytes: int | None,
+    reporter: ProgressReporter,
+    report: PrepareReport,
+) -> Path | None:
+    """Dispatch on what `name` is; see `ensure_prepared`."""
+    if name in RELEASE_MLLMS:
+        return _prepare_release_mllm(name, cache_dir, keep_original, vision_tower, free_bytes, reporter, report)
+    if name in KNOWN_MLLMS:
+        return None  # a hub id from_pretrained fetches itself, or a tiny model
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        check_prepared_folder(folder)
+        return folder
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise InvalidInputError(f"unknown MLLM {name!r}: use one of {sorted(KNOWN_MLLMS)}, a folder or a hub id")
+    # the hub id of a converted copy (convert-llava --push-to-hub): download it whole
+    sizes = _hub_file_sizes(name)
+    if sizes is not None:
+        check_free_space(_hf_cache_dir(), sum(sizes.values()), free_bytes, f"downloading {name}")
+    folder = _fetch(name, None, None, f"downloading {name}", sizes, reporter)
+    check_prepared_folder(folder)
+    report.fetched.append((f"converted MLLM {name}", str(folder)))
+    return folder
+
+
+def _prepare_release_mllm(
+    name: str,
+    cache_dir: str | Path | None,
+    keep_original: bool,
+    vision_tower: str | Path | None,
+    free_bytes: int | None,
+    reporter: ProgressReporter,
+    report: PrepareReport,
+) -> Path:
+    """Download the original layout shard by shard and convert it into the cache (see the module doc)."""
+    from img_core.convert_llava import JOURNAL, convert_llava_checkpoint, partial_folder, source_shard_names
+
+    release = RELEASE_MLLMS[name]
+    target = prepared_folder(name, cache_dir)
+    spec = replace(KNOWN_MLLMS[name], model_id=str(target))  # for the "not found" message
+    if is_prepared(target):
+        return target
+    if target.exists():
+        logger.warning("%s is incomplete (no completion marker): converting again; it is replaced when done", target)
+    staging = target.with_name(target.name.removesuffix("-hf") + "-original")
+    stage = f"downloading {'IMG LLaVA' if release.repo == IMG_HUB_REPO else name}"
+
+    # 1. the small files of the original layout: config, tokenizer, shard index
+    sub = release.subfolder
+    small = [f"{sub}/*.json", f"{sub}/*.model", f"{sub}/*.txt"]
+    source = _fetch(release.repo, small, staging, None, None, None, spec) / sub
+
+    # 2. shard sizes: hub metadata, else the index's total, else the estimate; then the disk check
+    sizes = _hub_file_sizes(release.repo)
+    shard_names = _shard_names(source, sizes, sub)
+    shard_bytes = _shard_bytes(source, sizes, sub, shard_names, release.estimated_bytes)
+    fetched_all = shard_names is None
+    if fetched_all:  # no index and no listing: fetch every weight file now, then name them
+        check_free_space(target.parent, 2 * release.estimated_bytes, free_bytes, f"converting {name}")
+        with _watch_download(staging, lambda added: reporter(stage, added / GB, release.estimated_bytes / GB, "GB")):
+            _fetch(release.repo, [f"{sub}/*.safetensors", f"{sub}/*.bin"], staging, None, None, None, spec)
+        shard_names = source_shard_names(source)
+        shard_bytes = {shard: float((source / shard).stat().st_size) for shard in shard_names}
+    journal_path = partial_folder(target) / JOURNAL
+    done = set(json.loads(journal_path.read_text()).get("done", [])) if journal_path.is_file() else set()
+    need = conversion_disk_need(shard_bytes, done, keep_original)
+    check_free_space(target.parent, need, free_bytes, f"converting {name}")
+
+    # 3. the CLIP vision tower: config and processor; weights only where the checkpoint has no tuned tower
+    original_config = json.loads((source / "config.json").read_text())
+    tower = vision_tower or release.vision_tower
+    if not Path(str(tower)).expanduser().is_dir():
+        tower_sizes = _hub_file_sizes(str(tower))
+        patterns = list(TOWER_CONFIG_FILES)
+        if not original_config.get("unfreeze_mm_vision_tower"):
+            available = [f for f in TOWER_WEIGHT_FILES if tower_sizes is None or f in tower_sizes]
+            patterns += available[:1] if tower_sizes is not None else TOWER_WEIGHT_FILES
+        tower_need = sum((tower_sizes or {}).get(p, 0) for p in patterns) or ESTIMATED_FILE_BYTES["vision_tower"]
+        check_free_space(_hf_cache_dir(), tower_need, free_bytes, f"downloading {tower}")
+        tower = _fetch(str(tower), patterns, None, f"downloading vision tower {tower}", tower_sizes, reporter)
+        report.fetched.append(("vision tower", str(tower)))
+
+    # 4. shard by shard: download, convert, delete the original (unless kept)
+    total_gb = sum(shard_bytes.values()) / GB
+    fetched_gb = sum(size for shard, size in shard_bytes.items() if shard in done) / GB
+
+    def fetch_shard(shard: str) -> None:
+        nonlocal fetched_gb
+        size_gb = shard_bytes[shard] / GB
+        with _watch_download(staging, lambda added: reporter(stage, min(fetched_gb + added / GB, total_gb),
+                                                              total_gb, "GB")):
+            _fetch(release.repo, [f"{sub}/{shard}"], staging, None, None, None, spec)
+        fetched_gb += size_gb
+        reporter(stage, min(fetched_gb, total_gb), total_gb, "GB")
+
+    reporter(stage, fetched_gb, total_gb, "GB")
+    convert_llava_checkpoint(
+        source,
+        target,
+        vision_tower=tower,
+        chat_template=release.chat_template,
+        delete_source_shards=not keep_original,
+        shard_names=shard_names,
+        fetch_shard=None if fetched_all else fetch_shard,
+        progress=reporter,
+    )
+    report.fetched.append((f"{release.repo} {sub}/ converted", str(target)))
+    if keep_original:
+        report.kept_original = source
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _fetch_aligner(preset: Preset, free_bytes: int | None, reporter: ProgressReporter, report: PrepareReport) -> None:
+    """The preset's official aligner file, plus the release Resampler for SDXL, into the HF cache."""
+    aligner = preset.aligner
+    if not aligner.filename or aligner.repo != IMG_HUB_REPO:
+        return
+    files = [aligner.filename] + ([RESAMPLER_FILENAME] if preset.family == "sdxl" else [])  # the SDXL demo's
+    sizes = _hub_file_sizes(aligner.repo)
+    need = sum((sizes or {}).get(f, 0) or ESTIMATED_FILE_BYTES.get(f, 0) for f in files)
+    check_free_space(_hf_cache_dir(), need, free_bytes, f"downloading {', '.join(files)}")
+    folder = _fetch(aligner.repo, files, None, "downloading aligner", sizes, reporter)
+    for name in files:
+        report.fetched.append((name, str(folder / name)))
+
+
+def _fetch(
+    repo: str,
+    patterns: list[str] | None,
+    local_dir: Path | None,
+    stage: str | None,
+    sizes: dict[str, int] | None,
+    reporter: ProgressReporter | None,
+    spec: MLLMSpec | None = None,
+) -> Path:
+    """`_download_snapshot` with progress and one clear error when the files cannot be had (the MLLM's
+    own message and hint when `spec` is given)."""
+    try:
+        folder = _download_snapshot(repo, patterns, local_dir)
+    except Exception as error:  # noqa: BLE001 - offline, missing, gated, network: all mean "not here"
+        reason = (str(error).splitlines() or [""])[0][:160]
+        detail = f"cannot download {repo} {' '.join(patterns or [])}: {type(error).__name__}: {reason}"
+        if spec is not None:
+            raise missing_weights_error(spec, detail) from error
+        from img_core.hub import weights_not_found
+
+        raise weights_not_found(repo, detail) from error
+    if stage and reporter is not None:
+        total = sum(sizes.values()) / GB if sizes else 0.0
+        reporter(stage, total, total, "GB")
+    return folder
+
+
+def _shard_names(source: Path, sizes: dict[str, int] | None, sub: str) -> list[str] | None:
+    """Weight shard names from the index, else from the hub's listing; None when neither says."""
+    from img_core.convert_llava import source_shard_names
+
+    try:
+        return source_shard_names(source)
+    except WeightsNotFoundError:
+        pass
+    if sizes:
+        listed = [path.removeprefix(f"{sub}/") for path in sizes if path.startswith(f"{sub}/")]
+        weights = sorted(n for n in listed if n.startswith("model") and n.endswith(".safetensors")) or sorted(
+            n for n in listed if n.startswith("pytorch_model") and n.endswith(".bin")
+        )
+        return weights or None
+    return None
+
+
+def _shard_bytes(
+    source: Path, sizes: dict[str, int] | None, sub: str, shard_names: list[str] | None, estimate: float
+) -> dict[str, float]:
+    """{shard: bytes}: from the hub's metadata, else the index's total_size split evenly, else the estimate."""
+    names = shard_names or ["(weights)"]
+    if sizes and all(f"{sub}/{name}" in sizes for name in names):
+        return {name: float(sizes[f"{sub}/{name}"]) for name in names}
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = source / index_name
+        if index.is_file():
+            total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+            if total:
+                return {name: float(total) / len(names) for name in names}
+    return {name: estimate / len(names) for name in names}
+
+
+def _hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+# --------------------------------------------------------------------------------------------- hub push
+
+
+def check_push_target(repo_id: str) -> None:
+    """Refuse a malformed hub repo id, or pushing while HF_HUB_OFFLINE is set, before any work is done."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise InvalidInputError(f"--push-to-hub needs a repo id of the form owner/name, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise InvalidInputError(f"--push-to-hub: {repo_id!r} is not a valid hub repo id ({error})") from error
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise InvalidInputError("--push-to-hub needs the hub, but HF_HUB_OFFLINE is set: unset it and log in")
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload a complete converted folder to hub model repo `repo_id` (created if needed); returns its URL."""
+    check_push_target(repo_id)
+    check_prepared_folder(folder, is_conversion=True)
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                      commit_message="IMG LLaVA converted by img_core.convert_llava")
+    return f"https://huggingface.co/{repo_id}"
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m img_core prepare",
+        description="Fetch and convert what a preset needs, ahead of time (Docker image, Space build step).",
+    )
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--mllm", default=None, help="MLLM name, converted folder, or hub id of a converted copy "
+                        "(made with `convert-llava --push-to-hub`; then only downloaded)")
+    parser.add_argument("--keep-original", action="store_true", help="keep the downloaded original LLaVA layout")
+    parser.add_argument("--cache-dir", default=None, help=f"converted models go here (default ${CACHE_ENV} or "
+                        f"{DEFAULT_CACHE_DIR})")
+    parser.add_argument("--no-aligner", action="store_true", help="do not fetch the aligner file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m img_core prepare --preset NAME [--mllm HUB_ID_OR_DIR] [--keep-original]`."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = prepare(
+            args.preset,
+            mllm=args.mllm,
+            cache_dir=args.cache_dir,
+            keep_original=args.keep_original,
+            with_aligner=not args.no_aligner,
+            show_progress_bars=not args.quiet,
+        )
+    except IMGError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(line)
+    return 0

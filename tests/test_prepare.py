@@ -1,0 +1,308 @@
+"""img_core.prepare end to end on a stand-in hub: tiny original-layout LLaVA, tiny aligner, tiny CLIP tower.
+
+The stand-in replaces the ONE download function, `prepare._download_snapshot`: it copies the files of a
+local folder laid out like the hub repo that match the requested patterns into `local_dir` (or a folder
+standing in for the Hugging Face cache), exactly what `snapshot_download` leaves on disk. Everything after
+the download call (disk check, shard-by-shard conversion, marker, rename, clean-up) is the real code.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from fnmatch import fnmatch  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from img_core import prepare as prepare_module  # noqa: E402
+from img_core.cli import main as cli_main  # noqa: E402
+from img_core.convert_llava import main as convert_llava_main, partial_folder  # noqa: E402
+from img_core.errors import WeightsNotFoundError  # noqa: E402
+from img_core.mllm import MLLMCritic  # noqa: E402
+from img_core.prepare import (  # noqa: E402
+    COMPLETION_MARKER,
+    NotEnoughDiskError,
+    check_prepared_folder,
+    conversion_disk_need,
+    ensure_prepared,
+    format_progress,
+    is_prepared,
+    prepare,
+    prepared_folder,
+    prepared_spec,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_convert_llava import write_original_layout  # noqa: E402
+
+IMG_REPO = "shi-labs/IMG"
+TOWER_REPO = "openai/clip-vit-large-patch14-336"
+SHARDS = 3
+
+
+class StandInHub:
+    """Local folders laid out like hub repos; `download` has `_download_snapshot`'s signature."""
+
+    def __init__(self, repos: dict[str, Path], cache: Path):
+        self.repos = repos
+        self.cache = cache  # stands in for the Hugging Face cache (downloads without local_dir)
+        self.calls: list[tuple[str, list[str] | None, Path | None]] = []
+
+    def download(self, repo: str, patterns: list[str] | None, local_dir: Path | None) -> Path:
+        self.calls.append((repo, patterns, local_dir))
+        if repo not in self.repos:
+            raise OSError(f"{repo} is not on the stand-in hub")
+        destination = Path(local_dir) if local_dir else self.snapshot(repo)
+        for path in sorted(self.repos[repo].rglob("*")):
+            relative = path.relative_to(self.repos[repo]).as_posix()
+            if path.is_file() and (patterns is None or any(fnmatch(relative, p) for p in patterns)):
+                (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+                if not (destination / relative).exists():
+                    shutil.copy2(path, destination / relative)
+        return destination
+
+    def snapshot(self, repo: str) -> Path:
+        """Where a download without local_dir lands (the Hugging Face cache's layout)."""
+        return self.cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "stand-in"
+
+    def requested(self, repo: str) -> list[str]:
+        return [p for r, patterns, _ in self.calls if r == repo for p in (patterns or ["*"])]
+
+
+def build_stand_in_repos(root: Path) -> dict[str, Path]:
+    """shi-labs/IMG (llava/ in 3 .bin shards, aligners, resampler, an image_encoder/ we must not fetch) and
+    the CLIP tower repo. Returns {repo id: folder}."""
+    from transformers import CLIPVisionModel
+
+    from img_core.aligner import AlignerConfig, ImplicitAligner
+    from img_core.tiny_mllm import tiny_clip_image_processor, tiny_clip_vision_config
+
+    img, tower = root / "hub" / "shi-labs-IMG", root / "hub" / "clip"
+    (img / "llava").mkdir(parents=True)
+    write_original_layout(img / "llava", root / "reference-llama", shards=SHARDS)
+    torch.manual_seed(0)
+    aligner = ImplicitAligner(AlignerConfig(image_dim=32, guidance_dim=64, depth=1, heads=1, dim_head=64))
+    torch.save(aligner.state_dict(), img / "aligner_sdxl.pth")
+    torch.save({"latents": torch.zeros(1, 4, 8)}, img / "resampler.pth")
+    (img / "aligner_flux.pth").write_bytes(b"not needed by sdxl")
+    (img / "image_encoder").mkdir()
+    (img / "image_encoder" / "config.json").write_text("{}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(tower)
+    tiny_clip_image_processor().save_pretrained(tower)
+    (tower / "tf_model.h5").write_bytes(b"not needed")
+    return {IMG_REPO: img, TOWER_REPO: tower}
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stand-in")
+    return {"root": root, "repos": build_stand_in_repos(root)}
+
+
+@pytest.fixture
+def hub(stand_in, tmp_path, monkeypatch):
+    hub = StandInHub(stand_in["repos"], tmp_path / "hf-cache")
+    monkeypatch.setattr(prepare_module, "_download_snapshot", hub.download)
+    return hub
+
+
+@pytest.fixture(scope="module")
+def reference_logits(stand_in):
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM.from_pretrained(stand_in["root"] / "reference-llama").eval()
+    input_ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        return input_ids, llama(input_ids=input_ids).logits  # (1, 6, V)
+
+
+def assert_loads_with_reference_logits(folder: Path, reference_logits) -> None:
+    critic = MLLMCritic.load(prepared_spec("img-llava-13b", folder))
+    input_ids, expected = reference_logits
+    with torch.no_grad():
+        actual = critic.model(input_ids=input_ids).logits
+    torch.testing.assert_close(actual[..., : expected.shape[-1]], expected, atol=1e-5, rtol=0)
+
+
+def test_prepare_command_end_to_end(hub, tmp_path, reference_logits, capsys):
+    events = []
+    cache = tmp_path / "cache"
+
+    exit_code = cli_main(["prepare", "--preset", "sdxl", "--cache-dir", str(cache), "--quiet"])
+    assert exit_code == 0
+    printed = capsys.readouterr().out
+    target = cache / "img-llava-13b-hf"
+    assert f"MLLM ready: {target}" in printed and "aligner_sdxl.pth" in printed and "resampler.pth" in printed
+
+    # only the needed files, shards one at a time; the original layout is gone, no half folder is left
+    assert hub.requested(IMG_REPO) == ["llava/*.json", "llava/*.model", "llava/*.txt"] + [
+        f"llava/pytorch_model-{i:05d}-of-{SHARDS:05d}.bin" for i in range(1, SHARDS + 1)
+    ] + ["aligner_sdxl.pth", "resampler.pth"]
+    assert hub.requested(TOWER_REPO) == ["config.json", "preprocessor_config.json", "model.safetensors",
+                                         "pytorch_model.bin"]  # offline: no listing, both weight names asked
+    assert sorted(p.name for p in cache.iterdir()) == ["img-llava-13b-hf"]
+    assert is_prepared(target) and (target / COMPLETION_MARKER).is_file()
+    assert not (hub.snapshot(IMG_REPO) / "image_encoder").exists()
+    assert not (hub.snapshot(IMG_REPO) / "aligner_flux.pth").exists()
+    assert not (hub.snapshot(TOWER_REPO) / "tf_model.h5").exists()
+    assert_loads_with_reference_logits(target, reference_logits)
+    from img_core.aligner import ImplicitAligner
+
+    aligner = ImplicitAligner.from_official_checkpoint(hub.snapshot(IMG_REPO) / "aligner_sdxl.pth")
+    assert aligner.config.guidance_dim == 64
+
+    # prepared once: later calls find it without downloading anything
+    calls = len(hub.calls)
+    assert ensure_prepared("sdxl", progress=lambda *event: events.append(event), cache_dir=cache) == target
+    assert len(hub.calls) == calls and events == []
+
+
+def test_progress_reports_gigabytes_and_shards(hub, tmp_path, stand_in):
+    events = []
+    report = prepare("sdxl", cache_dir=tmp_path / "cache", with_aligner=False, show_progress_bars=False,
+                     progress=lambda *event: events.append(event))
+    assert report.kept_original is None
+    index = json.loads((stand_in["repos"][IMG_REPO] / "llava" / "pytorch_model.bin.index.json").read_text())
+    total_gb = index["metadata"]["total_size"] / 1e9
+    downloads = [e for e in events if e[0] == "downloading IMG LLaVA"]
+    assert downloads[0][1:] == (0.0, pytest.approx(total_gb), "GB")
+    assert downloads[-1][1:] == (pytest.approx(total_gb), pytest.approx(total_gb), "GB")
+    assert all(a[1] <= b[1] for a, b in zip(downloads, downloads[1:]))  # never goes backwards
+    shards = [e for e in events if e[0] == "converting shard"]
+    assert shards == [("converting shard", i, SHARDS + 1, None) for i in range(1, SHARDS + 2)]
+    assert format_progress("downloading IMG LLaVA", 7.14, 26, "GB") == "downloading IMG LLaVA 7.1/26.0 GB"
+    assert format_progress("converting shard", 2, 3) == "converting shard 2/3"
+
+
+def test_keep_original_keeps_the_downloaded_layout(hub, tmp_path):
+    report = prepare("sdxl", cache_dir=tmp_path / "cache", keep_original=True, with_aligner=False,
+                     show_progress_bars=False)
+    kept = report.kept_original
+    assert kept == tmp_path / "cache" / "img-llava-13b-original" / "llava"
+    assert sorted(p.name for p in kept.glob("*.bin")) == [
+        f"pytorch_model-{i:05d}-of-{SHARDS:05d}.bin" for i in range(1, SHARDS + 1)
+    ]
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_prepare import StandInHub
+from img_core import prepare as prepare_module
+repos = {{k: Path(v) for k, v in {repos!r}.items()}}
+hub = StandInHub(repos, Path({hf_cache!r}))
+prepare_module._download_snapshot = hub.download
+
+def progress(stage, done, total, unit):
+    if stage == "converting shard" and done == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind runs
+
+prepare_module.prepare("sdxl", cache_dir={cache!r}, with_aligner=False, show_progress_bars=False, progress=progress)
+"""
+
+
+def test_killed_midway_then_rerun_gives_a_complete_loadable_folder(hub, stand_in, tmp_path, reference_logits):
+    cache = tmp_path / "cache"
+    target = prepared_folder("img-llava-13b", cache)
+    script = KILL_SCRIPT.format(
+        tests=str(Path(__file__).resolve().parent),
+        repos={k: str(v) for k, v in stand_in["repos"].items()},
+        hf_cache=str(tmp_path / "hf-cache"),
+        cache=str(cache),
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+
+    # the half conversion sits in the partial folder; the target does not exist; the half never loads
+    partial = partial_folder(target)
+    assert not target.exists() and (partial / "model-00001-of-00004.safetensors").is_file()
+    assert not (cache / "img-llava-13b-original" / "llava" / "pytorch_model-00001-of-00003.bin").exists()
+    assert not is_prepared(partial)
+    with pytest.raises(WeightsNotFoundError, match="incomplete conversion"):
+        check_prepared_folder(partial)
+    with pytest.raises(WeightsNotFoundError):
+        MLLMCritic.load(prepared_spec("img-llava-13b", target))
+
+    # rerun: resumes after shard 1 (not downloaded again) and completes
+    report = prepare("sdxl", cache_dir=cache, with_aligner=False, show_progress_bars=False)
+    assert report.mllm_folder == target and is_prepared(target) and not partial.exists()
+    assert "llava/pytorch_model-00001-of-00003.bin" not in hub.requested(IMG_REPO)
+    assert "llava/pytorch_model-00002-of-00003.bin" in hub.requested(IMG_REPO)
+    assert_loads_with_reference_logits(target, reference_logits)
+
+
+def test_low_disk_is_refused_before_anything_is_converted(hub, tmp_path, stand_in):
+    cache = tmp_path / "cache"
+    with pytest.raises(NotEnoughDiskError, match=r"needs about 1\.0 GB free in .*cache.* only 0\.0 GB are free"):
+        prepare("sdxl", cache_dir=cache, free_bytes=1000, show_progress_bars=False)
+    target = prepared_folder("img-llava-13b", cache)
+    assert not target.exists() and not partial_folder(target).exists()
+    assert not any(name.endswith(".bin") for _, patterns, _ in hub.calls for name in patterns or [])
+
+
+def test_disk_need_counts_one_original_shard_unless_kept():
+    shards = {"a": 10.0, "b": 12.0, "c": 4.0}
+    assert conversion_disk_need(shards, done=set(), keep_original=False) == 26 + 12
+    assert conversion_disk_need(shards, done=set(), keep_original=True) == 26 + 26
+    assert conversion_disk_need(shards, done={"b"}, keep_original=False) == 14 + 10
+    assert conversion_disk_need(shards, done={"a", "b", "c"}, keep_original=False) == 0
+
+
+def test_offline_with_nothing_cached_gives_the_loaders_message(tmp_path):
+    """The real download function, offline: the same message as loading the missing MLLM."""
+    with pytest.raises(WeightsNotFoundError) as prepared:
+        ensure_prepared("sdxl", cache_dir=tmp_path / "cache")
+    target = prepared_folder("img-llava-13b", tmp_path / "cache")
+    with pytest.raises(WeightsNotFoundError) as loaded:
+        MLLMCritic.load(prepared_spec("img-llava-13b", target))
+    prefix = f"weights of MLLM 'img-llava-13b' not found at {target} ("
+    assert str(prepared.value).startswith(prefix) and str(loaded.value).startswith(prefix)
+    hint = str(loaded.value).split("). ", 1)[1]
+    assert str(prepared.value).endswith(hint) and "shi-labs/IMG" in hint
+    assert not target.exists()
+
+
+def test_damaged_or_markerless_conversions_are_refused(hub, tmp_path):
+    folder = prepare("sdxl", cache_dir=tmp_path / "cache", with_aligner=False, show_progress_bars=False).mllm_folder
+    check_prepared_folder(folder)
+    with open(folder / "model-00002-of-00004.safetensors", "ab") as shard:
+        shard.write(b"\0")
+    with pytest.raises(WeightsNotFoundError, match="damaged: model-00002-of-00004.safetensors"):
+        check_prepared_folder(folder)
+    (folder / COMPLETION_MARKER).unlink()
+    (folder / "model-00003-of-00004.safetensors").unlink()
+    with pytest.raises(WeightsNotFoundError, match="incomplete conversion"):
+        ensure_prepared(str(folder))
+
+
+def test_mllm_hub_id_of_a_converted_copy_is_only_downloaded(hub, stand_in, tmp_path):
+    converted = prepare("sdxl", cache_dir=tmp_path / "first", with_aligner=False,
+                        show_progress_bars=False).mllm_folder
+    hub.repos = dict(hub.repos, **{"someone/img-llava-13b-hf": converted})
+    hub.calls.clear()
+    report = prepare("sdxl", mllm="someone/img-llava-13b-hf", cache_dir=tmp_path / "second", with_aligner=False,
+                     show_progress_bars=False)
+    assert [call[:2] for call in hub.calls] == [("someone/img-llava-13b-hf", None)]
+    assert is_prepared(report.mllm_folder) and not (tmp_path / "second").exists()
+
+
+def test_push_to_hub_is_refused_offline_or_with_a_bad_id(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert convert_llava_main(["--source", str(tmp_path / "nowhere"), "--out", out, "--push-to-hub", "no id"]) == 1
+    assert "owner/name" in capsys.readouterr().err
+    assert convert_llava_main(["--source", str(tmp_path / "nowhere"), "--out", out, "--push-to-hub", "a/b c"]) == 1
+    assert "not a valid hub repo id" in capsys.readouterr().err
+    assert convert_llava_main(["--out", out, "--push-to-hub", "someone/img-llava"]) == 1
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
