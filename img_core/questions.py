@@ -116,7 +116,10 @@ class QuestionSource:
 def validate_templates(templates: object, where: str) -> tuple[str, ...]:
     """A non-empty JSON list of strings, each with `{prompt}` exactly once; else InvalidInputError naming
     `where` (a file or URL) and what is wrong."""
-    hint = f'it must be a JSON list of strings, each containing {PLACEHOLDER} exactly once (e.g. ["How can the image show {PLACEHOLDER}?"])'
+    hint = (
+        f"it must be a JSON list of strings, each containing {PLACEHOLDER} exactly once "
+        f'(e.g. ["How can the image show {PLACEHOLDER}?"])'
+    )
     if not isinstance(templates, list):
         raise InvalidInputError(f"question file {where} holds a JSON {type(templates).__name__}, not a list: {hint}")
     if not templates:
@@ -137,7 +140,9 @@ def _parse_templates(raw: bytes, where: str) -> tuple[str, ...]:
     try:
         templates = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidInputError(f"question file {where} is not valid UTF-8 JSON ({error}): pass a JSON list of strings") from error
+        raise InvalidInputError(
+            f"question file {where} is not valid UTF-8 JSON ({error}): pass a JSON list of strings"
+        ) from error
     return validate_templates(templates, where)
 
 
@@ -150,7 +155,10 @@ def read_question_file(path: str | Path) -> tuple[str, ...]:
             f"holding a list of strings with {PLACEHOLDER}"
         )
     if path.stat().st_size > MAX_QUESTIONS_FILE_BYTES:
-        raise InvalidInputError(f"question file {path} is {path.stat().st_size} bytes, more than {MAX_QUESTIONS_FILE_BYTES}: is it the right file?")
+        raise InvalidInputError(
+            f"question file {path} is {path.stat().st_size} bytes, more than {MAX_QUESTIONS_FILE_BYTES}: "
+            "is it the right file?"
+        )
     return _parse_templates(path.read_bytes(), str(path))
 
 

@@ -29,8 +29,6 @@ from PIL import Image
 
 SCHEDULES = ("release", "diffusers")  # how the time shift mu is computed (see `schedule_mu`)
 
-StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
-
 
 def schedule_mu(scheduler_config, width: int, height: int, vae_scale_factor: int, schedule: str) -> float:
     """The time shift mu of FLUX's sigma schedule for an image of `width` x `height` pixels.
@@ -95,7 +93,7 @@ def sample_flux(
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
     max_sequence_length: int = 512,
-    on_step: StepCallback | None = None,
+    on_step: Callable[[int, int], None] | None = None,  # (steps done, steps in all)
     output_type: str = "pil",
 ) -> list[Image.Image] | torch.Tensor:
     """Sample FLUX images with optional true CFG from `cfg_start_step` on; defaults = the release.
