@@ -56,12 +56,17 @@ def schedule_mu(scheduler_config, width: int, height: int, vae_scale_factor: int
 
 def flux_sigmas(scheduler, steps: int, width: int, height: int, vae_scale_factor: int, schedule: str) -> torch.Tensor:
     """The `steps + 1` sigmas (ending in 0) a FLUX run takes, computed on a copy of `scheduler` (no model)."""
+    scheduler = scheduler.__class__.from_config(scheduler.config)
+    set_flux_timesteps(scheduler, steps, schedule_mu(scheduler.config, width, height, vae_scale_factor, schedule), "cpu")
+    return scheduler.sigmas
+
+
+def set_flux_timesteps(scheduler, steps: int, mu: float, device) -> torch.Tensor:
+    """diffusers' FLUX spacing (sigmas linspace(1, 1/steps), shifted by mu, then 0) set on `scheduler`."""
     from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
-    scheduler = scheduler.__class__.from_config(scheduler.config)
-    mu = schedule_mu(scheduler.config, width, height, vae_scale_factor, schedule)
-    retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    return scheduler.sigmas
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return timesteps
 
 
 def _set_ip_scale(pipeline, scale: float | None) -> None:
@@ -150,11 +155,8 @@ def sample_flux(
     )
 
     # 4. sigmas: diffusers' spacing with the chosen time shift mu
-    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
-
     mu = schedule_mu(pipeline.scheduler.config, width, height, pipeline.vae_scale_factor, schedule)
-    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    timesteps, num_inference_steps = retrieve_timesteps(pipeline.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+    timesteps = set_flux_timesteps(pipeline.scheduler, num_inference_steps, mu, device)
     guidance = None
     if pipeline.transformer.config.guidance_embeds:  # FLUX.1-dev's distilled guidance
         guidance = torch.full([batch_size], guidance_scale, device=device, dtype=torch.float32)
