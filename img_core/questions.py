@@ -59,8 +59,8 @@ PUNCTUATION = (".", "!", "?", ",", ";", ":")
 
 
 def img_studio_cache_dir() -> Path:
-    """`$IMG_STUDIO_CACHE`, else `~/.cache/img-studio`."""
-    return Path(os.environ.get("IMG_STUDIO_CACHE", Path.home() / ".cache" / "img-studio")).expanduser()
+    """`$IMG_STUDIO_CACHE` (when set and not empty), else `~/.cache/img-studio` (img_core.prepare's rule)."""
+    return Path(os.environ.get("IMG_STUDIO_CACHE") or Path.home() / ".cache" / "img-studio").expanduser()
 
 
 def release_questions_cache_path(cache_dir: Path | None = None) -> Path:
