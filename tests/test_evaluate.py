@@ -1,0 +1,223 @@
+"""`evaluate` on tiny-sdxl with our prompt file (6 prompts, 2 rounds, 2 steps): the files, numbers that
+match results.jsonl, determinism, resuming without regenerating, refusing other settings; prompt sets;
+`evaluate-compare`."""
+
+import json
+
+import numpy as np
+import pytest
+
+from img_core.errors import InvalidInputError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = 6
+ROUNDS = 2
+SCORERS = ["hpsv2", "clipscore", "vqascore"]
+
+
+def evaluate_args(out, *extra):
+    from img_core.prompt_sets import COMPOSITIONAL_PROMPTS
+
+    return ["--preset", "tiny-sdxl", "--prompts", str(COMPOSITIONAL_PROMPTS), "--limit", str(PROMPTS), "--rounds",
+            str(ROUNDS), "--steps", "2", "--scorers", ",".join(SCORERS), "--out", str(out), "--quiet", *extra]
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def counted_rounds(monkeypatch):
+    """Counts real generate/refine calls (the real methods run) and remembers the session that made them."""
+    from img_core.session import IMGSession
+
+    calls = {"generate": 0, "refine": 0, "sessions": []}
+    for name in ("generate", "refine"):
+        original = getattr(IMGSession, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            calls["sessions"].append(self)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(IMGSession, name, counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_root, tmp_path_factory):
+    from img_core.evaluate import build_parser, run_evaluation
+
+    out = tmp_path_factory.mktemp("evaluate") / "run"
+    result = run_evaluation(build_parser().parse_args(evaluate_args(out)))
+    return out, result
+
+
+def test_evaluate_writes_images_results_summary_and_report(first_run):
+    out, result = first_run
+    assert result.generated == PROMPTS * (ROUNDS + 1)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        f"{i:05d}_r{r}.png" for i in range(PROMPTS) for r in range(ROUNDS + 1)
+    )
+    rows = read_rows(out)
+    assert len(rows) == PROMPTS * (ROUNDS + 1)
+    for row in rows:
+        assert set(row) == {"prompt_index", "prompt", "seed", "round", "image", "scores"}
+        assert row["seed"] == row["prompt_index"]  # --seed 0: prompt i uses seed i
+        assert row["image"] == f"images/{row['prompt_index']:05d}_r{row['round']}.png"
+        assert set(row["scores"]) == set(SCORERS)
+    html = (out / "report.html").read_text()
+    assert html.count("<img ") == PROMPTS * (ROUNDS + 1) and html.count("<svg") == len(SCORERS)
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from outside
+
+
+def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
+    out, _ = first_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_prompts"] == PROMPTS and summary["rounds"] == ROUNDS
+    assert summary["settings"]["preset"] == "tiny-sdxl" and summary["settings"]["seed"] == 0
+    rows = read_rows(out)
+    for name in SCORERS:
+        scores = np.zeros((PROMPTS, ROUNDS + 1))
+        for row in rows:
+            scores[row["prompt_index"], row["round"]] = row["scores"][name]
+        entry = summary["scorers"][name]
+        assert entry["mean"] == pytest.approx(scores.mean(axis=0).tolist(), abs=1e-12)
+        assert entry["win_rate"][0] is None and entry["ci95"][0] is None
+        for k in range(1, ROUNDS + 1):
+            wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores[:, k], scores[:, 0]))
+            assert entry["win_rate"][k] == pytest.approx(wins / PROMPTS)
+            low, high = entry["ci95"][k]
+            assert 0.0 <= low <= entry["win_rate"][k] <= high <= 1.0
+
+
+def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, counted_rounds):
+    from img_core.evaluate import main
+
+    out, _ = first_run
+    before = (out / "results.jsonl").read_text()
+    assert main(evaluate_args(out)) == 0
+    assert counted_rounds["generate"] == counted_rounds["refine"] == 0
+    assert (out / "results.jsonl").read_text() == before
+    with pytest.raises(InvalidInputError, match=r"other settings \(seed: 0 there, 1 now\)"):
+        main(evaluate_args(out, "--seed", "1"))
+    with pytest.raises(InvalidInputError, match="guidance_mode"):
+        main(evaluate_args(out, "--guidance-mode", "dialogue"))
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_same_seed_gives_identical_scores_and_compare_reads_both(first_run, tmp_path, counted_rounds, capsys):
+    from img_core.evaluate import compare_main, compare_runs, main
+
+    out, _ = first_run
+    second = tmp_path / "second"
+    assert main(evaluate_args(second, "--limit", "2", "--rounds", "1")) == 0  # a prefix of the first run
+    assert counted_rounds["generate"] == 2 and counted_rounds["refine"] == 2
+    session = counted_rounds["sessions"][0]
+    assert session.backend is None and session.aligner is None  # freed before the CLIP scorers loaded
+    first = {(r["prompt_index"], r["round"]): r["scores"] for r in read_rows(out)}
+    for row in read_rows(second):
+        assert row["scores"] == first[(row["prompt_index"], row["round"])]  # bit-identical
+
+    table = compare_runs(out, second)
+    assert {(row["scorer"], row["round"], row["n"]) for row in table} == {(s, k, 2) for s in SCORERS for k in (0, 1)}
+    assert all(row["win_rate_a"] == 0.5 and row["mean_a"] == row["mean_b"] for row in table)  # all ties
+    assert compare_main([str(out), str(second)]) == 0
+    assert "hpsv2" in capsys.readouterr().out
+
+
+def test_interrupted_run_resumes_with_only_the_missing_image(first_run, tmp_path, counted_rounds):
+    import shutil
+
+    from img_core.evaluate import main
+
+    out = tmp_path / "copy"
+    shutil.copytree(first_run[0], out)
+    (out / "images" / "00005_r2.png").unlink()  # the last image was never written ...
+    with (out / "results.jsonl").open("a") as file:
+        file.write('{"prompt_index": 5, "pro')  # ... and the run died mid-line
+    assert main(evaluate_args(out)) == 0
+    assert counted_rounds["generate"] == 0 and counted_rounds["refine"] == 1
+    rows = read_rows(out)
+    assert len(rows) == PROMPTS * (ROUNDS + 1)
+    original = {(r["prompt_index"], r["round"]): r["scores"] for r in read_rows(first_run[0])}
+    for row in rows:  # the same image again: the same scores (scored in a batch of one: float noise only)
+        expected = original[(row["prompt_index"], row["round"])]
+        assert row["scores"] == {name: pytest.approx(value, rel=1e-5, abs=1e-6) for name, value in expected.items()}
+
+
+def test_arguments_are_checked_before_anything_loads(tmp_path, counted_rounds):
+    import dataclasses
+
+    from img_core.evaluate import build_parser, main, session_options
+    from img_core.session import RoundSettings
+
+    with pytest.raises(InvalidInputError, match="unknown scorer"):
+        main(evaluate_args(tmp_path / "a", "--scorers", "hps"))
+    with pytest.raises(InvalidInputError, match="--rounds"):
+        main(evaluate_args(tmp_path / "b", "--rounds", "0"))
+    with pytest.raises(InvalidInputError, match="question"):
+        main(evaluate_args(tmp_path / "c", "--no-critique", "--guidance-mode", "dialogue"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidInputError, match="not empty"):
+        main(evaluate_args(tmp_path / "d"))
+    fields = {field.name for field in dataclasses.fields(RoundSettings)}
+    args = build_parser().parse_args(evaluate_args(tmp_path / "e", "--no-critique"))
+    if not fields & {"critique", "write_critique", "skip_critique"}:
+        with pytest.raises(InvalidInputError, match="--no-critique is not supported"):
+            session_options(args)
+    else:
+        assert session_options(args)[1]
+    assert counted_rounds["generate"] == counted_rounds["refine"] == 0
+
+
+def test_win_rate_ties_and_bootstrap_are_fixed():
+    from img_core.evaluate import bootstrap_interval, summarize, win_rate
+
+    assert win_rate(np.array([2.0, 1.0, 3.0, 1.0]), np.array([1.0, 1.0, 3.0, 2.0])) == pytest.approx((1 + 0.5 + 0.5) / 4)
+    outcomes = np.array([1.0, 0.0, 0.5, 1.0, 1.0])
+    assert bootstrap_interval(outcomes) == bootstrap_interval(outcomes)  # fixed seed
+    assert bootstrap_interval(np.ones(7)) == [1.0, 1.0]
+    rows = {(i, r): {"prompt": "p", "scores": {"s": float(i + r)}} for i in range(3) for r in range(2)}
+    del rows[(2, 1)]["scores"]["s"]  # an unscored image: prompt 2 is left out of the numbers
+    summary = summarize(rows, 3, 1, ["s"], {})
+    assert summary["scorers"]["s"]["n_prompts"] == 2
+    assert summary["scorers"]["s"]["mean"] == [0.5, 1.5] and summary["scorers"]["s"]["win_rate"] == [None, 1.0]
+
+
+def test_prompt_sets_read_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from img_core.prompt_sets import COMPOSITIONAL_PROMPTS, PromptSetError, load_prompt_set
+
+    ours = load_prompt_set(COMPOSITIONAL_PROMPTS)
+    assert len(ours.prompts) == len(set(ours.prompts)) == 120
+    assert {c: ours.categories.count(c) for c in set(ours.categories)} == {
+        "color binding": 20, "shape and texture binding": 20, "counting": 20, "spatial relations": 20,
+        "non-spatial relations and actions": 20, "complex multi-object scenes": 20}
+
+    (tmp_path / "a.txt").write_text("# a comment\n\nfirst prompt\n# category: x\n second  prompt \n")
+    assert load_prompt_set(tmp_path / "a.txt").prompts == ["first prompt", "second prompt"]
+    assert load_prompt_set(tmp_path / "a.txt").categories == [None, "x"]
+    (tmp_path / "b.json").write_text(json.dumps(["one", "two"]))
+    assert load_prompt_set(tmp_path / "b.json").prompts == ["one", "two"]
+    (tmp_path / "c.csv").write_text('prompt,id\n"a, b",1\nc,2\n')
+    assert load_prompt_set(tmp_path / "c.csv").prompts == ["a, b", "c"]
+    (tmp_path / "d.tsv").write_text("Prompt\tCategory\nx y\tz\n")
+    assert load_prompt_set(tmp_path / "d.tsv", column="Prompt").prompts == ["x y"]
+    pq.write_table(pa.table({"caption": ["p1", "p2", "p3"]}), tmp_path / "e.parquet")
+    assert load_prompt_set(tmp_path / "e.parquet", column="caption").prompts == ["p1", "p2", "p3"]
+    assert load_prompt_set(tmp_path / "b.json").sha256 != load_prompt_set(tmp_path / "e.parquet", column="caption").sha256
+
+    with pytest.raises(PromptSetError, match="no column 'prompt'"):
+        load_prompt_set(tmp_path / "e.parquet")
+    (tmp_path / "f.json").write_text(json.dumps(["ok", ""]))
+    with pytest.raises(PromptSetError, match="prompt 1 is not a non-empty string"):
+        load_prompt_set(tmp_path / "f.json")
+    with pytest.raises(PromptSetError, match="no file here"):
+        load_prompt_set(tmp_path / "missing.txt")
+    with pytest.raises(PromptSetError, match="hub dataset 'nobody/no-such-prompts'.*could not be read"):
+        load_prompt_set("nobody/no-such-prompts", column="caption")  # HF_HUB_OFFLINE=1
