@@ -8,8 +8,10 @@ loser, and the MLLM guidance of (loser image, caption) with the question templat
 number (plus --seed); in dialogue mode the MLLM first writes its critique of the loser, which is then
 teacher-forced into the guidance. Source rows are cut into shards of --shard-size rows; process p of P
 extracts shards p, p+P, ... and skips shards that already exist, so a killed extraction continues where it
-stopped. Unreadable images are skipped, counted and reported, never fatal. The main process writes
-STORE/manifest.json when all shards are done.
+stopped; a shard that is damaged (unreadable, or its bytes differ from the sha256 recorded in an existing
+manifest) is re-extracted. Unreadable images are skipped, counted and reported, never fatal; so are pairs
+whose features are not finite (NaN or inf, e.g. float16 overflow), which are never stored. The main
+process writes STORE/manifest.json (with every shard's sha256) when all shards are done.
 
 `OnlineTriplets` computes the same triplets on demand for `trainer.train --online`.
 """
@@ -26,11 +28,22 @@ import torch
 
 from trainer import option, parse_config
 from trainer.data import PreferencePairs
-from trainer.store import STORAGE_DTYPES, FeatureSample, read_shard_header, shard_name, write_manifest, write_shard
+from img_core.errors import CorruptFileError
+from img_core.integrity import sha256_file
+from trainer.store import (
+    STORAGE_DTYPES,
+    FeatureSample,
+    read_manifest,
+    read_shard_header,
+    sample_is_finite,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("ties", "corrupt", "empty_caption")
+SKIP_REASONS = ("ties", "corrupt", "empty_caption", "nonfinite")
 # Shard metadata that must agree between a finished shard and the run that would reuse it.
 SETTINGS_RECORDED = ("preset", "mllm", "guidance_mode", "seed", "dtype", "shard_size")
 
@@ -125,8 +138,21 @@ def read_pair(pairs: PreferencePairs, row: int):
         return "corrupt"
 
 
-def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None) -> dict:
-    """Write this process's missing shards; the main process then writes and returns the manifest."""
+def recorded_digests(out: Path) -> dict[str, str]:
+    """Shard sha256 digests of an existing manifest in `out` ({} when there is none or it is damaged)."""
+    try:
+        return read_manifest(out).get("shard_sha256") or {}
+    except FileNotFoundError:
+        return {}
+    except CorruptFileError as error:
+        logger.warning("%s; it will be rewritten", error)
+        return {}
+
+
+def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None,
+            extractor: FeatureExtractor | None = None) -> dict:
+    """Write this process's missing or damaged shards; the main process then writes and returns the
+    manifest. `extractor`: already loaded models to use instead of loading cfg.preset's."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
@@ -143,11 +169,22 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None) -> dict:
     def rows_of(shard: int) -> range:
         return range(shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, len(pairs)))
 
+    digests = recorded_digests(out)
+
     def finished(shard: int) -> bool:
         path = out / shard_name(shard)
         if not path.exists():
             return False
-        metadata = read_shard_header(path)["metadata"]
+        try:
+            metadata = read_shard_header(path)["metadata"]
+            expected = digests.get(path.name)
+            damage = "its sha256 differs from the manifest's" if expected and sha256_file(path) != expected else None
+        except Exception as error:  # noqa: BLE001 - safetensors reports damage as several error types
+            damage = f"unreadable: {error}"
+        if damage:
+            logger.warning("%s is damaged (%s): re-extracting it", path, damage)
+            path.unlink()
+            return False
         recorded = json.loads(metadata.get("settings", "{}"))
         if recorded != settings:
             raise ValueError(f"{path} was extracted with {recorded}, this run uses {settings}: use another --out")
@@ -155,12 +192,13 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None) -> dict:
 
     todo = [s for s in range(state.process_index, num_shards, state.num_processes) if not finished(s)]
     if todo:
-        extractor = FeatureExtractor(cfg.preset, cfg.device or state.device, cfg.mllm, cfg.quantization, tiny_root)
+        if extractor is None:
+            extractor = FeatureExtractor(cfg.preset, cfg.device or state.device, cfg.mllm, cfg.quantization, tiny_root)
         fields = extractor.store_fields(cfg.guidance_mode)
         progress = tqdm(total=sum(len(rows_of(s)) for s in todo), desc=f"extract [{state.process_index}]",
                         position=state.process_index, disable=None)
         for shard in todo:
-            samples, skipped, corrupt_rows = [], dict.fromkeys(SKIP_REASONS, 0), []
+            samples, skipped, corrupt_rows, nonfinite_rows = [], dict.fromkeys(SKIP_REASONS, 0), [], []
             for row in rows_of(shard):
                 read = read_pair(pairs, row)
                 progress.update(1)
@@ -175,25 +213,31 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None) -> dict:
                     caption, winner, loser, cfg.guidance_mode, cfg.seed + row, cfg.max_critique_tokens
                 )
                 sample.source_index = row
+                if not sample_is_finite(sample, cfg.dtype):
+                    skipped["nonfinite"] += 1
+                    nonfinite_rows.append(row)
+                    logger.warning("row %d: non-finite features (NaN or inf in %s), skipped", row, cfg.dtype)
+                    continue
                 samples.append(sample)
             metadata = {"rows": f"{rows_of(shard).start}:{rows_of(shard).stop}", "settings": json.dumps(settings),
                         "fields": json.dumps(fields), "skipped": json.dumps(skipped),
-                        "corrupt_rows": json.dumps(corrupt_rows)}
+                        "corrupt_rows": json.dumps(corrupt_rows), "nonfinite_rows": json.dumps(nonfinite_rows)}
             write_shard(out / shard_name(shard), samples, dtype=cfg.dtype, metadata=metadata)
         progress.close()
     state.wait_for_everyone()
 
     manifest = None
     if state.is_main_process:
-        skipped, corrupt_rows, fields = dict.fromkeys(SKIP_REASONS, 0), [], {}
+        skipped, corrupt_rows, nonfinite_rows, fields = dict.fromkeys(SKIP_REASONS, 0), [], [], {}
         for shard in range(num_shards):
             metadata = read_shard_header(out / shard_name(shard))["metadata"]
             for reason, count in json.loads(metadata["skipped"]).items():
                 skipped[reason] += count
             corrupt_rows += json.loads(metadata["corrupt_rows"])
+            nonfinite_rows += json.loads(metadata.get("nonfinite_rows", "[]"))
             fields = fields or json.loads(metadata["fields"])
         manifest = write_manifest(out, {**fields, "dtype": cfg.dtype, "source_rows": len(pairs), "skipped": skipped,
-                                        "corrupt_rows": corrupt_rows[:1000]},
+                                        "corrupt_rows": corrupt_rows[:1000], "nonfinite_rows": nonfinite_rows[:1000]},
                                   [shard_name(s) for s in range(num_shards)])
     state.wait_for_everyone()
     return manifest or json.loads((out / "manifest.json").read_text())
@@ -247,10 +291,13 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{cfg.out}: {manifest['num_samples']} triplets from {manifest['source_rows']} rows "
             f"(skipped: {skipped['ties']} ties, {skipped['corrupt']} unreadable images, "
-            f"{skipped['empty_caption']} empty captions); {manifest['bytes_per_sample'] / 1e6:.3f} MB per sample"
+            f"{skipped['empty_caption']} empty captions, {skipped.get('nonfinite', 0)} non-finite features); "
+            f"{manifest['bytes_per_sample'] / 1e6:.3f} MB per sample"
         )
         if manifest["corrupt_rows"]:
             print(f"unreadable rows: {manifest['corrupt_rows'][:20]}")
+        if manifest.get("nonfinite_rows"):
+            print(f"rows with non-finite features (not stored): {manifest['nonfinite_rows'][:20]}")
 
 
 if __name__ == "__main__":
