@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -85,6 +86,10 @@ TOWER_WEIGHT_FILES = ["model.safetensors", "pytorch_model.bin"]  # the first one
 
 class NotEnoughDiskError(IMGError, OSError):
     """Preparation needs more free disk space than there is."""
+
+
+class PreparationBusyError(IMGError, RuntimeError):
+    """Another process is preparing the same model and did not finish in time."""
 
 
 @dataclass
@@ -440,14 +445,34 @@ def _prepare_release_mllm(
     reporter: ProgressReporter,
     report: PrepareReport,
 ) -> Path:
-    """Download the original layout shard by shard and convert it into the cache (see the module doc)."""
-    from img_core.convert_llava import JOURNAL, convert_llava_checkpoint, partial_folder, source_shard_names
-
+    """Download the original layout shard by shard and convert it into the cache (see the module doc),
+    one process at a time."""
     release = RELEASE_MLLMS[name]
     target = prepared_folder(name, cache_dir)
     spec = replace(KNOWN_MLLMS[name], model_id=str(target))  # for the "not found" message
     if is_prepared(target):
         return target
+    with _exclusive_lock(target.with_name(f".{target.name}.lock")):
+        if is_prepared(target):  # another process finished it while this one waited
+            return target
+        return _convert_release_mllm(name, release, target, spec, keep_original, vision_tower, free_bytes,
+                                     reporter, report)
+
+
+def _convert_release_mllm(
+    name: str,
+    release: ReleaseMLLM,
+    target: Path,
+    spec: MLLMSpec,
+    keep_original: bool,
+    vision_tower: str | Path | None,
+    free_bytes: int | None,
+    reporter: ProgressReporter,
+    report: PrepareReport,
+) -> Path:
+    """Steps 1-5 of the module doc for `name`, into `target` (the caller holds the target's lock)."""
+    from img_core.convert_llava import JOURNAL, convert_llava_checkpoint, partial_folder, source_shard_names
+
     if target.exists():
         logger.warning("%s is incomplete (no completion marker): converting again; it is replaced when done", target)
     staging = target.with_name(target.name.removesuffix("-hf") + "-original")
@@ -518,6 +543,36 @@ def _prepare_release_mllm(
     else:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _exclusive_lock(path: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (one preparation of a target at a time, across processes such as
+    a `prepare` command and an app starting); waits for it, up to `timeout_s` when given."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with open(path, "a") as handle:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PreparationBusyError(
+                        f"another process is preparing {path.name.removesuffix('.lock').lstrip('.')} "
+                        f"(lock {path}): wait for it to finish"
+                    ) from None
+                if not waiting:
+                    logger.warning("waiting for another process that is preparing the same model (%s)", path)
+                    waiting = True
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fetch_aligner(preset: Preset, free_bytes: int | None, reporter: ProgressReporter, report: PrepareReport) -> None:

@@ -149,7 +149,7 @@ def test_prepare_command_end_to_end(hub, tmp_path, reference_logits, capsys):
     ] + ["aligner_sdxl.pth", "resampler.pth"]
     assert hub.requested(TOWER_REPO) == ["config.json", "preprocessor_config.json", "model.safetensors",
                                          "pytorch_model.bin"]  # offline: no listing, both weight names asked
-    assert sorted(p.name for p in cache.iterdir()) == ["img-llava-13b-hf"]
+    assert sorted(p.name for p in cache.iterdir()) == [".img-llava-13b-hf.lock", "img-llava-13b-hf"]
     assert is_prepared(target) and (target / COMPLETION_MARKER).is_file()
     assert not (hub.snapshot(IMG_REPO) / "image_encoder").exists()
     assert not (hub.snapshot(IMG_REPO) / "aligner_flux.pth").exists()
@@ -249,6 +249,22 @@ def test_low_disk_is_refused_before_anything_is_converted(hub, tmp_path, stand_i
     target = prepared_folder("img-llava-13b", cache)
     assert not target.exists() and not partial_folder(target).exists()
     assert not any(name.endswith(".bin") for _, patterns, _ in hub.calls for name in patterns or [])
+
+
+def test_one_preparation_at_a_time(tmp_path):
+    import fcntl
+
+    from img_core.prepare import PreparationBusyError, _exclusive_lock
+
+    lock = tmp_path / ".img-llava-13b-hf.lock"
+    with open(lock, "a") as other_process:  # another open file description: what another process holds
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        with pytest.raises(PreparationBusyError, match="another process is preparing img-llava-13b-hf"):
+            with _exclusive_lock(lock, timeout_s=0.2):
+                pass
+        fcntl.flock(other_process, fcntl.LOCK_UN)
+    with _exclusive_lock(lock, timeout_s=0.2):
+        pass
 
 
 def test_disk_need_counts_one_original_shard_unless_kept():
