@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -251,3 +252,17 @@ def test_unsupported_projector_is_rejected(tmp_path):
 def test_main_reports_a_missing_source(tmp_path, capsys):
     assert main(["--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_refused_and_nothing_is_left(tmp_path, converted):
+    source = tmp_path / "llava"
+    shutil.copytree(converted["source"], source)
+    shard = source / "pytorch_model-00002-of-00002.bin"
+    state = torch.load(shard, weights_only=True)
+    key = next(k for k in state if k.startswith("model.layers."))
+    state[key][0, 0] = float("nan")
+    torch.save(state, shard)
+    out = tmp_path / "hf"
+    with pytest.raises(InvalidInputError, match=f"{key.removeprefix('model.')} holds NaN"):
+        convert_llava_checkpoint(source, out, vision_tower=converted["tower_dir"])
+    assert not out.exists() and not is_prepared(out)

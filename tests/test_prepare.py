@@ -322,3 +322,18 @@ def test_push_to_hub_is_refused_offline_or_with_a_bad_id(tmp_path, capsys):
     assert convert_llava_main(["--out", out, "--push-to-hub", "someone/img-llava"]) == 1
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_shard_names_and_sizes_come_from_the_hub_listing_when_there_is_no_index(tmp_path):
+    from img_core.prepare import _shard_bytes, _shard_names
+
+    listing = {"llava/config.json": 900, "llava/model-00001-of-00002.safetensors": 9_900_000_000,
+               "llava/model-00002-of-00002.safetensors": 6_100_000_000, "llava/pytorch_model.bin": 1,
+               "aligner_sdxl.pth": 780_000_000}
+    names = _shard_names(tmp_path, listing, "llava")
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    sizes = _shard_bytes(tmp_path, listing, "llava", names, estimate=26.7e9)
+    assert sizes == {names[0]: 9.9e9, names[1]: 6.1e9}
+    assert conversion_disk_need(sizes, done=set(), keep_original=False) == 16e9 + 9.9e9
+    assert _shard_names(tmp_path, None, "llava") is None  # nothing says: fetch all weight files
+    assert _shard_bytes(tmp_path, None, "llava", None, estimate=26.7e9) == {"(weights)": 26.7e9}
