@@ -284,11 +284,10 @@ def convert_llava_checkpoint(
         if partial.exists():
             logger.info("restarting the conversion in %s (no journal, or other settings)", partial)
             shutil.rmtree(partial)
-        journal = {"settings": settings, "done": []}
+        journal = {"settings": settings, "done": [], "dropped_tower_tensors": 0}
     partial.mkdir(parents=True, exist_ok=True)
     _write_json(partial / JOURNAL, journal)
     total_shards = len(shard_names) + 1  # + one shard for the vision tower weights the checkpoint lacks
-    dropped_tower = 0
     for number, name in enumerate(shard_names, start=1):
         output_name = _output_shard_name(number, total_shards)
         if name in journal["done"] and (partial / output_name).is_file():
@@ -300,7 +299,7 @@ def convert_llava_checkpoint(
         for key, tensor in load_weight_file(source / name).items():
             target = rename_original_key(key, tower_keys, keep_tower)
             if target is None:
-                dropped_tower += key.startswith("model.vision_tower.")
+                journal["dropped_tower_tensors"] += key.startswith("model.vision_tower.")
                 continue
             if target in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
                 tensor = grow_rows(tensor, vocab_size)
@@ -312,11 +311,11 @@ def convert_llava_checkpoint(
         if delete_source_shards:
             (source / name).unlink(missing_ok=True)
         report("converting shard", number, total_shards, None)
-    if dropped_tower:
+    if journal["dropped_tower_tensors"]:
         logger.warning(
             "dropped %d vision tower tensors of the checkpoint: its config does not set unfreeze_mm_vision_tower, "
             "so the original loader reads the tower from %s, and so does this conversion",
-            dropped_tower, original_tower or vision_tower,
+            journal["dropped_tower_tensors"], original_tower or vision_tower,
         )
 
     # 6. the vision tower weights the checkpoint did not provide, from `vision_tower`
