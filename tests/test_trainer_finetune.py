@@ -103,3 +103,11 @@ def test_qlora_on_qwen_trains_merges_and_loads(edits, tiny_root, tmp_path):
     assert loss_after < loss_before - 0.3, (loss_before, loss_after)  # measured 5.55 -> 4.68
     guidance = tuned.guidance(load_image(png_bytes(1)), "a photo of a blue house", seed=0)
     assert guidance.shape[0] == 1 and guidance.shape[2] == 64 and torch.isfinite(guidance).all()
+
+
+def test_fewer_rows_than_one_micro_batch_is_a_clear_error(edits, tmp_path):
+    """It used to loop forever looking for a full micro-batch; now it stops before loading any model."""
+    with pytest.raises(ValueError, match=r"has 4 usable rows, fewer than one micro-batch of --batch-size 8 x 1"):
+        finetune(FinetuneConfig(dataset=str(edits), base="tiny-llava", out=str(tmp_path / "x"), batch_size=8))
+    with pytest.raises(ValueError, match=r"has 2 usable rows"):
+        finetune(FinetuneConfig(dataset=str(edits), base="tiny-llava", out=str(tmp_path / "x"), batch_size=3, limit=2))

@@ -176,6 +176,13 @@ def finetune(cfg: FinetuneConfig, tiny_root: str | Path | None = None) -> Path:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     torch.manual_seed(cfg.seed)
     triplets = EditTriplets(cfg.dataset, limit=cfg.limit, split=cfg.split)
+    rows_per_micro_batch = cfg.batch_size * accelerator.num_processes
+    if len(triplets) < rows_per_micro_batch:
+        raise ValueError(
+            f"{cfg.dataset} has {len(triplets)} usable rows, fewer than one micro-batch of --batch-size "
+            f"{cfg.batch_size} x {accelerator.num_processes} process(es) = {rows_per_micro_batch}; lower --batch-size "
+            "or use more data"
+        )
     spec = base_spec(cfg.base, tiny_root)
     if cfg.chat_template:
         spec = dataclasses.replace(spec, chat_template=cfg.chat_template)
@@ -206,7 +213,7 @@ def finetune(cfg: FinetuneConfig, tiny_root: str | Path | None = None) -> Path:
         epoch = 0
         while True:
             order = torch.randperm(len(triplets), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-            stride = cfg.batch_size * accelerator.num_processes
+            stride = rows_per_micro_batch  # an epoch's last incomplete micro-batch is dropped
             for start in range(0, len(order) - stride + 1, stride):
                 rows = order[start + accelerator.process_index * cfg.batch_size :][: cfg.batch_size].tolist()
                 yield [(row, cfg.seed + epoch * len(triplets) + row) for row in rows]
@@ -223,17 +230,25 @@ def finetune(cfg: FinetuneConfig, tiny_root: str | Path | None = None) -> Path:
     model.train()
     window, window_start = [], time.perf_counter()
     for step in range(1, max_steps + 1):
+        used = 0
         for _ in range(cfg.gradient_accumulation_steps):
             examples = [read_example(critic, triplets, row, seed) for row, seed in next(batches)]
             examples = [example for example in examples if example is not None]
-            if not examples:
-                continue
+            # Every micro-batch enters accumulate(), also one without a readable row, so accelerate's
+            # accumulation phase stays in step with `step` and the optimizer steps once per step.
             with accelerator.accumulate(model):
+                if not examples:
+                    continue
                 loss = model(**collate(examples, pad_token_id)).loss
+                if not torch.isfinite(loss):
+                    logger.warning("step %d: non-finite loss, micro-batch skipped", step)
+                    continue
                 accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                used += 1
             window.append(loss.item())
+        if used:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         progress.update(1)
         if (step % cfg.log_every == 0 or step == max_steps) and accelerator.is_main_process:
             seen = len(window) * cfg.batch_size * accelerator.num_processes
