@@ -48,6 +48,7 @@ It takes about a minute on 2 CPU cores. Never copy the release's code into this 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import sys
@@ -75,6 +76,7 @@ IP_CLIP_SIZE, IP_CLIP_PATCH = 224, 32  # 224: the release hard-codes 224x224 zer
 RESAMPLER_HIDDEN = 32
 ALIGNER_HEADS = 2
 DIM_HEAD = 64  # the release's dim_head; diffusers reads IP-Adapter heads as to_q rows // 64
+WRITTEN = ("llava", "clip-vision-336", "sdxl", "ip-adapter", "aligner", "golden.safetensors", "recipe.json")
 RELEASE_COMMIT = "3b7abdd"
 LLAVA_COMMIT = "c121f04"
 TOKENIZER_CORPUS = [
@@ -121,28 +123,26 @@ def build_sentencepiece_tokenizer(folder: Path) -> None:
     """A Llama-style sentencepiece BPE (byte fallback, identity normalisation, `<unk> <s> </s>` = 0 1 2)."""
     import sentencepiece as spm
 
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(TOKENIZER_CORPUS * 4) + "\n")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(Path(tmp) / "tokenizer"),
-            model_type="bpe",
-            vocab_size=420,
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=True,
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            character_coverage=1.0,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            minloglevel=2,
-        )
-        shutil.copy(Path(tmp) / "tokenizer.model", folder / "tokenizer.model")
+    model = io.BytesIO()  # trained from an iterator into memory: no temporary paths in the model file
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TOKENIZER_CORPUS * 4),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=420,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -448,9 +448,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     out = args.out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    for name in WRITTEN:  # only what this script writes: tests/golden also holds other goldens
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(SEED)
 
     # 1. tiny weights in the release's layouts
