@@ -440,7 +440,7 @@ def test_a_truncated_manifest_names_the_file(tmp_path):
     write_synthetic_store(tmp_path, 8, shard_size=4)
     text = (tmp_path / "manifest.json").read_text()
     (tmp_path / "manifest.json").write_text(text[: len(text) // 2])
-    with pytest.raises(CorruptFileError, match=rf"{tmp_path / 'manifest.json'} is not valid JSON .* line \d+"):
+    with pytest.raises(CorruptFileError, match=rf"{tmp_path / 'manifest.json'} is not valid JSON .*: line \d+"):
         FeatureStore(tmp_path)
 
 

@@ -196,7 +196,7 @@ def read_manifest(store_dir: str | Path) -> dict:
         raise CorruptFileError(f"{path} is not a text file ({error}): re-run trainer.extract to rewrite it") from error
     except json.JSONDecodeError as error:
         raise CorruptFileError(
-            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); it is damaged "
+            f"{path} is not valid JSON ({error.msg}: line {error.lineno}, column {error.colno}); it is damaged "
             "or truncated: re-run trainer.extract with the same --out to rewrite it"
         ) from error
     if not isinstance(manifest, dict):
@@ -210,7 +210,8 @@ def read_manifest(store_dir: str | Path) -> dict:
         value = manifest[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise CorruptFileError(
-                f"{path}: field \"{key}\" must be {_json_type(kind())}, found {_json_type(value)} ({value!r:.60})"
+                f"{path}: field \"{key}\" must be {_json_type(kind())}, found {_json_type(value)}"
+                + (f" ({json.dumps(value)[:60]})" if value is not None else "")
             )
     for name in manifest["shards"]:
         if not isinstance(name, str) or Path(name).name != name or not name:
