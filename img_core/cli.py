@@ -20,36 +20,20 @@ EXIT_FAILURE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from img_core.presets import PRESETS
+    from img_core.settings import GUIDANCE_MODES, LIMITS, add_model_arguments, add_round_arguments
 
     parser = argparse.ArgumentParser(prog="python -m img_core", description="IMG: re-generate images that match their prompts")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     commands = parser.add_subparsers(dest="command", required=True)
 
     refine = commands.add_parser("refine", help="generate (or take) an image and run IMG rounds on it")
-    refine.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: sdxl on a CUDA GPU, else tiny-sdxl")
     refine.add_argument("--prompt", required=True)
     refine.add_argument("--seed", type=int, default=0)
-    refine.add_argument("--rounds", type=int, default=1, help="IMG rounds after the initial image (default 1)")
-    refine.add_argument("--out", required=True, type=Path, help="output folder")
+    refine.add_argument("--rounds", type=int, default=1, help=f"{LIMITS['rounds'].label} (default 1)")
+    refine.add_argument("--out", required=True, type=Path, help="output folder (checked before any model loads)")
     refine.add_argument("--image", type=Path, default=None, help="start from this image instead of generating one")
-    refine.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
-    refine.add_argument("--guidance-scale", type=float, default=None, help="CFG / FLUX guidance (default: the preset's)")
-    refine.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter scale of the re-generation (default 0.2)")
-    refine.add_argument("--passes", type=int, default=None, help="aligner passes (default 3)")
-    refine.add_argument("--guidance-mode", choices=("question", "dialogue"), default="question",
-                        help="question: as released; dialogue: the critique steers the guidance")
-    refine.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    refine.add_argument("--quantization", default=None,
-                        choices=("none", "bnb-nf4", "bnb-8bit", "quanto-int8", "quanto-int4"),
-                        help="MLLM quantization (default: bnb-nf4 on CUDA, none on CPU)")
-    refine.add_argument("--diffusion-quantization", default=None, choices=("none", "bnb-nf4", "bnb-8bit"),
-                        help="quantize the big diffusion components on CUDA (default: bnb-nf4 for flux-dev, else none)")
-    refine.add_argument("--mllm", default=None, help="MLLM name from img_core.mllm.KNOWN_MLLMS (default: the preset's)")
-    refine.add_argument("--aligner", default=None, help="aligner folder (save_pretrained) or official .pth")
-    refine.add_argument("--offload", action="store_true", default=None,
-                        help="CPU-offload the diffusion pipeline (less GPU memory; default: automatic when the GPU "
-                        "is smaller than the preset's estimated need)")
+    add_round_arguments(refine)
+    add_model_arguments(refine)
     refine.add_argument("--quiet", action="store_true", help="no progress bars")
 
     convert = commands.add_parser("convert-aligner", help="turn a released aligner .pth into a save_pretrained folder")
@@ -57,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, type=Path)
     convert.add_argument("--mllm", default="img-llava-13b", help="MLLM the aligner was trained with (metadata)")
     convert.add_argument("--chat-template", default="llava-v0", help="chat template of that MLLM (metadata)")
-    convert.add_argument("--guidance-mode", default="question", choices=("question", "dialogue"))
+    convert.add_argument("--guidance-mode", default="question", choices=GUIDANCE_MODES)
 
     commands.add_parser("convert-llava", help="convert the released IMG LLaVA folder to transformers format", add_help=False)
+    commands.add_parser("prepare", help="fetch and convert what a preset needs, ahead of time", add_help=False)
     return parser
 
 
@@ -69,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from img_core.convert_llava import main as convert_llava_main
 
         return _guarded(lambda: convert_llava_main(argv[1:]), debug="--debug" in argv)
+    if argv and argv[0] == "prepare":
+        from img_core.prepare import main as prepare_main
+
+        return _guarded(lambda: prepare_main(argv[1:]), debug="--debug" in argv)
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug)
     if args.command == "refine":
@@ -80,36 +69,36 @@ def refine(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from img_core.presets import default_preset_name
-    from img_core.session import IMGSession, RoundSettings
+    from img_core.record import check_output_folder
+    from img_core.session import IMGSession, StageEvent
+    from img_core.settings import check_prompt, check_rounds, check_seed, model_options_from_args, round_settings_from_args
 
-    preset = args.preset or default_preset_name()
-    session = IMGSession.from_preset(
-        preset,
-        device=args.device,
-        quantization=args.quantization,
-        mllm=args.mllm,
-        aligner=args.aligner,
-        offload=args.offload,
-        diffusion_quantization=args.diffusion_quantization,
-        show_progress_bars=False,
-    )
-    settings = RoundSettings(
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        ip_scale=args.ip_scale,
-        aligner_passes=args.passes,
-        guidance_mode=args.guidance_mode,
-    )
+    # Every argument is checked before any model loads: a bad --out never costs the rounds.
+    settings = round_settings_from_args(args)
+    check_prompt(args.prompt)
+    check_seed(args.seed)
+    check_rounds(args.rounds)
+    check_output_folder(args.out, "--out")
+    if args.image is not None:
+        from img_core.images import load_image
+
+        load_image(args.image)
+    options = model_options_from_args(args)
+    session = IMGSession.from_preset(options.preset or default_preset_name(), show_progress_bars=False,
+                                     **options.session_kwargs())
     bar = tqdm(total=args.rounds + 1, desc="IMG", unit="image", disable=args.quiet, file=sys.stderr)
 
-    def progress(stage: str, done: int, total: int) -> None:
-        bar.set_postfix_str(stage)
-        if stage.startswith("round ") and stage != "round 0":
+    def on_stage(event: StageEvent) -> None:
+        if event.stage == "done":
             bar.update(1)
-        elif stage == "done":
-            bar.update(1)
+        elif event.stage == "load":
+            bar.set_postfix_str(event.message or "loading")
+        elif event.step is not None and event.total:
+            bar.set_postfix_str(f"round {event.round_index} {event.stage} {event.step}/{event.total}")
+        elif event.text is None:
+            bar.set_postfix_str(f"round {event.round_index} {event.stage}")
 
-    record = session.run(args.prompt, args.seed, args.rounds, settings, image=args.image, progress=progress)
+    record = session.run(args.prompt, args.seed, args.rounds, settings, image=args.image, on_stage=on_stage)
     bar.close()
     path = record.save(args.out)
     if not args.quiet:

@@ -81,6 +81,8 @@ class Preset:
     variant: str | None = None
     ip_scale: float = 0.2
     aligner_passes: int = 3
+    # Question source (img_core.questions): the released aligners were trained with the release's questions.
+    questions: str = "ours"
     flux_sampling: FluxSampling = FluxSampling()  # FLUX only: how images are sampled (see FLUX_SAMPLINGS)
     # Diffusion-side quantization on CUDA (bitsandbytes): which components, and the default.
     quantize_components: tuple[str, ...] = ("unet",)
@@ -137,6 +139,7 @@ PRESETS: dict[str, Preset] = {
         ip_adapter=_SDXL_IP_ADAPTER,
         aligner=_SDXL_ALIGNER,
         mllm="img-llava-13b",
+        questions="release",
         default_steps=50,
         default_guidance_scale=7.5,
         width=1024,
@@ -161,6 +164,7 @@ PRESETS: dict[str, Preset] = {
             repo=IMG_HUB_REPO, filename="aligner_flux.pth", mllm="img-llava-13b", chat_template="llava-v0"
         ),
         mllm="img-llava-13b",
+        questions="release",
         resident_gib=25.3,
         default_steps=30,
         default_guidance_scale=3.5,

@@ -1,145 +1,63 @@
 """An IMG session: one loaded stack (diffusion backend + MLLM critic + Implicit Aligner) and the rounds
-it makes. This is the API the CLI, the app and the trainer call.
+it makes. This is the one round path: the CLI, the app, `evaluate` and the trainer call these methods.
 
 One round of IMG (REFERENCE §1), from a base image and its prompt:
     1. critique       the MLLM's misalignment analysis as text (shown, editable, recorded)
     2. guidance       MLLM last-layer hidden states over the conversation      (1, Sg, Dg)
-    3. image features IP-Adapter tokens of the base image                      (1, Si, D)
+       In question mode 1 and 2 come from ONE prefill of the MLLM; `critique=False` skips the text.
+    3. image features IP-Adapter tokens of the base image (kept with its Round) (1, Si, D)
     4. align          the Implicit Aligner applied `aligner_passes` times      (1, Si, D)
-    5. regenerate     same prompt and seed, aligned tokens at `ip_scale`
+    5. regenerate     same prompt and seed, aligned tokens at `ip_scale`; the prompt's text embeddings
+                      are encoded once per prompt and reused
 Round 0 is the base model's own image (or the user's). Same inputs and seed give the same images.
+
+Progress goes to an optional `on_stage` callback as `StageEvent`s (stage, step i/n, critique so far).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import io
-import json
 import logging
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from img_core.aligner import ImplicitAligner
-from img_core.backends.base import require_prompt
-from img_core.errors import IncompatibleAlignerError, InvalidInputError, OutOfMemoryError
+from img_core.backends.base import DiffusionCall
+from img_core.errors import IncompatibleAlignerError, OutOfMemoryError
 from img_core.images import load_image
 from img_core.presets import Preset, get_preset
+from img_core.record import Round, SessionRecord
+from img_core.settings import RoundSettings, check_prompt, check_rounds, check_seed
 
 logger = logging.getLogger(__name__)
 
-GUIDANCE_MODES = ("question", "dialogue")
-ProgressCallback = Callable[[str], None]
+ProgressCallback = Callable[[str], None]  # loading messages
 
 
-@dataclass
-class RoundSettings:
-    """Per-round knobs; None means "the preset's default"."""
+@dataclass(frozen=True)
+class StageEvent:
+    """Where a round is: `stage` is one of load, generate, critique, guidance, image_features, align,
+    regenerate, done; `step`/`total` count diffusion steps; `text` is the critique streamed so far."""
 
-    steps: int | None = None
-    guidance_scale: float | None = None
-    ip_scale: float | None = None  # REFERENCE §4: 0.2
-    aligner_passes: int | None = None  # REFERENCE §1: 3
-    guidance_mode: str = "question"  # "question" (as released) | "dialogue" (critique steers guidance)
-    max_critique_tokens: int = 96
-
-    def resolve(self, preset: Preset) -> dict:
-        """Concrete values for this preset, validated."""
-        values = {
-            "steps": int(self.steps if self.steps is not None else preset.default_steps),
-            "guidance_scale": float(
-                self.guidance_scale if self.guidance_scale is not None else preset.default_guidance_scale
-            ),
-            "ip_scale": float(self.ip_scale if self.ip_scale is not None else preset.ip_scale),
-            "aligner_passes": int(self.aligner_passes if self.aligner_passes is not None else preset.aligner_passes),
-            "guidance_mode": self.guidance_mode,
-            "width": preset.width,
-            "height": preset.height,
-        }
-        if values["steps"] < 1 or values["steps"] > 500:
-            raise InvalidInputError(f"steps must be between 1 and 500, got {values['steps']}")
-        if not 0.0 <= values["ip_scale"] <= 2.0:
-            raise InvalidInputError(f"ip_scale must be between 0 and 2, got {values['ip_scale']}")
-        if not 0 <= values["aligner_passes"] <= 10:
-            raise InvalidInputError(f"aligner_passes must be between 0 and 10, got {values['aligner_passes']}")
-        if values["guidance_scale"] < 0:
-            raise InvalidInputError(f"guidance_scale must be >= 0, got {values['guidance_scale']}")
-        if self.guidance_mode not in GUIDANCE_MODES:
-            raise InvalidInputError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {self.guidance_mode!r}")
-        return values
+    stage: str
+    round_index: int = 0
+    step: int | None = None
+    total: int | None = None
+    text: str | None = None
+    message: str | None = None
 
 
-@dataclass
-class Round:
-    """One image of a session and how it was made."""
-
-    index: int
-    image: Image.Image
-    prompt: str
-    seed: int
-    source: str  # "generated" | "uploaded" | "refined"
-    critique: str | None = None  # the critique this round was re-generated from
-    guidance_mode: str | None = None
-    question: str | None = None
-    base_index: int | None = None  # the round it was refined from
-    settings: dict = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "image"}
-        values["image_file"] = f"round_{self.index}.png"
-        values["seconds"] = {stage: round(value, 4) for stage, value in self.seconds.items()}
-        return values
+StageCallback = Callable[[StageEvent], None]
 
 
-@dataclass
-class SessionRecord:
-    """All rounds of one prompt: what `session.json` (CLI, app download) holds, plus the images."""
-
-    prompt: str
-    seed: int
-    preset: str
-    rounds: list[Round] = field(default_factory=list)
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-    def to_dict(self) -> dict:
-        return {
-            "format": "img-session/1",
-            "prompt": self.prompt,
-            "seed": self.seed,
-            "preset": self.preset,
-            "created": self.created,
-            "rounds": [r.to_dict() for r in self.rounds],
-        }
-
-    def save(self, out_dir: str | Path) -> Path:
-        """Write round_0.png, round_1.png, ... and session.json into `out_dir`."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for r in self.rounds:
-            r.image.save(out_dir / f"round_{r.index}.png")
-        (out_dir / "session.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return out_dir / "session.json"
-
-    def write_zip(self, path: str | Path) -> Path:
-        """The same files as `save`, in one zip archive."""
-        path = Path(path)
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for r in self.rounds:
-                buffer = io.BytesIO()
-                r.image.save(buffer, format="PNG")
-                archive.writestr(f"round_{r.index}.png", buffer.getvalue())
-            archive.writestr("session.json", json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+def _ignore(event: StageEvent) -> None:
+    pass
 
 
 class IMGSession:
@@ -156,16 +74,20 @@ class IMGSession:
         diffusion_quantization: str | None = None,
         tiny_root: str | Path | None = None,
         show_progress_bars: bool = True,
+        questions: str | None = None,
     ):
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.base_preset = preset
         self.quantization = quantization
         self.mllm_name = mllm or preset.mllm
         self.aligner_source = aligner
-        self.offload = offload
+        self.offload_requested = offload  # what the user asked for (None: automatic)
+        self.offload = offload  # what is in effect once loaded
         self.diffusion_quantization = diffusion_quantization
         self.tiny_root = Path(tiny_root) if tiny_root else None
         self.show_progress_bars = show_progress_bars
+        self.questions_requested = questions  # None: the preset's question source
+        self.questions_spec = questions or preset.questions
         self.preset = preset  # resolved to absolute tiny paths on load
         self.backend = None
         self.critic = None
@@ -174,7 +96,7 @@ class IMGSession:
         self._lock = threading.RLock()
 
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> "IMGSession":
+    def from_preset(cls, name: str, **kwargs) -> IMGSession:
         """A session for a preset name (`sdxl`, `sdxl-dpo`, `flux-dev`, `tiny-sdxl`, `tiny-flux`). Loads nothing."""
         return cls(get_preset(name), **kwargs)
 
@@ -190,7 +112,7 @@ class IMGSession:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, progress: ProgressCallback | None = None, aligner: bool = True) -> "IMGSession":
+    def load(self, progress: ProgressCallback | None = None, aligner: bool = True) -> IMGSession:
         """Load the diffusion backend, the MLLM critic and the aligner (each once), then check they fit.
 
         `aligner=False` loads only the backend and the critic (feature extraction needs no aligner)."""
@@ -207,11 +129,18 @@ class IMGSession:
             preset = self.preset
 
             from img_core.backends import backend_class
-            from img_core.mllm import MLLMCritic, default_quantization, resolve_spec
+            from img_core.mllm import MLLMCritic, default_quantization
+            from img_core.questions import load_question_source
 
+            if self.critic is None:  # first: a real MLLM may need downloading and converting (once, cached)
+                from img_core.prepare import format_progress, resolve_prepared_spec
+
+                with self._stage("prepare_mllm", self.load_seconds):
+                    spec = resolve_prepared_spec(
+                        self.mllm_name, self.tiny_root, progress=lambda *event: say(format_progress(*event))
+                    )
             if self.backend is None:
-                if self.offload is None:
-                    self.offload = self._auto_offload(say)
+                self.offload = self.offload_requested if self.offload_requested is not None else self._auto_offload(say)
                 with self._stage("load_diffusion", self.load_seconds):
                     quantization = self.diffusion_quantization or (
                         preset.diffusion_quantization if self.device.type == "cuda" else "none"
@@ -223,10 +152,11 @@ class IMGSession:
                     self.backend.pipeline.set_progress_bar_config(disable=not self.show_progress_bars)
             if self.critic is None:
                 with self._stage("load_mllm", self.load_seconds):
-                    spec = resolve_spec(self.mllm_name, self.tiny_root)
                     quantization = self.quantization or default_quantization(self.device)
                     say(f"loading the MLLM {spec.model_id} (quantization: {quantization})")
-                    self.critic = MLLMCritic.load(spec, device=self.device, quantization=quantization)
+                    critic = MLLMCritic.load(spec, device=self.device, quantization=quantization)
+                    critic.questions = load_question_source(self.questions_spec)
+                    self.critic = critic
             if aligner and self.aligner is None:
                 with self._stage("load_aligner", self.load_seconds):
                     say("loading the Implicit Aligner")
@@ -237,7 +167,7 @@ class IMGSession:
             return self
 
     def _auto_offload(self, say: ProgressCallback) -> bool:
-        """offload=None: CPU-offload the pipeline when the GPU is smaller than the preset's estimate."""
+        """CPU-offload the pipeline when the GPU is smaller than the preset's estimate."""
         from img_core.presets import needs_offload
 
         if self.device.type != "cuda":
@@ -287,104 +217,136 @@ class IMGSession:
 
     # ------------------------------------------------------------------ rounds
 
-    def generate(self, prompt: str, seed: int, settings: RoundSettings | None = None) -> Round:
+    def generate(
+        self, prompt: str, seed: int, settings: RoundSettings | None = None, on_stage: StageCallback | None = None
+    ) -> Round:
         """Round 0: the base model's image for `prompt` and `seed`."""
-        settings = settings or RoundSettings()
-        values = settings.resolve(self.base_preset)
-        seed = _check_seed(seed)
-        require_prompt(prompt)  # cheap checks first: bad input never waits for a model load
-        self.load()
+        values = (settings or RoundSettings()).resolve(self.base_preset)
+        seed = check_seed(seed)
+        prompt_check = check_prompt(prompt)  # cheap checks first: bad input never waits for a model load
+        report = on_stage or _ignore
+        self._load_reporting(report)
         with self._lock:
-            check = self.backend.check_prompt(prompt)
+            prompt_check = self.backend.check_prompt(prompt_check.prompt)
+            call = self._call(prompt_check.prompt, seed, values)
             seconds: dict[str, float] = {}
             with self._stage("generate", seconds):
-                image = self.backend.generate(
-                    check.prompt, seed, values["steps"], values["guidance_scale"], values["width"], values["height"]
-                )
-        return Round(0, image, check.prompt, seed, "generated", settings=values, seconds=seconds, warnings=check.warnings)
+                report(StageEvent("generate", 0, 0, values.steps))
+                image = self.backend.generate(call, self._step_reporter(report, "generate", 0))
+        report(StageEvent("done", 0))
+        return Round(0, image, prompt_check.prompt, seed, "generated", settings=values.to_dict(), seconds=seconds,
+                     warnings=list(prompt_check.warnings))
 
     def start_from_image(self, image, prompt: str, seed: int = 0) -> Round:
         """Round 0 from the user's own image (any size/mode; converted to RGB, huge images resized)."""
         image = load_image(image)
-        seed = _check_seed(seed)
-        require_prompt(prompt)
+        seed = check_seed(seed)
+        prompt_check = check_prompt(prompt)
         self.load()
-        check = self.backend.check_prompt(prompt)
-        return Round(0, image, check.prompt, seed, "uploaded", warnings=check.warnings)
+        prompt_check = self.backend.check_prompt(prompt_check.prompt)
+        return Round(0, image, prompt_check.prompt, seed, "uploaded", warnings=list(prompt_check.warnings))
 
-    def critique(self, image, prompt: str, max_new_tokens: int = 96, seed: int = 0) -> str:
-        """The MLLM's analysis of how `image` misses `prompt`."""
+    def critique(
+        self,
+        image,
+        prompt: str,
+        max_new_tokens: int | None = None,
+        seed: int = 0,
+        on_stage: StageCallback | None = None,
+    ) -> str:
+        """The MLLM's analysis of how `image` misses `prompt`, asked the question the seed draws (the same
+        question a round with this seed asks)."""
+        settings = RoundSettings() if max_new_tokens is None else RoundSettings(max_critique_tokens=max_new_tokens)
+        settings.check()
         image = load_image(image)
-        require_prompt(prompt)
-        self.load()
-        with self._lock:
-            check = self.backend.check_prompt(prompt)
-            with self._stage("critique", {}):
-                return self.critic.critique(image, check.prompt, max_new_tokens=max_new_tokens, seed=_check_seed(seed))
+        seed = check_seed(seed)
+        prompt_check = check_prompt(prompt)
+        report = on_stage or _ignore
+        self._load_reporting(report)
+        with self._lock, self._stage("critique", {}):
+            prompt_check = self.backend.check_prompt(prompt_check.prompt)
+            report(StageEvent("critique"))
+            return self.critic.critique(
+                image, prompt_check.prompt, max_new_tokens=settings.max_critique_tokens, seed=seed,
+                on_text=lambda text: report(StageEvent("critique", text=text)),
+            )
 
     def refine(
         self,
-        image,
+        image: Round | Image.Image | str | Path,
         prompt: str,
         seed: int,
         critique: str | None = None,
         settings: RoundSettings | None = None,
         index: int = 1,
         base_index: int | None = None,
+        on_stage: StageCallback | None = None,
     ) -> Round:
-        """One IMG round from `image`. Without a critique, the MLLM writes one first (it is recorded, and
-        in dialogue mode it is what steers the guidance)."""
-        settings = settings or RoundSettings()
-        values = settings.resolve(self.base_preset)
-        seed = _check_seed(seed)
-        image = load_image(image)
-        if critique is not None and not str(critique).strip():
-            critique = None
-        require_prompt(prompt)
-        self.load()
+        """One IMG round from `image` (a `Round` keeps its IP features for the next time).
+
+        Without a critique the MLLM writes one (recorded; in dialogue mode it steers the guidance; in
+        question mode it comes from the same prefill as the guidance, or is skipped with
+        `settings.critique=False`). With one, dialogue mode is guided by it as given; question mode records it."""
+        values = (settings or RoundSettings()).resolve(self.base_preset)
+        seed = check_seed(seed)
+        base = image if isinstance(image, Round) else None
+        image = load_image(base.image if base is not None else image)
+        critique = critique.strip() if isinstance(critique, str) and critique.strip() else None
+        prompt_check = check_prompt(prompt)
+        report = on_stage or _ignore
+        self._load_reporting(report, index)
         with self._lock:
-            check = self.backend.check_prompt(prompt)
+            prompt_check = self.backend.check_prompt(prompt_check.prompt)
             seconds: dict[str, float] = {}
-            if critique is None:
-                with self._stage("critique", seconds):
-                    critique = self.critic.critique(
-                        image, check.prompt, max_new_tokens=settings.max_critique_tokens, seed=seed
-                    )
-            with self._stage("guidance", seconds):
-                guidance = self.critic.guidance(
-                    image, check.prompt, critique=critique, mode=values["guidance_mode"], seed=seed
+            guided_by_text = values.guidance_mode == "dialogue"
+            writes = critique is None and (guided_by_text or values.critique)
+            stage = "critique" if writes else "guidance"
+            with self._stage(stage, seconds):
+                report(StageEvent(stage, index))
+                reading = self.critic.read(
+                    image,
+                    prompt_check.prompt,
+                    seed=seed,
+                    mode=values.guidance_mode,
+                    critique=critique,
+                    write_critique=writes,
+                    max_new_tokens=values.max_critique_tokens,
+                    on_text=lambda text: report(StageEvent("critique", index, text=text)),
                 )
             with self._stage("image_features", seconds):
-                image_features = self.backend.image_features(image)
+                report(StageEvent("image_features", index))
+                image_features = base.image_features if base is not None else None
+                if image_features is None:
+                    image_features = self.backend.image_features(image)
+                    if base is not None:
+                        base.image_features = image_features
             with self._stage("align", seconds):
+                report(StageEvent("align", index))
                 with torch.no_grad():
                     aligned_features = self.aligner.align(
-                        image_features, guidance, passes=values["aligner_passes"]
+                        image_features.to(self.device), reading.guidance.to(self.device), passes=values.aligner_passes
                     ).float().cpu()
             with self._stage("regenerate", seconds):
+                report(StageEvent("regenerate", index, 0, values.steps))
+                call = self._call(prompt_check.prompt, seed, values)
                 new_image = self.backend.regenerate(
-                    check.prompt,
-                    seed,
-                    aligned_features,
-                    values["ip_scale"],
-                    values["steps"],
-                    values["guidance_scale"],
-                    values["width"],
-                    values["height"],
+                    call, aligned_features, self._step_reporter(report, "regenerate", index)
                 )
+        report(StageEvent("done", index))
         return Round(
             index,
             new_image,
-            check.prompt,
+            prompt_check.prompt,
             seed,
             "refined",
-            critique=critique,
-            guidance_mode=values["guidance_mode"],
-            question=self.critic.question_for(check.prompt, seed),
-            base_index=base_index if base_index is not None else index - 1,
-            settings=values,
+            critique=critique if critique is not None else reading.critique,
+            guidance_mode=values.guidance_mode,
+            question=reading.question,
+            question_source=self.critic.questions.name,
+            base_index=base_index if base_index is not None else (base.index if base is not None else index - 1),
+            settings=values.to_dict(),
             seconds=seconds,
-            warnings=check.warnings,
+            warnings=list(prompt_check.warnings),
         )
 
     def run(
@@ -394,32 +356,51 @@ class IMGSession:
         rounds: int = 1,
         settings: RoundSettings | None = None,
         image=None,
-        progress: Callable[[str, int, int], None] | None = None,
+        on_stage: StageCallback | None = None,
     ) -> SessionRecord:
-        """Round 0 (generated, or `image`) then `rounds` IMG rounds, each from the previous image."""
-        if rounds < 0 or rounds > 50:
-            raise InvalidInputError(f"rounds must be between 0 and 50, got {rounds}")
+        """Round 0 (generated, or `image`) then `rounds` IMG rounds, each from the previous round."""
+        rounds = check_rounds(rounds)
         settings = settings or RoundSettings()
         settings.resolve(self.base_preset)
-        _check_seed(seed)
-        require_prompt(prompt)
+        check_seed(seed)
+        check_prompt(prompt)
         if image is not None:
             image = load_image(image)
-        report = progress or (lambda stage, done, total: None)
-        report("load", 0, rounds)
-        self.load()
-        report("round 0", 0, rounds)
-        first = self.start_from_image(image, prompt, seed) if image is not None else self.generate(prompt, seed, settings)
+        first = (
+            self.start_from_image(image, prompt, seed)
+            if image is not None
+            else self.generate(prompt, seed, settings, on_stage=on_stage)
+        )
         record = SessionRecord(first.prompt, first.seed, self.base_preset.name, [first])
         for index in range(1, rounds + 1):
-            report(f"round {index}", index - 1, rounds)
             record.rounds.append(
-                self.refine(record.rounds[-1].image, first.prompt, first.seed, None, settings, index=index)
+                self.refine(record.rounds[-1], first.prompt, first.seed, None, settings, index=index, on_stage=on_stage)
             )
-        report("done", rounds, rounds)
         return record
 
     # ------------------------------------------------------------------ helpers
+
+    def _call(self, prompt: str, seed: int, values) -> DiffusionCall:
+        return DiffusionCall(
+            prompt=prompt,
+            seed=seed,
+            steps=values.steps,
+            guidance_scale=values.guidance_scale,
+            width=values.width,
+            height=values.height,
+            ip_scale=values.ip_scale,
+        )
+
+    def _load_reporting(self, report: StageCallback, round_index: int = 0) -> None:
+        """Load the models (once), passing loading messages on as "load" stage events."""
+        if not self.is_loaded:
+            self.load(progress=lambda message: report(StageEvent("load", round_index, message=message)))
+
+    @staticmethod
+    def _step_reporter(report: StageCallback, stage: str, round_index: int):
+        if report is _ignore:
+            return None
+        return lambda step, total: report(StageEvent(stage, round_index, step, total))
 
     @contextlib.contextmanager
     def _stage(self, name: str, seconds: dict[str, float]) -> Iterator[None]:
@@ -438,11 +419,5 @@ class IMGSession:
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _check_seed(seed) -> int:
-    try:
-        seed = int(seed)
-    except (TypeError, ValueError) as error:
-        raise InvalidInputError(f"the seed must be a whole number, got {seed!r}") from error
-    if not 0 <= seed < 2**63:
-        raise InvalidInputError(f"the seed must be between 0 and 2^63-1, got {seed}")
-    return seed
+# Re-exported for callers that import them from here.
+__all__ = ["IMGSession", "Round", "RoundSettings", "SessionRecord", "StageEvent", "StageCallback"]

@@ -33,7 +33,7 @@ def test_refine_two_rounds_writes_images_and_session(tmp_path, tiny_root, preset
     assert [r["index"] for r in session["rounds"]] == [0, 1, 2]
     for r in session["rounds"][1:]:
         assert r["critique"] and r["guidance_mode"] == "question" and r["settings"]["steps"] == 2
-        assert set(r["seconds"]) == {"critique", "guidance", "image_features", "align", "regenerate"}
+        assert set(r["seconds"]) == {"critique", "image_features", "align", "regenerate"}  # one MLLM prefill
     images = [np.asarray(Image.open(out / f"round_{i}.png"), dtype=float) for i in range(3)]
     assert images[0].shape == (64, 64, 3)
     assert np.abs(images[1] - images[0]).mean() > 0.5
@@ -74,6 +74,19 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_root, args, messag
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_unwritable_out_is_refused_before_any_model_loads(tmp_path):
+    """A bad --out used to be found only after every round was generated; now it costs nothing."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # The real sdxl preset cannot load here: reaching the --out check first proves nothing was loaded.
+    result = run_cli("refine", "--preset", "sdxl", "--prompt", "a cat", "--out", str(blocker / "sub"), "--quiet")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "--out" in lines[0] and "cannot be written" in lines[0] and "stabilityai" not in lines[0]
+    result = run_cli("refine", "--preset", "sdxl", "--prompt", "a cat", "--out", str(blocker), "--quiet")
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr
 
 
 def test_missing_real_weights_offline_is_one_line(tmp_path):

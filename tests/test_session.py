@@ -17,7 +17,7 @@ from img_core.errors import (
 from img_core.session import IMGSession, RoundSettings
 
 PROMPT = "A green banana and a brown horse."
-STAGES = {"critique", "guidance", "image_features", "align", "regenerate"}
+STAGES = {"critique", "image_features", "align", "regenerate"}  # question mode: one MLLM prefill
 
 
 def pixels(image) -> np.ndarray:
@@ -34,7 +34,7 @@ def test_two_rounds_record_everything_and_change_the_image(request, fixture):
     assert first.image.size == (64, 64) and set(first.seconds) == {"generate"}
     for r in (second, third):
         assert set(r.seconds) == STAGES and all(v >= 0 for v in r.seconds.values())
-        assert r.critique and r.guidance_mode == "question" and "{prompt}" not in r.question and PROMPT in r.question
+        assert r.critique and r.guidance_mode == "question" and "{prompt}" not in r.question and PROMPT.rstrip(".") in r.question
         assert r.settings["ip_scale"] == 0.2 and r.settings["aligner_passes"] == 3 and r.settings["steps"] == 2
     assert np.abs(pixels(second.image) - pixels(first.image)).mean() > 0.5
     assert np.abs(pixels(third.image) - pixels(second.image)).mean() > 0.1
@@ -102,8 +102,13 @@ def test_bad_input_gets_one_clear_error_and_the_session_keeps_working(tmp_path, 
         session.generate(PROMPT, "abc")
     with pytest.raises(InvalidInputError, match="steps"):
         session.generate(PROMPT, 0, RoundSettings(steps=0))
-    with pytest.raises(InvalidInputError, match="guidance_mode"):
+    with pytest.raises(InvalidInputError, match="guidance mode"):
         session.generate(PROMPT, 0, RoundSettings(guidance_mode="shout"))
+    for bad_seed in (1.5, True, float("nan"), -1, 2**40):  # never silently rounded or clipped
+        with pytest.raises(InvalidInputError, match="seed"):
+            session.generate(PROMPT, bad_seed)
+    with pytest.raises(InvalidInputError, match="prompt must be text"):
+        session.generate(["a", "list"], 0)
     with pytest.raises(InvalidInputError, match="unknown preset"):
         IMGSession.from_preset("sdxl-turbo")
     long_prompt = " ".join(["a watercolor mural of foxes in a jazz band"] * 40)

@@ -44,16 +44,22 @@ def generated(studio) -> StudioState:
 
 def test_request_reads_widget_values_and_refuses_bad_ones():
     made = RoundRequest.from_values(prompt="  a cat ", seed=3.0, steps=4.0, guidance_scale=5, aligner_passes=2.0)
-    assert (made.prompt, made.seed, made.steps, made.aligner_passes) == ("a cat", 3, 4, 2)
-    settings = made.settings()
-    assert (settings.steps, settings.guidance_scale, settings.guidance_mode) == (4, 5.0, "question")
+    settings = made.settings
+    assert (made.prompt, made.seed, settings.steps, settings.aligner_passes) == ("a cat", 3, 4, 2)
+    assert (settings.guidance_scale, settings.guidance_mode) == (5, "question")
+    long = RoundRequest.from_values(prompt="fox " * 1000, seed=0)  # cut with a warning, never refused
+    assert len(long.prompt) <= 2000 and "were cut" in long.warnings[0]
     for values, message in [
         ({"prompt": "  ", "seed": 0}, "prompt is empty"),
+        ({"prompt": 42, "seed": 0}, "prompt must be text"),
         ({"prompt": "a", "seed": None}, "seed is missing"),
         ({"prompt": "a", "seed": 1.5}, "seed must be a whole number"),
+        ({"prompt": "a", "seed": True}, "seed must be"),
+        ({"prompt": "a", "seed": "7"}, "seed must be"),
         ({"prompt": "a", "seed": -1}, "seed must be"),
         ({"prompt": "a", "seed": 0, "guidance_mode": "shout"}, "guidance mode"),
-        ({"prompt": "a", "seed": 0, "ip_scale": 3}, "IP scale"),
+        ({"prompt": "a", "seed": 0, "ip_scale": 3}, "ip scale"),
+        ({"prompt": "a", "seed": 0, "steps": 2.5}, "steps must be a whole number"),
     ]:
         with pytest.raises(InvalidInputError, match=message):
             RoundRequest.from_values(**values)
@@ -91,7 +97,7 @@ def test_switching_models_replaces_them_and_survives_a_failure(tiny_root):
 def test_generate_critique_refine_from_any_round_and_download(studio, generated, tmp_path):
     state = generated
     assert len(state.rounds) == 1 and state.base == 0 and state.rounds[0].source == "generated"
-    critique = studio.critique(state, PROMPT)
+    critique = studio.critique(request(), state)
     assert isinstance(critique, str) and critique.strip()
 
     edited = "Make the horse brown and put it next to a green banana."
@@ -105,10 +111,10 @@ def test_generate_critique_refine_from_any_round_and_download(studio, generated,
     assert np.abs(pixels(plain.rounds[1].image) - pixels(one.image)).mean() > 0, "the edit changed the result"
 
     stages = []
-    second = studio.refine(request(), first, "", progress=lambda value, desc="": stages.append(desc))
+    second = studio.refine(request(), first, "", progress=lambda value, desc="", **_: stages.append(desc))
     assert second.rounds[2].base_index == 1 and second.rounds[2].critique  # empty: the MLLM critiqued round 1
-    assert stages == ["Refine: the MLLM critiques round 1", "Refine: guidance, alignment and re-generation of round 2"]
-    assert {"critique", "guidance", "align", "regenerate"} <= set(second.rounds[2].seconds)
+    assert stages[:2] == ["round 2 · critique", "round 2 · image_features"] and "round 2 · regenerate" in stages
+    assert {"critique", "guidance", "align", "regenerate"} <= set(second.rounds[2].seconds)  # dialogue: 2 MLLM passes
     assert np.abs(pixels(second.rounds[2].image) - pixels(one.image)).mean() > 0
 
     branched = studio.refine(request(), studio.select(second, 0), edited)  # clicking round 0 makes it the base
@@ -144,7 +150,7 @@ def test_auto_refine_yields_every_round(studio, generated):
     states = list(studio.auto_refine(request(), generated, "", 2))
     assert [len(s.rounds) for s in states] == [2, 3]
     assert [r.base_index for r in states[-1].rounds] == [None, 0, 1] and states[-1].base == 2
-    with pytest.raises(gr.Error, match="auto-refine runs 1 to"):
+    with pytest.raises(gr.Error, match="auto-refine rounds must be from 1 to"):
         list(studio.auto_refine(request(), generated, "", 0))
 
 
@@ -160,7 +166,7 @@ def test_user_mistakes_become_gradio_errors(studio, tmp_path):
     not_image = tmp_path / "notes.png"
     not_image.write_text("not a picture")
     with pytest.raises(gr.Error, match="no image yet"):
-        studio.critique(StudioState(), PROMPT)
+        studio.critique(request(), StudioState())
     with pytest.raises(gr.Error, match="no image yet"):
         studio.refine(request(), StudioState(), "")
     with pytest.raises(gr.Error, match="nothing to download"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import re
 import shutil
 import tempfile
@@ -24,7 +23,9 @@ from PIL import Image
 
 from img_core.errors import IMGError, InvalidInputError
 from img_core.images import load_image
-from img_core.session import IMGSession, Round, RoundSettings, SessionRecord
+from img_core.record import Round, SessionRecord
+from img_core.session import IMGSession, StageCallback, StageEvent
+from img_core.settings import LIMITS
 from ui.gpu import gpu_task
 from ui.models import ModelHost, Progress, no_progress
 from ui.state import RoundRequest, StudioState
@@ -33,7 +34,6 @@ from ui.state import RoundRequest, StudioState
 GENERATE_SECONDS = 90
 CRITIQUE_SECONDS = 60
 REFINE_SECONDS = 120
-MAX_AUTO_ROUNDS = 5
 
 
 @contextlib.contextmanager
@@ -63,9 +63,8 @@ class Studio:
         """A new session: round 0 generated from the prompt and seed (earlier rounds are dropped)."""
         with user_errors():
             session = self.host.loaded_session(progress)
-            progress(0.0, desc="Generating round 0")
-            first = session.generate(request.prompt, request.seed, request.settings())
-            _warn(first)
+            first = session.generate(request.prompt, request.seed, request.settings, on_stage=stage_progress(progress))
+            _warn(request.warnings, first)
             return state.started(first)
 
     def _start_from_image(
@@ -83,17 +82,19 @@ class Studio:
             session = self.host.loaded_session(progress)
             progress(0.0, desc="Preparing your image as round 0")
             first = session.start_from_image(image, request.prompt, request.seed)
-            _warn(first)
+            _warn(request.warnings, first)
             return state.started(first)
 
-    def _critique(self, state: StudioState, prompt: str, progress: Progress = no_progress) -> str:
-        """The MLLM's analysis of how the base round misses the prompt."""
+    def _critique(self, request: RoundRequest, state: StudioState, progress: Progress = no_progress) -> str:
+        """The MLLM's analysis of how the base round misses the prompt (the question the round's seed draws,
+        the same one the next Refine asks)."""
         with user_errors():
             base = state.base_round()
-            prompt = _checked_prompt(prompt)
             session = self.host.loaded_session(progress)
-            progress(0.0, desc=f"Critiquing round {state.base}")
-            return session.critique(base.image, prompt)
+            return session.critique(
+                base.image, request.prompt, request.settings.max_critique_tokens, seed=request.seed,
+                on_stage=stage_progress(progress),
+            )
 
     def _refine(
         self, request: RoundRequest, state: StudioState, critique: str | None, progress: Progress = no_progress
@@ -103,7 +104,7 @@ class Studio:
         with user_errors():
             state.base_round()
             session = self.host.loaded_session(progress)
-            return self._next_round(session, request, state, critique, progress, label="Refine")
+            return self._next_round(session, request, state, critique, progress)
 
     def _auto_refine(
         self,
@@ -116,48 +117,29 @@ class Studio:
         """`rounds` IMG rounds in a row, yielding the state after each. Only the first uses `critique`;
         later rounds are critiqued by the MLLM."""
         with user_errors():
-            if not 1 <= int(rounds) <= MAX_AUTO_ROUNDS:
-                raise InvalidInputError(f"auto-refine runs 1 to {MAX_AUTO_ROUNDS} rounds, got {rounds}")
+            rounds = LIMITS["auto_rounds"].check("auto-refine rounds", rounds)
             state.base_round()
             session = self.host.loaded_session(progress)
             for step in range(int(rounds)):
-                label = f"Auto-refine {step + 1}/{int(rounds)}"
-                state = self._next_round(session, request, state, critique if step == 0 else None, progress, label)
+                state = self._next_round(session, request, state, critique if step == 0 else None, progress)
                 yield state
 
     @staticmethod
     def _next_round(
-        session: IMGSession,
-        request: RoundRequest,
-        state: StudioState,
-        critique: str | None,
-        progress: Progress,
-        label: str,
+        session: IMGSession, request: RoundRequest, state: StudioState, critique: str | None, progress: Progress
     ) -> StudioState:
-        """One IMG round from the base of `state`, shown as two stages: the MLLM's critique (unless one
-        is given), then guidance, alignment and re-generation (whose diffusion steps Gradio follows
-        through tqdm)."""
-        base, settings = state.base_round(), request.settings()
-        critique = _critique_or_none(critique)
-        critique_seconds = None
-        if critique is None:
-            progress(0.0, desc=f"{label}: the MLLM critiques round {state.base}")
-            start = time.perf_counter()
-            critique = session.critique(base.image, request.prompt, max_new_tokens=settings.max_critique_tokens)
-            critique_seconds = time.perf_counter() - start
-        progress(0.0, desc=f"{label}: guidance, alignment and re-generation of round {state.next_index}")
+        """One IMG round from the base of `state`, through the session's one round path."""
         refined = session.refine(
-            base.image,
+            state.base_round(),
             request.prompt,
             request.seed,
             critique=critique,
-            settings=settings,
+            settings=request.settings,
             index=state.next_index,
             base_index=state.base,
+            on_stage=stage_progress(progress),
         )
-        if critique_seconds is not None:
-            refined = dataclasses.replace(refined, seconds={"critique": critique_seconds, **refined.seconds})
-        _warn(refined)
+        _warn(request.warnings, refined)
         return state.extended(refined)
 
     @staticmethod
@@ -183,14 +165,16 @@ class Studio:
         with user_errors():
             request = RoundRequest.from_values(prompt=prompt, seed=seed)
             session = self.host.loaded_session()
-            return session.generate(request.prompt, request.seed, RoundSettings()).image
+            made = session.generate(request.prompt, request.seed, request.settings)
+            _warn(request.warnings, made)
+            return made.image
 
     def _api_critique(self, image: str | Image.Image | None, prompt: str) -> str:
-        """The MLLM's critique of `image` against `prompt`."""
+        """The MLLM's critique of `image` against `prompt` (the question of seed 0)."""
         with user_errors():
-            prompt = _checked_prompt(prompt)
+            request = RoundRequest.from_values(prompt=prompt, seed=0)
             image = load_image(image)
-            return self.host.loaded_session().critique(image, prompt)
+            return self.host.loaded_session().critique(image, request.prompt, seed=request.seed)
 
     def _api_refine(
         self, image: str | Image.Image | None, prompt: str, critique: str | None, seed: int | float | None
@@ -198,30 +182,40 @@ class Studio:
         """One IMG round from `image`. A non-empty `critique` steers it (dialogue mode); an empty one
         means question mode, as in the authors' release."""
         with user_errors():
-            request = RoundRequest.from_values(prompt=prompt, seed=seed)
-            image = load_image(image)
             critique = _critique_or_none(critique)
-            settings = RoundSettings(guidance_mode="dialogue" if critique else "question")
+            mode = "dialogue" if critique else "question"
+            request = RoundRequest.from_values(prompt=prompt, seed=seed, guidance_mode=mode)
+            image = load_image(image)
             session = self.host.loaded_session()
-            return session.refine(image, request.prompt, request.seed, critique=critique, settings=settings).image
+            made = session.refine(image, request.prompt, request.seed, critique=critique, settings=request.settings)
+            _warn(request.warnings, made)
+            return made.image
 
 
 def _auto_refine_seconds(request, state, critique, rounds, progress=None) -> int:
     """ZeroGPU slot for an Auto-refine call: one refine slot per round."""
-    return REFINE_SECONDS * max(1, min(int(rounds), MAX_AUTO_ROUNDS))
+    return REFINE_SECONDS * max(1, min(int(rounds), int(LIMITS["auto_rounds"].high)))
 
 
-def _warn(made: Round) -> None:
-    """Non-fatal notes about a round (e.g. a prompt cut to the text encoder's length) as Gradio warnings."""
-    for message in made.warnings:
+def _warn(request_warnings: tuple[str, ...], made: Round) -> None:
+    """Non-fatal notes (a prompt cut to a length limit, ...) as Gradio warnings."""
+    for message in dict.fromkeys([*request_warnings, *made.warnings]):
         gr.Warning(message)
 
 
-def _checked_prompt(prompt: str | None) -> str:
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise InvalidInputError("the prompt is empty: describe the image you want")
-    return prompt
+def stage_progress(progress: Progress) -> StageCallback:
+    """A session `on_stage` callback that shows each stage in Gradio's progress bar."""
+
+    def show(event: StageEvent) -> None:
+        where = f"round {event.round_index}"
+        if event.stage == "load":
+            progress(0.0, desc=f"Loading models: {event.message}")
+        elif event.step is not None and event.total:
+            progress((event.step, event.total), desc=f"{where} · {event.stage}", unit="steps")
+        elif event.text is None and event.stage != "done":
+            progress(0.0, desc=f"{where} · {event.stage}")
+
+    return show
 
 
 def _critique_or_none(critique: str | None) -> str | None:

@@ -10,15 +10,15 @@ import random
 
 import gradio as gr
 
-from img_core.mllm import QUANTIZATIONS
+from img_core.settings import GUIDANCE_MODES, LIMITS, MLLM_QUANTIZATIONS
 from img_core.presets import PRESETS
 from img_core.session import IMGSession
 from ui import views
 from ui.examples import EXAMPLES
-from ui.handlers import MAX_AUTO_ROUNDS, Studio, user_errors
+from ui.handlers import Studio, user_errors
 from ui.image_files import png_file
 from ui.models import ModelHost, compatible_mllms
-from ui.state import GUIDANCE_MODES, MAX_SEED, RoundRequest, StudioState
+from ui.state import RoundRequest, StudioState
 
 GPU_QUEUE = "gpu"  # concurrency id shared by every event that runs a model
 AUTO_ROUNDS = 2  # default of the Auto-refine slider
@@ -70,7 +70,7 @@ class StudioUI:
             label="Prompt", lines=2, placeholder="A green banana and a brown horse.", elem_id="prompt"
         )
         with gr.Row():
-            self.seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
+            self.seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=LIMITS["seed"].high, elem_id="seed")
             self.randomize = gr.Button("Random seed", size="sm", scale=0)
         self.buttons = {"generate": gr.Button("Generate", variant="primary", elem_id="generate-btn")}
         can_run = self._can_run(StudioState())
@@ -82,18 +82,10 @@ class StudioUI:
                 "Use it as round 0 (with the prompt above)", elem_id="use-upload-btn"
             )
         with gr.Accordion("Advanced settings", open=False):
-            self.steps = gr.Slider(1, 100, value=preset.default_steps, step=1, label="Denoising steps", elem_id="steps")
-            self.guidance_scale = gr.Slider(
-                0.0, 20.0, value=preset.default_guidance_scale, step=0.5, label="Guidance scale (CFG)",
-                elem_id="guidance-scale",
-            )  # fmt: skip
-            self.ip_scale = gr.Slider(
-                0.0, 1.0, value=preset.ip_scale, step=0.05, label="IP scale of the re-generation (paper: 0.2)",
-                elem_id="ip-scale",
-            )  # fmt: skip
-            self.aligner_passes = gr.Slider(
-                1, 6, value=preset.aligner_passes, step=1, label="Aligner passes (paper: 3)", elem_id="aligner-passes"
-            )
+            self.steps = setting_slider("steps", preset.default_steps)
+            self.guidance_scale = setting_slider("guidance_scale", preset.default_guidance_scale)
+            self.ip_scale = setting_slider("ip_scale", preset.ip_scale, " (paper: 0.2)")
+            self.aligner_passes = setting_slider("aligner_passes", preset.aligner_passes, " (paper: 3)")
             self.guidance_mode = gr.Radio(
                 list(GUIDANCE_MODES),
                 value="question",
@@ -102,9 +94,7 @@ class StudioUI:
                 "dialogue: the question plus the critique as edited",
                 elem_id="guidance-mode",
             )
-            self.auto_rounds = gr.Slider(
-                1, MAX_AUTO_ROUNDS, value=AUTO_ROUNDS, step=1, label="Rounds for Auto-refine", elem_id="auto-rounds"
-            )
+            self.auto_rounds = setting_slider("auto_rounds", AUTO_ROUNDS)
         with gr.Accordion("Models", open=False):
             self.preset = gr.Dropdown(
                 list(PRESETS),
@@ -119,7 +109,7 @@ class StudioUI:
                 interactive=self.allow_model_switch,
             )
             self.quantization = gr.Dropdown(
-                list(QUANTIZATIONS),
+                list(MLLM_QUANTIZATIONS),
                 value=self.host.quantization,
                 label="MLLM quantization",
                 interactive=self.allow_model_switch,
@@ -215,7 +205,7 @@ class StudioUI:
         chain(
             self.buttons["critique"].click,
             self._on_critique,
-            {self.state, self.prompt},
+            request_inputs,
             [self.critique, self.status],
             "ui_critique",
         )
@@ -237,7 +227,7 @@ class StudioUI:
         )
         self.buttons["download"].click(self._on_download, self.state, self.download, api_name="ui_download", **ui_api)
         self.gallery.select(self._on_select, self.state, shown, **instant)
-        self.randomize.click(lambda: random.randint(0, MAX_SEED), None, self.seed, **instant)
+        self.randomize.click(lambda: random.randint(0, int(LIMITS["seed"].high)), None, self.seed, **instant)
         self.guidance_mode.change(views.CRITIQUE_NOTES.get, self.guidance_mode, self.critique_note, **instant)
         self.auto_rounds.change(auto_refine_label, self.auto_rounds, self.buttons["auto_refine"], **instant)
         self.demo.load(self.host.status_line, None, self.status, **instant)
@@ -260,6 +250,7 @@ class StudioUI:
                 prompt=values[self.prompt],
                 seed=values[self.seed],
                 steps=values[self.steps],
+                max_critique_tokens=None,
                 guidance_scale=values[self.guidance_scale],
                 ip_scale=values[self.ip_scale],
                 aligner_passes=values[self.aligner_passes],
@@ -290,7 +281,7 @@ class StudioUI:
         return self._show(state)
 
     def _on_critique(self, values: dict, progress=gr.Progress(track_tqdm=True)) -> dict:
-        text = self.studio.critique(values[self.state], values[self.prompt], progress=progress)
+        text = self.studio.critique(self._request(values), values[self.state], progress=progress)
         return {self.critique: text, self.status: self.host.status_line()}
 
     def _on_refine(self, values: dict, progress=gr.Progress(track_tqdm=True)) -> dict:
@@ -335,6 +326,13 @@ class StudioUI:
             self.ip_scale: preset.ip_scale,
             self.aligner_passes: preset.aligner_passes,
         }
+
+
+def setting_slider(name: str, value: float, note: str = "") -> gr.Slider:
+    """A slider for a setting of `img_core.settings.LIMITS`: its range, step and label come from there."""
+    limit = LIMITS[name]
+    label = limit.label[0].upper() + limit.label[1:] + note
+    return gr.Slider(limit.low, limit.high, value=value, step=limit.step, label=label, elem_id=name.replace("_", "-"))
 
 
 def auto_refine_label(rounds: float) -> str:

@@ -83,8 +83,9 @@ class ModelHost:
             kept = {  # process-wide settings from the command line that a switch keeps
                 "device": current.device,
                 "tiny_root": current.tiny_root,
-                "offload": current.offload,
+                "offload": current.offload_requested,  # not the automatic choice made for the old preset
                 "diffusion_quantization": current.diffusion_quantization,
+                "questions": current.questions_requested,
             }
             same_preset = preset_name == current.base_preset.name
             replacement = IMGSession.from_preset(

@@ -12,81 +12,37 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from img_core.errors import InvalidInputError
+from img_core.settings import RoundSettings, check_prompt, check_seed
 
 if TYPE_CHECKING:
-    from img_core.session import Round, RoundSettings
-
-GUIDANCE_MODES = ("question", "dialogue")
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 2000
+    from img_core.record import Round
 
 
 @dataclass(frozen=True)
 class RoundRequest:
-    """The settings of one Generate / Refine click, validated."""
+    """The settings of one Generate / Refine click, validated by img_core's checks (`img_core.settings`)."""
 
     prompt: str
     seed: int
-    steps: int | None = None  # None: the preset's default
-    guidance_scale: float | None = None  # None: the preset's default
-    ip_scale: float = 0.2
-    aligner_passes: int = 3
-    guidance_mode: str = "question"
+    settings: RoundSettings = field(default_factory=RoundSettings)
+    warnings: tuple[str, ...] = ()  # e.g. the prompt was cut to the length limit
 
     @classmethod
-    def from_values(cls, **values: Any) -> RoundRequest:
-        """Build from raw widget values (Gradio numbers arrive as floats or None), raising
-        InvalidInputError with a message for the user on anything unusable."""
-        prompt = (values.get("prompt") or "").strip()
-        if not prompt:
-            raise InvalidInputError("the prompt is empty: describe the image you want")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise InvalidInputError(f"the prompt has {len(prompt)} characters; keep it under {MAX_PROMPT_CHARS}")
-        seed = _whole_number("seed", values.get("seed"), low=0, high=MAX_SEED)
-        steps = values.get("steps")
-        steps = None if steps is None else _whole_number("steps", steps, low=1, high=500)
-        guidance_scale = values.get("guidance_scale")
-        if guidance_scale is not None and not 0 <= float(guidance_scale) <= 50:
-            raise InvalidInputError(f"guidance scale must be between 0 and 50, got {guidance_scale}")
-        ip_scale = float(values.get("ip_scale", cls.ip_scale))
-        if not 0 <= ip_scale <= 2:
-            raise InvalidInputError(f"IP scale must be between 0 and 2, got {ip_scale}")
-        aligner_passes = _whole_number("aligner passes", values.get("aligner_passes", cls.aligner_passes), 1, 10)
-        guidance_mode = values.get("guidance_mode") or cls.guidance_mode
-        if guidance_mode not in GUIDANCE_MODES:
-            raise InvalidInputError(f"guidance mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
-        return cls(
-            prompt=prompt,
-            seed=seed,
-            steps=steps,
-            guidance_scale=None if guidance_scale is None else float(guidance_scale),
-            ip_scale=ip_scale,
-            aligner_passes=aligner_passes,
-            guidance_mode=guidance_mode,
-        )
-
-    def settings(self) -> RoundSettings:
-        from img_core.session import RoundSettings
-
-        return RoundSettings(
-            steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            ip_scale=self.ip_scale,
-            aligner_passes=self.aligner_passes,
-            guidance_mode=self.guidance_mode,
-        )
+    def from_values(cls, prompt: Any = None, seed: Any = None, **settings: Any) -> RoundRequest:
+        """Build from raw widget values by name (Gradio numbers arrive as floats or None; None settings
+        mean the preset's default), raising InvalidInputError with a message for the user."""
+        checked = check_prompt(prompt)
+        if seed is None or seed == "":
+            raise InvalidInputError("the seed is missing: enter a whole number")
+        if isinstance(seed, float) and seed.is_integer():
+            seed = int(seed)  # Gradio's Number sends floats
+        values = {name: _whole_if_float(value) for name, value in settings.items() if value is not None}
+        return cls(checked.prompt, check_seed(seed), RoundSettings.from_values(values), checked.warnings)
 
 
-def _whole_number(name: str, value: Any, low: int, high: int) -> int:
-    if value is None or value == "":
-        raise InvalidInputError(f"{name} is missing: enter a whole number from {low} to {high}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"{name} must be a whole number, got {value!r}") from None
-    if number != int(number) or not low <= number <= high:
-        raise InvalidInputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-    return int(number)
+def _whole_if_float(value: Any) -> Any:
+    """Slider values of whole-number settings arrive as floats (3.0): the settings check refuses 3.5."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 @dataclass

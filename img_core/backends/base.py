@@ -8,34 +8,46 @@ A backend owns one diffusers pipeline with its IP-Adapter loaded and can:
 IMG's aligned tokens are post-projection, while diffusers projects `ip_adapter_image_embeds` itself
 (REFERENCE §3). So every call that passes tokens swaps the pipeline's image projection for an identity
 for the duration of the call (`projection_bypassed`), instead of projecting twice.
+
+Text embeddings are encoded once per prompt and passed to the pipeline (`prompt_embeddings`): rounds of
+one prompt do not run the text encoders again. The images are the same as letting the pipeline encode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torch import nn
 
 from img_core.errors import InvalidInputError
+from img_core.settings import DIFFUSION_QUANTIZATIONS, PromptCheck, check_prompt
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PromptCheck:
-    """A validated prompt and the warnings to show the user about it."""
+@dataclass(frozen=True)
+class DiffusionCall:
+    """One pipeline call: what `generate` and `regenerate` take instead of positional numbers."""
 
     prompt: str
-    warnings: list[str] = field(default_factory=list)
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    ip_scale: float = 0.0  # 0: the IP-Adapter contributes nothing (round 0)
 
 
-DIFFUSION_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-8bit")
+StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
+PROMPT_CACHE_SIZE = 4  # prompts whose text embeddings a backend keeps (rounds of one prompt reuse them)
 
 
 def pipeline_quantization_config(quantization: str, components: tuple[str, ...], device: torch.device, dtype: torch.dtype):
@@ -58,13 +70,6 @@ def pipeline_quantization_config(quantization: str, components: tuple[str, ...],
     return PipelineQuantizationConfig("bitsandbytes_8bit", {"load_in_8bit": True}, list(components))
 
 
-def require_prompt(prompt) -> str:
-    """The stripped prompt; InvalidInputError when it is missing or blank."""
-    if prompt is None or not str(prompt).strip():
-        raise InvalidInputError("the prompt is empty: describe the image you want")
-    return str(prompt).strip()
-
-
 class DiffusionBackend(ABC):
     family: str = ""
     feature_kind: str = ""
@@ -75,6 +80,8 @@ class DiffusionBackend(ABC):
         self.device = device
         self.dtype = dtype
         self._negative_features: torch.Tensor | None = None
+        # Text embeddings per (prompt, call options): rounds of one prompt encode it once (LRU, bounded).
+        self._prompt_embeddings: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     # ------------------------------------------------------------------ what each family provides
 
@@ -109,16 +116,22 @@ class DiffusionBackend(ABC):
         """CLIP output that the IP-Adapter projection takes; None = the unconditional (negative) input."""
 
     @abstractmethod
+    def _encode_prompt(self, call: DiffusionCall) -> dict[str, torch.Tensor]:
+        """The pipeline's text-embedding keyword arguments (`prompt_embeds=`, ...) for `call`."""
+
+    @abstractmethod
+    def _prompt_cache_key(self, call: DiffusionCall) -> tuple:
+        """What the text embeddings of `call` depend on."""
+
+    @abstractmethod
     def _call_pipeline(
         self,
-        prompt: str,
+        call: DiffusionCall,
+        prompt_embeddings: dict[str, torch.Tensor],
         generator: torch.Generator,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
         image_features: torch.Tensor,
         negative_features: torch.Tensor,
+        on_step: StepCallback | None,
     ) -> Image.Image:
         """Run the pipeline with post-projection tokens (projection already bypassed)."""
 
@@ -141,18 +154,18 @@ class DiffusionBackend(ABC):
 
     def check_prompt(self, prompt: str) -> PromptCheck:
         """Reject empty prompts; warn (do not fail) when a text encoder will truncate the prompt."""
-        prompt = require_prompt(prompt)
-        check = PromptCheck(prompt)
+        check = check_prompt(prompt)
+        warnings = list(check.warnings)
         for name, tokenizer, limit in self.prompt_token_limits():
-            count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
+            count = len(tokenizer(check.prompt, truncation=False, add_special_tokens=True).input_ids)
             if count > limit:
                 message = (
                     f"the prompt is {count} tokens but the {name} text encoder takes {limit}: "
                     f"the last {count - limit} tokens are cut"
                 )
                 logger.warning(message)
-                check.warnings.append(message)
-        return check
+                warnings.append(message)
+        return PromptCheck(check.prompt, tuple(warnings))
 
     @torch.no_grad()
     def image_features(self, image: Image.Image) -> torch.Tensor:
@@ -172,62 +185,65 @@ class DiffusionBackend(ABC):
         features = projection(encoded.to(device=weight.device, dtype=weight.dtype))
         return features.float().cpu()
 
-    def generate(
-        self, prompt: str, seed: int, steps: int, guidance_scale: float, width: int, height: int
-    ) -> Image.Image:
+    def generate(self, call: DiffusionCall, on_step: StepCallback | None = None) -> Image.Image:
         """The base model's own image: IP scale 0 makes the IP-Adapter attention contribute nothing."""
         negative = self.negative_features()
-        return self._generate_with_tokens(prompt, seed, steps, guidance_scale, width, height, negative, negative, 0.0)
+        return self._generate_with_tokens(dataclasses.replace(call, ip_scale=0.0), negative, on_step)
 
     def regenerate(
-        self,
-        prompt: str,
-        seed: int,
-        image_features: torch.Tensor,
-        ip_scale: float,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
+        self, call: DiffusionCall, image_features: torch.Tensor, on_step: StepCallback | None = None
     ) -> Image.Image:
-        """Re-generate with `image_features` (1, Si, D) as the IP-Adapter image prompt at `ip_scale`."""
+        """Re-generate with `image_features` (1, Si, D) as the IP-Adapter image prompt at `call.ip_scale`."""
         expected = self.image_features_shape()
         if tuple(image_features.shape[-2:]) != expected:
             raise InvalidInputError(
                 f"image features of shape {tuple(image_features.shape)} do not fit the {self.family} "
                 f"IP-Adapter, which takes (1, {expected[0]}, {expected[1]})"
             )
-        return self._generate_with_tokens(
-            prompt, seed, steps, guidance_scale, width, height, image_features, self.negative_features(), ip_scale
-        )
+        return self._generate_with_tokens(call, image_features, on_step)
+
+    def prompt_embeddings(self, call: DiffusionCall) -> dict[str, torch.Tensor]:
+        """The text embeddings of `call`, encoded once per prompt and reused by later rounds."""
+        key = self._prompt_cache_key(call)
+        if key in self._prompt_embeddings:
+            self._prompt_embeddings.move_to_end(key)
+            return self._prompt_embeddings[key]
+        with torch.no_grad():
+            embeddings = self._encode_prompt(call)
+        self._prompt_embeddings[key] = embeddings
+        while len(self._prompt_embeddings) > PROMPT_CACHE_SIZE:
+            self._prompt_embeddings.popitem(last=False)
+        return embeddings
 
     def _generate_with_tokens(
-        self,
-        prompt: str,
-        seed: int,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
-        image_features: torch.Tensor,
-        negative_features: torch.Tensor,
-        ip_scale: float,
+        self, call: DiffusionCall, image_features: torch.Tensor, on_step: StepCallback | None
     ) -> Image.Image:
-        if steps < 1:
-            raise InvalidInputError(f"steps must be at least 1, got {steps}")
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        self.pipeline.set_ip_adapter_scale(float(ip_scale))
+        if call.steps < 1:
+            raise InvalidInputError(f"steps must be at least 1, got {call.steps}")
+        generator = torch.Generator(device="cpu").manual_seed(int(call.seed))
+        self.pipeline.set_ip_adapter_scale(float(call.ip_scale))
+        prompt_embeddings = self.prompt_embeddings(call)
         with self.projection_bypassed():
             return self._call_pipeline(
-                prompt,
+                call,
+                prompt_embeddings,
                 generator,
-                steps,
-                guidance_scale,
-                width,
-                height,
                 image_features.to(dtype=self.dtype),
-                negative_features.to(dtype=self.dtype),
+                self.negative_features().to(dtype=self.dtype),
+                on_step,
             )
+
+    @staticmethod
+    def step_reporter(call: DiffusionCall, on_step: StepCallback | None) -> dict:
+        """diffusers' `callback_on_step_end` keyword argument that reports (step, steps) to `on_step`."""
+        if on_step is None:
+            return {}
+
+        def report(pipeline, step: int, timestep, tensors: dict) -> dict:
+            on_step(step + 1, call.steps)
+            return tensors
+
+        return {"callback_on_step_end": report}
 
     @contextlib.contextmanager
     def projection_bypassed(self) -> Iterator[None]:

@@ -12,8 +12,10 @@ from PIL import Image
 from torch import nn
 
 from img_core.aligner import SDXL_FEATURES
-from img_core.backends.base import DiffusionBackend
+from img_core.backends.base import DiffusionBackend, DiffusionCall, StepCallback
 from img_core.hub import call_or_explain, from_pretrained_or_explain
+from img_core.clip_processing import pil_clip_image_processor
+from img_core.resampler import project, release_resampler_for
 
 
 class SDXLBackend(DiffusionBackend):
@@ -41,6 +43,8 @@ class SDXLBackend(DiffusionBackend):
             image_encoder_folder=ip.image_encoder,
         )
         pipeline.image_encoder.to(dtype=dtype)
+        # PIL resizing as the release's transformers 4.37 did; torchvision's differs by one 8-bit level.
+        pipeline.feature_extractor = pil_clip_image_processor(pipeline.feature_extractor)
         return pipeline
 
     @property
@@ -50,6 +54,17 @@ class SDXLBackend(DiffusionBackend):
     def prompt_token_limits(self) -> list[tuple[str, object, int]]:
         tokenizer = self.pipeline.tokenizer
         return [("CLIP", tokenizer, tokenizer.model_max_length)]
+
+    @torch.no_grad()
+    def image_features(self, image: Image.Image) -> torch.Tensor:
+        """Aligner input tokens (1, Si, D): from the release's `resampler.pth` when the aligner comes with one
+        (the release computes them so, REFERENCE §5), else from the IP-Adapter's projection."""
+        if not hasattr(self, "_release_resampler"):
+            projection = self.denoiser.encoder_hid_proj.image_projection_layers[0]
+            self._release_resampler = release_resampler_for(self.preset.aligner, projection)
+        if self._release_resampler is None:
+            return super().image_features(image)
+        return project(self._release_resampler, self._encode_for_projection(image))
 
     def _encode_for_projection(self, image: Image.Image | None) -> torch.Tensor:
         encoder = self.pipeline.image_encoder
@@ -61,27 +76,43 @@ class SDXLBackend(DiffusionBackend):
         pixel_values = pixel_values.to(device=encoder.device, dtype=encoder.dtype)
         return encoder(pixel_values, output_hidden_states=True).hidden_states[-2]  # (1, 257, 1280) for ViT-H
 
+    def _prompt_cache_key(self, call: DiffusionCall) -> tuple:
+        return (call.prompt, self._uses_cfg(call))
+
+    def _uses_cfg(self, call: DiffusionCall) -> bool:
+        return call.guidance_scale > 1 and self.pipeline.unet.config.time_cond_proj_dim is None  # as diffusers decides
+
+    def _encode_prompt(self, call: DiffusionCall) -> dict[str, torch.Tensor]:
+        # Empty negative prompt: SDXL zeroes it (force_zeros_for_empty_prompt), as the pipeline would.
+        embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
+            call.prompt, device=self.pipeline._execution_device, num_images_per_prompt=1,
+            do_classifier_free_guidance=self._uses_cfg(call),
+        )
+        embeddings = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if self._uses_cfg(call):
+            embeddings.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
+        return embeddings
+
     def _call_pipeline(
         self,
-        prompt: str,
+        call: DiffusionCall,
+        prompt_embeddings: dict[str, torch.Tensor],
         generator: torch.Generator,
-        steps: int,
-        guidance_scale: float,
-        width: int,
-        height: int,
         image_features: torch.Tensor,
         negative_features: torch.Tensor,
+        on_step: StepCallback | None,
     ) -> Image.Image:
         # (batch, num_images, Si, D); with CFG diffusers splits negative/positive halves with chunk(2).
         positive = image_features[:, None]
-        embeds = torch.cat([negative_features[:, None], positive]) if guidance_scale > 1 else positive
+        embeds = torch.cat([negative_features[:, None], positive]) if self._uses_cfg(call) else positive
         result = self.pipeline(
-            prompt=prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            width=width,
-            height=height,
+            **prompt_embeddings,
+            num_inference_steps=call.steps,
+            guidance_scale=call.guidance_scale,
+            width=call.width,
+            height=call.height,
             generator=generator,
             ip_adapter_image_embeds=[embeds],
+            **self.step_reporter(call, on_step),
         )
         return result.images[0]
