@@ -14,8 +14,9 @@ One source for the benchmarks: `bench_core.py` counts their parameters on the me
 Every builder takes a `Scale`. `Scale(1.0)` is the real model; a smaller factor keeps the head widths
 (so RoPE splits, 64-wide quantization blocks and the widths that must agree across models all stay
 valid) and shrinks the number of heads, layers and the feed-forward widths, for plumbing runs on a CPU.
-Vocabularies, image-encoder input sizes and token counts are never shrunk. Models are built in the
-caller's default device and dtype (`torch.device(...)` / `torch.set_default_dtype` contexts).
+Image-encoder input sizes and token counts are never shrunk; vocabularies only for the MLLMs, whose
+output layer dominates a small model's CPU time (`Scale.vocabulary`). Models are built in the caller's
+default device and dtype (`torch.device(...)` / `torch.set_default_dtype` contexts).
 """
 
 from __future__ import annotations
@@ -62,9 +63,14 @@ class Scale:
         """Image side in pixels: a multiple of 64, at least 64."""
         return real if self.is_real else max(64, round(real * self.factor / 64) * 64)
 
-    def steps(self, real: int) -> int:
-        """Denoising steps: at least 2 (the first step differs from the rest in FLUX's true CFG)."""
-        return real if self.is_real else max(2, round(real * self.factor))
+    def steps(self, real: int, minimum: int = 2) -> int:
+        """Denoising steps (at least 2: FLUX's true CFG treats the first step apart) or generated tokens."""
+        return real if self.is_real else max(minimum, round(real * self.factor))
+
+    def vocabulary(self, real: int, used: int) -> int:
+        """The real vocabulary size, or below scale 1 only the `used` ids of a small tokenizer: the output
+        layer over the whole vocabulary is a small MLLM's costliest layer on a CPU."""
+        return real if self.is_real else used
 
 
 # ----------------------------------------------------------------------------------------- text encoders
@@ -185,7 +191,10 @@ def flux_transformer(scale: Scale = Scale(), joint_attention_dim: int = 4096, po
 # ----------------------------------------------------------------------------------------------- MLLMs
 
 
-def llava_13b_config(scale: Scale = Scale(), image_token_id: int = LLAVA_IMAGE_TOKEN_ID, pad_token_id: int | None = None):
+def llava_13b_config(
+    scale: Scale = Scale(), image_token_id: int = LLAVA_IMAGE_TOKEN_ID, pad_token_id: int | None = None,
+    vocab_size: int = LLAMA_VOCAB,
+):
     """LLaVA-1.5-13B: CLIP ViT-L/14 at 336 px (576 image tokens) + Llama-2-13B (40 heads of 128, 40 layers)."""
     from transformers import LlamaConfig, LlavaConfig
 
@@ -194,12 +203,12 @@ def llava_13b_config(scale: Scale = Scale(), image_token_id: int = LLAVA_IMAGE_T
         vision_config=clip_vit_l_config(scale, image_size=336),
         text_config=LlamaConfig(
             hidden_size=128 * heads, intermediate_size=scale.width(13824), num_attention_heads=heads,
-            num_hidden_layers=scale.count(40), vocab_size=LLAMA_VOCAB, max_position_embeddings=4096,
+            num_hidden_layers=scale.count(40), vocab_size=vocab_size, max_position_embeddings=4096,
             pad_token_id=pad_token_id),
         image_token_id=image_token_id)
 
 
-def qwen25_vl_7b_config(scale: Scale = Scale(), **token_ids):
+def qwen25_vl_7b_config(scale: Scale = Scale(), vocab_size: int = QWEN_VOCAB, **token_ids):
     """Qwen2.5-VL-7B: its ViT (32 blocks of 16 heads of 80, window attention except 4 full blocks) + Qwen2.5-7B
     (28 heads of 128 with 4 KV heads, 28 layers). `token_ids`: image/video/vision start/end token ids."""
     from transformers import Qwen2_5_VLConfig
@@ -212,7 +221,7 @@ def qwen25_vl_7b_config(scale: Scale = Scale(), **token_ids):
     return Qwen2_5_VLConfig(
         text_config={"hidden_size": 128 * heads, "intermediate_size": scale.width(18944),
                      "num_attention_heads": heads, "num_hidden_layers": scale.count(28),
-                     "num_key_value_heads": kv_heads, "vocab_size": QWEN_VOCAB, "max_position_embeddings": 128000,
+                     "num_key_value_heads": kv_heads, "vocab_size": vocab_size, "max_position_embeddings": 128000,
                      "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}},
         vision_config={"depth": depth, "hidden_size": 80 * scale.count(16),
                        "intermediate_size": scale.width(3420),
