@@ -9,7 +9,8 @@ from the previous image, as `refine` makes them. The folder DIR then holds
     DIR/images/{i:05d}_r{round}.png
     DIR/results.jsonl    one line per prompt and round: prompt_index, prompt, seed, round, image, scores
     DIR/summary.json     per scorer: mean per round, win rate of round k over round 0 (ties count one half)
-                         and its 95 % bootstrap interval (1,000 resamples of the prompts, fixed seed)
+                         and its 95 % bootstrap interval (1,000 resamples of the prompts, fixed seed);
+                         the same per category for prompt files with `# category:` lines
     DIR/report.html      prompts x rounds grid with scores (best round marked) and a plot of the means;
                          it links the PNGs under images/ and needs no server
     DIR/run.json         the settings that made the images
@@ -217,7 +218,8 @@ def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
     scored = score_missing(session, scorer_names, prompts, args.rounds, out_dir, rows, args.score_batch, args.quiet)
 
     # 5. summary and report
-    summary = summarize(rows, len(prompts), args.rounds, scorer_names, run_settings)
+    categories = prompt_set.categories[: len(prompts)]
+    summary = summarize(rows, len(prompts), args.rounds, scorer_names, run_settings, categories)
     write_json_atomically(out_dir / SUMMARY_FILE, summary)
     write_report(out_dir, rows, summary, prompts)
     return EvaluationResult(out_dir, generated, scored, summary)
@@ -440,10 +442,10 @@ def bootstrap_interval(outcomes: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLE
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def score_matrix(rows: dict, prompt_count: int, rounds: int, scorer: str) -> tuple[list[int], np.ndarray]:
-    """Prompts with a `scorer` score in every round 0..rounds, and their scores (P, rounds + 1)."""
+def score_matrix(rows: dict, prompt_indices, rounds: int, scorer: str) -> tuple[list[int], np.ndarray]:
+    """Those of `prompt_indices` with a `scorer` score in every round 0..rounds, and their scores (P, rounds + 1)."""
     indices, matrix = [], []
-    for index in range(prompt_count):
+    for index in prompt_indices:
         keys = [(index, r) for r in range(rounds + 1)]
         if all(key in rows and scorer in rows[key]["scores"] for key in keys):
             indices.append(index)
@@ -451,22 +453,41 @@ def score_matrix(rows: dict, prompt_count: int, rounds: int, scorer: str) -> tup
     return indices, np.asarray(matrix, dtype=np.float64).reshape(len(indices), rounds + 1)
 
 
-def summarize(rows: dict, prompt_count: int, rounds: int, scorer_names: list[str], settings: dict) -> dict:
-    """summary.json: per scorer the mean per round, win rate of each round over round 0 and its ci95."""
+def summarize(rows: dict, prompt_count: int, rounds: int, scorer_names: list[str], settings: dict,
+              categories: list[str | None] | None = None) -> dict:
+    """summary.json: per scorer the mean per round, win rate of each round over round 0 and its ci95.
+    With `categories` (one per prompt, e.g. from a .txt with `# category:` lines) the same numbers per
+    category go under "categories" (without intervals)."""
     complete = sum(all((i, r) in rows for r in range(rounds + 1)) for i in range(prompt_count))
-    summary = {"n_prompts": complete, "rounds": rounds, "scorers": {}, "settings": settings}
+    summary = {"n_prompts": complete, "rounds": rounds, "scorers": _scorer_numbers(rows, range(prompt_count), rounds,
+                                                                                  scorer_names, with_interval=True),
+               "settings": settings}
+    named = sorted({c for c in categories or [] if c is not None})
+    if named:
+        summary["categories"] = {
+            category: _scorer_numbers(rows, [i for i, c in enumerate(categories) if c == category], rounds,
+                                      scorer_names, with_interval=False)
+            for category in named
+        }
+    return summary
+
+
+def _scorer_numbers(rows: dict, prompt_indices, rounds: int, scorer_names: list[str], with_interval: bool) -> dict:
+    numbers = {}
     for name in scorer_names:
-        indices, matrix = score_matrix(rows, prompt_count, rounds, name)
-        entry = {"n_prompts": len(indices), "mean": [None] * (rounds + 1), "win_rate": [None] * (rounds + 1),
-                 "ci95": [None] * (rounds + 1)}
+        indices, matrix = score_matrix(rows, prompt_indices, rounds, name)
+        entry = {"n_prompts": len(indices), "mean": [None] * (rounds + 1), "win_rate": [None] * (rounds + 1)}
+        if with_interval:
+            entry["ci95"] = [None] * (rounds + 1)
         if indices:
             entry["mean"] = [float(value) for value in matrix.mean(axis=0)]
             for k in range(1, rounds + 1):
                 outcomes = (matrix[:, k] > matrix[:, 0]) + 0.5 * (matrix[:, k] == matrix[:, 0])  # (P,)
                 entry["win_rate"][k] = win_rate(matrix[:, k], matrix[:, 0])
-                entry["ci95"][k] = bootstrap_interval(outcomes.astype(np.float64))
-        summary["scorers"][name] = entry
-    return summary
+                if with_interval:
+                    entry["ci95"][k] = bootstrap_interval(outcomes.astype(np.float64))
+        numbers[name] = entry
+    return numbers
 
 
 def format_summary(summary: dict) -> str:

@@ -90,6 +90,12 @@ def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
             assert entry["win_rate"][k] == pytest.approx(wins / PROMPTS)
             low, high = entry["ci95"][k]
             assert 0.0 <= low <= entry["win_rate"][k] <= high <= 1.0
+    # our prompt file's first 6 prompts are all "color binding": that category's numbers are the whole run's
+    assert list(summary["categories"]) == ["color binding"]
+    for name in SCORERS:
+        by_category = summary["categories"]["color binding"][name]
+        assert by_category["mean"] == summary["scorers"][name]["mean"]
+        assert by_category["win_rate"] == summary["scorers"][name]["win_rate"]
 
 
 def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, counted_rounds):
@@ -182,9 +188,11 @@ def test_win_rate_ties_and_bootstrap_are_fixed():
     assert bootstrap_interval(np.ones(7)) == [1.0, 1.0]
     rows = {(i, r): {"prompt": "p", "scores": {"s": float(i + r)}} for i in range(3) for r in range(2)}
     del rows[(2, 1)]["scores"]["s"]  # an unscored image: prompt 2 is left out of the numbers
-    summary = summarize(rows, 3, 1, ["s"], {})
+    summary = summarize(rows, 3, 1, ["s"], {}, categories=["a", "b", "a"])
     assert summary["scorers"]["s"]["n_prompts"] == 2
     assert summary["scorers"]["s"]["mean"] == [0.5, 1.5] and summary["scorers"]["s"]["win_rate"] == [None, 1.0]
+    assert summary["categories"]["a"]["s"] == {"n_prompts": 1, "mean": [0.0, 1.0], "win_rate": [None, 1.0]}
+    assert summary["categories"]["b"]["s"]["mean"] == [1.0, 2.0]
 
 
 def test_prompt_sets_read_every_format(tmp_path):

@@ -125,7 +125,8 @@ def test_vqascore_is_p_yes_over_yes_and_no(tiny_root, tiny_llava):
     assert {tiny_llava.tokenizer.decode([i]).strip()[0] for i in no} == {"N", "n"}
     expected = []
     for image, prompt in zip(pictures, PROMPTS[:2]):
-        inputs = tiny_llava._encode(image, VQA_QUESTION.format(prompt=prompt), None)
+        encode = getattr(tiny_llava, "encode_conversation", None) or tiny_llava._encode
+        inputs = encode(image, VQA_QUESTION.format(prompt=prompt), None)
         with torch.no_grad():
             p = tiny_llava.model(**inputs).logits[0, -1].softmax(-1)
         expected.append((p[yes].sum() / (p[yes].sum() + p[no].sum())).item())
