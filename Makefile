@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7860
 PRESET ?=
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench bench-gpu clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_mllm.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trainer.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_ui.py
+
+# Measured seconds and GPU memory of the README memory table (random-weight real architectures, no downloads).
+bench-gpu: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
