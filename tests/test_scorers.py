@@ -161,3 +161,42 @@ def test_bad_input_and_missing_weights_are_user_errors(scorers_root):
         _checked_scores("hpsv2", torch.tensor([1.0, float("nan")]))
     with pytest.raises(WeightsNotFoundError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):  # HF_HUB_OFFLINE=1
         CLIPScorer(CLIP_SCORERS["hpsv2"]).score(images(1), PROMPTS[:1])
+
+
+def test_conversion_matches_open_clip_itself():
+    """Where open_clip is installed (not a project dependency), a random open_clip ViT CLIP and its
+    converted CLIPModel give the same embeddings."""
+    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is not installed (optional cross-check)")
+    from transformers import CLIPConfig, CLIPModel
+
+    from img_core.scorers import open_clip_to_transformers
+
+    torch.manual_seed(0)
+    vocab = 500
+    reference = open_clip.model.CLIP(
+        embed_dim=16,
+        vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=64, head_width=16, image_size=32, patch_size=8),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=77, vocab_size=vocab, width=48, heads=3, layers=2),
+    ).eval()
+    for parameter in reference.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=48, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=3, hidden_act="gelu", eos_token_id=vocab - 1, bos_token_id=vocab - 2,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, hidden_act="gelu"),
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    missing, unexpected = model.load_state_dict(open_clip_to_transformers(reference.state_dict()), strict=False)
+    assert missing == [] and unexpected == []
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.zeros(2, 77, dtype=torch.long)  # open_clip pools at the highest id: the end token
+    ids[0, :6] = torch.tensor([vocab - 2, 5, 17, 33, 8, vocab - 1])
+    ids[1, :4] = torch.tensor([vocab - 2, 44, 3, vocab - 1])
+    with torch.no_grad():
+        image_embeds = model.get_image_features(pixel_values=pixels)
+        text_embeds = model.get_text_features(input_ids=ids, attention_mask=(ids > 0).long())
+        assert torch.allclose(getattr(image_embeds, "pooler_output", image_embeds), reference.encode_image(pixels), atol=1e-5)
+        assert torch.allclose(getattr(text_embeds, "pooler_output", text_embeds), reference.encode_text(ids), atol=1e-5)
