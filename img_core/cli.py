@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("convert-llava", help="convert the released IMG LLaVA folder to transformers format", add_help=False)
     commands.add_parser("prepare", help="fetch and convert what a preset needs, ahead of time", add_help=False)
+    commands.add_parser("evaluate", help="generate, refine and score a prompt set (win rates, report)", add_help=False)
+    commands.add_parser("evaluate-compare", help="means and win rates of one evaluate run over another", add_help=False)
     return parser
 
 
@@ -58,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         from img_core.prepare import main as prepare_main
 
         return _guarded(lambda: prepare_main(argv[1:]), debug="--debug" in argv)
+    if argv and argv[0] in ("evaluate", "evaluate-compare"):
+        from img_core.evaluate import compare_main, main as evaluate_main
+
+        _configure_logging("--debug" in argv)
+        command = evaluate_main if argv[0] == "evaluate" else compare_main
+        return _guarded(lambda: command([a for a in argv[1:] if a != "--debug"]), debug="--debug" in argv)
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug)
     if args.command == "refine":
