@@ -321,11 +321,13 @@ def test_a_nan_sample_is_skipped_counted_and_never_saved(tmp_path):
 
     store = tmp_path / "store"
     write_synthetic_store(store, 96, shard_size=40, seed=1)
-    nan_index = split_indices(96, 16, 0)[0][0]  # a training sample
-    poison_samples(store, [nan_index])
+    train_indices, val_indices = split_indices(96, 16, 0)
+    poison_samples(store, [train_indices[0], val_indices[0]])  # one training, one held-out sample
     # batch 4 x accumulation 2 = 8 samples per step, 12 steps = 96 samples: the 80 training samples once
     final = train(run_config(store, tmp_path / "run", batch_size=4, gradient_accumulation_steps=2, max_steps=12))
 
+    val_records = [r for r in metrics_without_timing(tmp_path / "run") if "val_mse" in r]
+    assert val_records[-1]["val_skipped"] == 1 and np.isfinite(val_records[-1]["val_mse"])
     records = [r for r in metrics_without_timing(tmp_path / "run") if "loss" in r]
     assert records[-1]["skipped_nonfinite"] == 1 and records[-1]["skipped_unreadable"] == 0
     assert all(np.isfinite(r["loss"]) for r in records)

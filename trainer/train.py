@@ -201,11 +201,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate(aligner, source, indices: list[int], batch_size: int, accelerator) -> dict[str, float]:
-    """Held-out MSE to the winner: one aligner pass vs the identity (the loser's own features)."""
+    """Held-out MSE to the winner: one aligner pass vs the identity (the loser's own features). Samples
+    that are unreadable or not finite are left out (and counted in `val_skipped`)."""
     own = indices[accelerator.process_index :: accelerator.num_processes]
-    sums = torch.zeros(4, device=accelerator.device)  # aligner MSE, identity MSE, aligner wins, count
+    sums = torch.zeros(5, device=accelerator.device)  # aligner MSE, identity MSE, aligner wins, count, skipped
     for start in range(0, len(own), batch_size):
-        samples = [s for s in (source[i] for i in own[start : start + batch_size]) if s is not None]
+        read = [source[i] for i in own[start : start + batch_size]]
+        samples = [s for s in read if s is not None and not nonfinite_tensors(s)]
+        sums[4] += len(read) - len(samples)
         if not samples:
             continue
         batch = to_device(collate_features(samples), accelerator.device)
@@ -214,11 +217,11 @@ def evaluate(aligner, source, indices: list[int], batch_size: int, accelerator) 
         mse = squared_distance(batch["image_w"], aligned)  # (B,)
         mse_identity = squared_distance(batch["image_w"], batch["image_l"])  # (B,)
         wins = (mse < mse_identity).float()
-        sums += torch.stack([mse.sum(), mse_identity.sum(), wins.sum(), wins.new_tensor(len(wins))])
+        sums[:4] += torch.stack([mse.sum(), mse_identity.sum(), wins.sum(), wins.new_tensor(len(wins))])
     sums = accelerator.reduce(sums, reduction="sum")
     count = max(sums[3].item(), 1.0)
     return {"val_mse": sums[0].item() / count, "val_mse_identity": sums[1].item() / count,
-            "val_win_rate": sums[2].item() / count}
+            "val_win_rate": sums[2].item() / count, "val_skipped": int(sums[4].item())}
 
 
 def rng_state() -> dict:
