@@ -98,7 +98,8 @@ def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
         assert by_category["win_rate"] == summary["scorers"][name]["win_rate"]
 
 
-def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, counted_rounds):
+def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, counted_rounds, capsys):
+    from img_core.cli import main as cli_main
     from img_core.evaluate import main
 
     out, _ = first_run
@@ -106,8 +107,8 @@ def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, count
     assert main(evaluate_args(out)) == 0
     assert counted_rounds["generate"] == counted_rounds["refine"] == 0
     assert (out / "results.jsonl").read_text() == before
-    with pytest.raises(InvalidInputError, match=r"other settings \(seed: 0 there, 1 now\)"):
-        main(evaluate_args(out, "--seed", "1"))
+    assert cli_main(["evaluate", *evaluate_args(out, "--seed", "1")]) == 2  # one line on stderr, exit 2
+    assert "other settings (seed: 0 there, 1 now)" in capsys.readouterr().err
     with pytest.raises(InvalidInputError, match="guidance_mode"):
         main(evaluate_args(out, "--guidance-mode", "dialogue"))
     assert (out / "results.jsonl").read_text() == before
