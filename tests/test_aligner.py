@@ -219,7 +219,8 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path):
     state["zero_linear.bias"][0] = float("inf")
     official = tmp_path / "aligner_nan.pth"
     torch.save(state, official)
-    with pytest.raises(CorruptFileError, match=r"aligner_nan.pth holds non-finite .* layers.0.1.1.weight, zero_linear.bias"):
+    nan_and_inf = r"aligner_nan.pth holds non-finite .* layers.0.1.1.weight, zero_linear.bias"
+    with pytest.raises(CorruptFileError, match=nan_and_inf):
         ImplicitAligner.from_official_checkpoint(official, dim_head=8)
 
     aligner.save_pretrained(tmp_path / "folder")
