@@ -19,7 +19,8 @@ projection matrices are transposed), the way convert_llava.py converts the relea
 image preprocessing is kept: the longest side resized to 224 (bicubic, on the float tensor), padded to
 a square with black, normalised with the CLIP mean/std (HPSv2 `ResizeMaxSize`, light_augmentation=True).
 HPS v2 reports diag(image_features @ text_features) of unit vectors; the paper prints it x100 (28.03), so
-`hpsv2` returns 100 * cos.
+`hpsv2` returns 100 * cos. PickScore and CLIPScore use the CLIP image processor with PIL resizing, as the
+transformers 4 releases they were defined with (img_core.clip_processing).
 
 VQAScore: the MLLM reads the image and "Does this image show '{prompt}'? Answer yes or no." in its own
 chat template (the critic's encoder); from the logits of the first answer token,
@@ -261,8 +262,12 @@ class CLIPScorer:
 
         if self.model is not None:
             return self
+        from img_core.clip_processing import pil_clip_image_processor
+
         spec = self.spec
         processor = from_pretrained_or_explain(CLIPProcessor, spec.processor_id)
+        # PickScore and CLIPScore were defined on transformers 4's PIL resizing (REFERENCE §5)
+        processor.image_processor = pil_clip_image_processor(processor.image_processor)
         if spec.open_clip_checkpoint is None:
             model = from_pretrained_or_explain(CLIPModel, spec.model_id, dtype=self.dtype)
         else:

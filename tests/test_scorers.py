@@ -36,8 +36,11 @@ def clip_cosines(folder, processor_folder, pixel_values=None, pictures=None, pro
     """cos(image, text) straight from CLIPModel.forward's normalised embeddings."""
     from transformers import CLIPModel, CLIPProcessor
 
+    from img_core.clip_processing import pil_clip_image_processor
+
     model = CLIPModel.from_pretrained(folder).eval()
     processor = CLIPProcessor.from_pretrained(processor_folder)
+    processor.image_processor = pil_clip_image_processor(processor.image_processor)
     if pixel_values is None:
         pixel_values = processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
     text = processor.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
