@@ -16,7 +16,9 @@ MLLM quantization, `README_ROWS`):
   5. record seconds per stage and `torch.cuda.max_memory_allocated` / `max_memory_reserved`, reset per row
      (once for building, once for the two rounds).
 The results go to benchmarks/results/gpu-<device name>.json (see benchmarks/results/README.md) and a table
-is printed.
+is printed. The file is written after every row, and rows already in it (same device, scale, offload
+mode) are kept: `--rows 'sdxl/*'` and then `--rows 'flux-dev/*'` fill one file. Everything stays resident
+on the GPU (the README's "all resident" column); `--offload` measures the "with `--offload`" column.
 
 Quantization of random weights, in memory (nothing is written to disk; the real checkpoints are 10-30 GB):
   * MLLM, and transformers components of the pipeline (FLUX's T5): transformers' own loader with the
@@ -44,6 +46,7 @@ import argparse
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import gc
 import json
 import platform
@@ -197,7 +200,8 @@ def sdxl_plus_ip_adapter_weights(unet, image_encoder, scale: Scale, device, dtyp
     embed_dim = image_encoder.config.hidden_size
     hidden = 64 * scale.count(20)  # diffusers reads the head count as to_q rows // 64
     output_dim = unet.config.cross_attention_dim
-    ones, zeros = (lambda n: torch.ones(n, device=device, dtype=dtype)), (lambda n: torch.zeros(n, device=device, dtype=dtype))
+    ones = functools.partial(torch.ones, device=device, dtype=dtype)
+    zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
     image_proj = {
         "latents": _random((1, real.SDXL_IP_TOKENS, hidden), device, dtype),
         "proj_in.weight": _random((hidden, embed_dim), device, dtype), "proj_in.bias": zeros(hidden),
@@ -206,7 +210,8 @@ def sdxl_plus_ip_adapter_weights(unet, image_encoder, scale: Scale, device, dtyp
     }
     for i in range(4):
         for norm in ("norm1", "norm2"):
-            image_proj[f"layers.{i}.0.{norm}.weight"], image_proj[f"layers.{i}.0.{norm}.bias"] = ones(hidden), zeros(hidden)
+            image_proj[f"layers.{i}.0.{norm}.weight"] = ones(hidden)
+            image_proj[f"layers.{i}.0.{norm}.bias"] = zeros(hidden)
         image_proj[f"layers.{i}.0.to_q.weight"] = _random((hidden, hidden), device, dtype)
         image_proj[f"layers.{i}.0.to_kv.weight"] = _random((2 * hidden, hidden), device, dtype)
         image_proj[f"layers.{i}.0.to_out.weight"] = _random((hidden, hidden), device, dtype)
@@ -217,9 +222,10 @@ def sdxl_plus_ip_adapter_weights(unet, image_encoder, scale: Scale, device, dtyp
     key_id = 1  # h94 numbers the attention layers 0, 1, 2, ...: cross-attentions are the odd ones
     for name in unet.attn_processors:
         if name.endswith("attn2.processor"):
-            to_k = unet.get_submodule(name.removesuffix(".processor")).to_k  # in/out features: quantized layers too
+            to_k = unet.get_submodule(name.removesuffix(".processor")).to_k
+            shape = (to_k.out_features, to_k.in_features)  # not weight.shape: quantized weights are packed
             for kind in ("k", "v"):
-                ip_adapter[f"{key_id}.to_{kind}_ip.weight"] = _random((to_k.out_features, to_k.in_features), device, dtype)
+                ip_adapter[f"{key_id}.to_{kind}_ip.weight"] = _random(shape, device, dtype)
             key_id += 2
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
@@ -245,7 +251,8 @@ def flux_xlabs_ip_adapter_weights(transformer, image_encoder, device, dtype) -> 
 
 def sdxl_components(scale: Scale, device: torch.device, dtype: torch.dtype) -> dict:
     """SDXL base 1.0's models (random weights), tokenizers and IP-Adapter plus image encoder (CLIP ViT-H)."""
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPVisionModelWithProjection)
 
     from img_core.tiny_diffusion import build_clip_tokenizer
 
@@ -371,7 +378,8 @@ def build_qwen(scale: Scale, device, dtype):
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     config = real.qwen25_vl_7b_config(
         scale, vocab_size=scale.vocabulary(real.QWEN_VOCAB, len(tokenizer)), image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     tokenizer.model_max_length = config.text_config.max_position_embeddings
     with building_on(device, dtype):
@@ -492,8 +500,9 @@ def benchmark_preset(name: str, scale: Scale):
     )
 
 
-def run_row(row: Row, scale: Scale, device: torch.device) -> dict:
-    """Build the row's stack, run round 0 and one IMG round, and return what was measured."""
+def run_row(row: Row, scale: Scale, device: torch.device, offload: bool = False) -> dict:
+    """Build the row's stack, run round 0 and one IMG round, and return what was measured. `offload`: the
+    pipeline is built on the GPU, then handed to diffusers' model CPU offload as `--offload` does."""
     from img_core.session import IMGSession, RoundSettings
 
     preset = benchmark_preset(row.preset, scale)
@@ -502,6 +511,8 @@ def run_row(row: Row, scale: Scale, device: torch.device) -> dict:
     reset_peak_memory(device)
     with timed("build_diffusion", seconds, device):
         backend = build_backend(preset, row.diffusion_quantization, scale, device, session.dtype)
+        if offload:
+            backend.pipeline.enable_model_cpu_offload(device=device)
     with timed("build_mllm", seconds, device):
         critic = build_critic(row.mllm, row.mllm_quantization, scale, device)
     with timed("build_aligner", seconds, device):
@@ -520,6 +531,7 @@ def run_row(row: Row, scale: Scale, device: torch.device) -> dict:
     return {
         "row": row.name,
         **dataclasses.asdict(row),
+        "offload": offload,
         "dtype": {"diffusion": str(session.dtype).removeprefix("torch."),
                   "mllm": str(critic.dtype).removeprefix("torch.")},
         "settings": {"width": preset.width, "height": preset.height, "steps": preset.default_steps,
@@ -547,8 +559,9 @@ def environment(device: torch.device, scale: Scale) -> dict:
 
     info = {
         "device": {"type": device.type, "name": platform.processor() or "cpu", "threads": torch.get_num_threads()},
-        "software": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__},
+        "software": {"python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "bitsandbytes": bitsandbytes.__version__},
     }
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
@@ -575,7 +588,10 @@ def print_table(rows: list[dict]) -> None:
         seconds = result["seconds"]
         stages = " ".join(f"{seconds[s]:9.2f}" if s in seconds else f"{'-':>9s}" for s in STAGE_COLUMNS)
         rounds = result["memory_gib"]["rounds"]
-        memory = f" {rounds['peak_allocated']:9.2f} {rounds['peak_reserved']:9.2f}" if rounds else f" {'-':>9s} {'-':>9s}"
+        if rounds:
+            memory = f" {rounds['peak_allocated']:9.2f} {rounds['peak_reserved']:9.2f}"
+        else:
+            memory = f" {'-':>9s} {'-':>9s}"
         print(f"{result['row']:44s} {stages}{memory}")
     print("seconds per stage; peak GiB = torch.cuda.max_memory_allocated / max_memory_reserved over round 0 + 1 round")
 
@@ -590,6 +606,32 @@ def select_rows(patterns: list[str] | None) -> list[Row]:
     return chosen
 
 
+def merge_rows(previous: list[dict], measured: list[dict]) -> list[dict]:
+    """`previous` rows of the same file updated with the rows just `measured`, in README order: runs of
+    different `--rows` (each short enough for one GPU session) fill one file together."""
+    by_name = {result["row"]: result for result in previous}
+    by_name.update({result["row"]: result for result in measured})
+    order = {row.name: index for index, row in enumerate(README_ROWS)}
+    return sorted(by_name.values(), key=lambda result: order.get(result["row"], len(order)))
+
+
+def previous_rows(out: Path, report: dict) -> list[dict]:
+    """Rows already in `out` when it was written for the same device, scale and offload mode; else none."""
+    if not out.is_file():
+        return []
+    try:
+        previous = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        print(f"{out} is unreadable ({error}): starting it afresh")
+        return []
+    same_run = all(previous.get(key) == report[key] for key in ("format", "scale", "offload"))
+    same_device = previous.get("device", {}).get("name") == report["device"]["name"]
+    if not (same_run and same_device and isinstance(previous.get("rows"), list)):
+        print(f"{out} holds another device, scale or offload mode: starting it afresh")
+        return []
+    return previous["rows"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -598,34 +640,43 @@ def main(argv: list[str] | None = None) -> dict:
                              "pattern, e.g. 'sdxl/*' (repeatable; default: every README row)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help=f"1 = the real models (needs a GPU); e.g. {CPU_SCALE_HINT} for a CPU plumbing run")
+    parser.add_argument("--offload", action="store_true",
+                        help="measure with diffusers' model CPU offload (the README's `--offload` column; CUDA only)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON file (default: benchmarks/results/gpu-<device name>[-scale<S>].json)")
+                        help="JSON file (default: benchmarks/results/gpu-<device name>[-offload][-scale<S>].json); "
+                             "rows already in it from the same device, scale and offload mode are kept")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     scale = Scale(args.scale)
     if device.type == "cpu" and scale.is_real:
         parser.error(f"the real models need a GPU: pass --device cuda, or --scale {CPU_SCALE_HINT} for a CPU run")
+    if args.offload and device.type != "cuda":
+        parser.error("--offload moves models between the CPU and a GPU: it needs --device cuda")
     rows = select_rows(args.rows)
-    out = args.out or RESULTS_DIR / (f"gpu-{device_slug(device)}" + ("" if scale.is_real else f"-scale{scale.factor:g}") + ".json")
+    suffix = ("-offload" if args.offload else "") + ("" if scale.is_real else f"-scale{scale.factor:g}")
+    out = args.out or RESULTS_DIR / f"gpu-{device_slug(device)}{suffix}.json"
 
     from img_core.logs import quiet_library_output
 
     quiet_library_output()
-    report = {**environment(device, scale), "rows": []}
+    report = {**environment(device, scale), "offload": args.offload, "rows": []}
+    kept = previous_rows(out, report)
     out.parent.mkdir(parents=True, exist_ok=True)
+    measured: list[dict] = []
     for row in rows:
         print(f"-- {row.name}", flush=True)
         try:
-            report["rows"].append(run_row(row, scale, device))
+            measured.append(run_row(row, scale, device, offload=args.offload))
         except Exception as error:  # one failing row (out of memory, a library change) must not lose the others
             traceback.print_exc()
-            report["rows"].append({"row": row.name, **dataclasses.asdict(row), "error": f"{type(error).__name__}: {error}"})
+            measured.append({"row": row.name, **dataclasses.asdict(row), "error": f"{type(error).__name__}: {error}"})
         finally:
             gc.collect()  # the row's models go before the next row's are built
+        report["rows"] = merge_rows(kept, measured)
         out.write_text(json.dumps(report, indent=2) + "\n")  # after every row: a cut-off run keeps what it measured
-    print_table(report["rows"])
-    print(f"wrote {out}")
-    if any("error" in result for result in report["rows"]):
+    print_table(measured)
+    print(f"wrote {out} ({len(report['rows'])} rows, {len(measured)} measured now)")
+    if any("error" in result for result in measured):
         raise SystemExit(1)
     return report
 

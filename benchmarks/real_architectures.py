@@ -162,7 +162,7 @@ def _vae(scale: Scale, **family_options):
     return AutoencoderKL(
         block_out_channels=tuple(scale.width(c, multiple=32) for c in (128, 256, 512, 512)),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, sample_size=1024, force_upcast=True, **family_options)
+        layers_per_block=scale.count(2), sample_size=1024, force_upcast=True, **family_options)
 
 
 def sdxl_vae(scale: Scale = Scale()):

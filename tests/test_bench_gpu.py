@@ -16,9 +16,10 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench_gpu  # noqa: E402
 from real_architectures import Scale  # noqa: E402
 
-# Two rows that between them cover both diffusion families, both MLLM families, diffusion-side nf4 (a
-# diffusers model and FLUX's T5) and two MLLM quantizations.
-CPU_ROWS = ("sdxl/none/img-llava-13b/bnb-8bit", "flux-dev/bnb-nf4/qwen2.5-vl-7b/bnb-nf4")
+# Two rows that between them cover both diffusion families, both MLLM families, an unquantized pipeline
+# and diffusion-side nf4 (a diffusers model and FLUX's T5). bnb-8bit MLLM rows take the same path as nf4
+# (`with_transformers_quantization`) but run float16 matmuls, which are slow on a CPU.
+CPU_ROWS = ("sdxl/none/img-llava-13b/bnb-nf4", "flux-dev/bnb-nf4/qwen2.5-vl-7b/bnb-nf4")
 CPU_SCALE = 0.05
 BUILD_STAGES = ("build_diffusion", "build_mllm", "build_aligner")
 ROUND_STAGES = ("generate", "image_features", "align", "regenerate")
@@ -42,6 +43,7 @@ def test_cpu_run_writes_every_requested_row_with_positive_stage_seconds(cpu_run)
     assert report["format"] == bench_gpu.RESULT_FORMAT
     assert report["scale"] == CPU_SCALE
     assert report["device"]["type"] == "cpu"
+    assert report["offload"] is False
     assert [row["row"] for row in report["rows"]] == list(CPU_ROWS)
     for row in report["rows"]:
         assert "error" not in row
@@ -54,6 +56,7 @@ def test_cpu_run_writes_every_requested_row_with_positive_stage_seconds(cpu_run)
         assert row["settings"]["width"] == row["settings"]["height"] == 64  # 1024 px x 0.05, at least 64
         assert row["settings"]["steps"] == 2
         assert row["memory_gib"] == {"build": None, "rounds": None}  # CUDA figures only
+        assert row["offload"] is False
         assert all(gib > 0 for gib in row["weights_gib"].values())
         assert row["critique_characters"] > 0
 
@@ -62,8 +65,8 @@ def test_cpu_run_applies_each_rows_quantization(cpu_run):
     rows = {row["row"]: row for row in cpu_run[0]["rows"]}
     sdxl, flux = rows[CPU_ROWS[0]], rows[CPU_ROWS[1]]
     assert sdxl["quantized_layers"]["diffusion"] == 0  # "none": the UNet stays in the pipeline's dtype
-    assert sdxl["quantized_layers"]["mllm"] > 0  # bnb-8bit
-    assert sdxl["dtype"]["mllm"] == "float16"  # bitsandbytes' int8 matmul works in float16, as MLLMCritic.load picks
+    assert sdxl["quantized_layers"]["mllm"] > 0
+    assert sdxl["dtype"] == {"diffusion": "float32", "mllm": "float32"}  # what a session uses on a CPU
     assert flux["quantized_layers"]["diffusion"] > 0  # nf4 transformer and T5
     assert flux["quantized_layers"]["mllm"] > 0
 
@@ -86,6 +89,34 @@ def test_rows_filter_refuses_a_pattern_that_matches_nothing():
         bench_gpu.select_rows(["sdxl/none/no-such-mllm/*"])
     assert [row.name for row in bench_gpu.select_rows(["flux-dev/*"])] == [
         row.name for row in bench_gpu.README_ROWS if row.preset == "flux-dev"]
+
+
+def test_rows_from_separate_runs_fill_one_file_in_readme_order(tmp_path):
+    first, second, third = (row.name for row in bench_gpu.README_ROWS[:3])
+    merged = bench_gpu.merge_rows(
+        [{"row": third, "seconds": {"generate": 1.0}}, {"row": first, "seconds": {"generate": 2.0}}],
+        [{"row": second, "seconds": {}}, {"row": first, "error": "OutOfMemoryError: again"}],
+    )
+    assert [result["row"] for result in merged] == [first, second, third]
+    assert merged[0] == {"row": first, "error": "OutOfMemoryError: again"}  # the new measurement wins
+    # Rows are only kept from a file written for the same device, scale and offload mode.
+    report = {"format": bench_gpu.RESULT_FORMAT, "scale": 1.0, "offload": False, "device": {"name": "GPU X"}}
+    out = tmp_path / "gpu.json"
+    out.write_text(json.dumps({**report, "rows": merged}))
+    assert bench_gpu.previous_rows(out, report) == merged
+    assert bench_gpu.previous_rows(out, {**report, "scale": 0.5}) == []
+    assert bench_gpu.previous_rows(out, {**report, "device": {"name": "GPU Y"}}) == []
+    out.write_text("{ cut off")
+    assert bench_gpu.previous_rows(out, report) == []
+
+
+def test_flags_a_cpu_cannot_honour_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--device", "cpu"])  # scale 1 = the real models
+    assert "need a GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--device", "cpu", "--scale", "0.05", "--offload"])
+    assert "needs --device cuda" in capsys.readouterr().err
 
 
 def _billions(module: torch.nn.Module) -> float:
