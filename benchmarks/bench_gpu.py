@@ -330,15 +330,19 @@ def build_flux_pipeline(scale: Scale, quantization: str, components: tuple[str, 
 
 
 def _suppressed_token_ids(tokenizer, vocab_size: int, stop_string: str | None) -> list[int]:
-    """Token ids a random-weight critique must not produce, so that it runs to its token limit: special
-    tokens (end of text, image tokens), pieces of the chat template's stop string, and ids past the small
-    tokenizer's vocabulary (at scale 1 the output layer spans the real vocabulary)."""
+    """Token ids a random-weight critique must not produce, so that it runs to its token limit as printable
+    text: special tokens (end of text, image tokens), tokens that decode to nothing printable (byte
+    fallbacks), pieces of the chat template's stop string, and ids past the small tokenizer's vocabulary
+    (at scale 1 the output layer spans the real vocabulary)."""
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    stop_pieces = [
-        token_id for token_id in range(len(tokenizer))
-        if stop_string and (text := tokenizer.decode([token_id])).strip() and text.strip() in stop_string
-    ]
-    return sorted(special | set(stop_pieces) | set(range(len(tokenizer), vocab_size)))
+
+    def unwanted(token_id: int) -> bool:
+        text = tokenizer.decode([token_id]).strip()
+        printable = text.isprintable() and "\ufffd" not in text  # a lone byte of a UTF-8 sequence decodes to U+FFFD
+        return not text or not printable or bool(stop_string and text in stop_string)
+
+    unwanted_ids = {token_id for token_id in range(len(tokenizer)) if unwanted(token_id)}
+    return sorted(special | unwanted_ids | set(range(len(tokenizer), vocab_size)))
 
 
 def build_llava(scale: Scale, device, dtype):
@@ -377,9 +381,11 @@ def build_qwen(scale: Scale, device, dtype):
     tokenizer = build_tiny_qwen_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     config = real.qwen25_vl_7b_config(
-        scale, vocab_size=scale.vocabulary(real.QWEN_VOCAB, len(tokenizer)), image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        scale, vocab_size=scale.vocabulary(real.QWEN_VOCAB, len(tokenizer)),
+        text_token_ids={"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                        "pad_token_id": ids["<|endoftext|>"]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     tokenizer.model_max_length = config.text_config.max_position_embeddings
     with building_on(device, dtype):
@@ -505,6 +511,7 @@ def run_row(row: Row, scale: Scale, device: torch.device, offload: bool = False)
     pipeline is built on the GPU, then handed to diffusers' model CPU offload as `--offload` does."""
     from img_core.session import IMGSession, RoundSettings
 
+    torch.manual_seed(SEED)  # the same random weights on every run
     preset = benchmark_preset(row.preset, scale)
     session = IMGSession(preset, device=device, show_progress_bars=False)
     seconds: dict[str, float] = {}

@@ -208,9 +208,12 @@ def llava_13b_config(
         image_token_id=image_token_id)
 
 
-def qwen25_vl_7b_config(scale: Scale = Scale(), vocab_size: int = QWEN_VOCAB, **token_ids):
+def qwen25_vl_7b_config(
+    scale: Scale = Scale(), vocab_size: int = QWEN_VOCAB, text_token_ids: dict | None = None, **token_ids
+):
     """Qwen2.5-VL-7B: its ViT (32 blocks of 16 heads of 80, window attention except 4 full blocks) + Qwen2.5-7B
-    (28 heads of 128 with 4 KV heads, 28 layers). `token_ids`: image/video/vision start/end token ids."""
+    (28 heads of 128 with 4 KV heads, 28 layers). `text_token_ids`: bos/eos/pad of the language model;
+    `token_ids`: image/video/vision start/end token ids."""
     from transformers import Qwen2_5_VLConfig
 
     heads = scale.count(28)
@@ -222,7 +225,8 @@ def qwen25_vl_7b_config(scale: Scale = Scale(), vocab_size: int = QWEN_VOCAB, **
         text_config={"hidden_size": 128 * heads, "intermediate_size": scale.width(18944),
                      "num_attention_heads": heads, "num_hidden_layers": scale.count(28),
                      "num_key_value_heads": kv_heads, "vocab_size": vocab_size, "max_position_embeddings": 128000,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}},
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+                     **(text_token_ids or {})},
         vision_config={"depth": depth, "hidden_size": 80 * scale.count(16),
                        "intermediate_size": scale.width(3420),
                        "num_heads": scale.count(16), "out_hidden_size": 128 * heads,
