@@ -1,8 +1,9 @@
 """Measured seconds and GPU memory of every README memory-table row, with no downloads.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_gpu.py [--device cuda] [--rows 'sdxl/*'] [--scale 1] [--out FILE]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_gpu.py [--device cuda] [--rows 'sdxl/*'] [--scale 1] [--offload]
+                                                    [--out FILE]
     make bench-gpu
-    python benchmarks/bench_gpu.py --device cpu --scale 0.05      # plumbing run on a CPU (well under a minute)
+    python benchmarks/bench_gpu.py --device cpu --scale 0.05   # plumbing run: all rows in ~50 s of CPU time
 
 For each row of README "Memory (estimate) against a 24 GB GPU" (preset x diffusion quantization x MLLM x
 MLLM quantization, `README_ROWS`):
