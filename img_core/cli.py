@@ -19,10 +19,18 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line with a pointer to --help (argparse prints the
+    whole usage, 14 lines for `refine`); its sub-command parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from img_core.settings import GUIDANCE_MODES, LIMITS, add_model_arguments, add_round_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m img_core", description="IMG: re-generate images that match their prompts")
+    parser = OneLineErrorParser(prog="python -m img_core", description="IMG: re-generate images that match their prompts")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -34,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--image", type=Path, default=None, help="start from this image instead of generating one")
     add_round_arguments(refine)
     add_model_arguments(refine)
+    refine.add_argument("--scorer", action="append", default=[], metavar="NAME",
+                        help="record each round's alignment score in session.json (vqascore, clipscore, pickscore, "
+                        "hpsv2, vqascore:<mllm>; repeat for several)")
     refine.add_argument("--quiet", action="store_true", help="no progress bars")
 
     convert = commands.add_parser("convert-aligner", help="turn a released aligner .pth into a save_pretrained folder")
@@ -87,6 +98,14 @@ def refine(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     check_rounds(args.rounds)
     check_output_folder(args.out, "--out")
+    if args.scorer:
+        from img_core.scorers import check_scorer_names
+
+        check_scorer_names(args.scorer)
+    if args.aligner is not None:
+        from img_core.session import check_aligner_source
+
+        check_aligner_source(args.aligner)
     if args.image is not None:
         from img_core.images import load_image
 
@@ -106,10 +125,14 @@ def refine(args: argparse.Namespace) -> int:
         elif event.text is None:
             bar.set_postfix_str(f"round {event.round_index} {event.stage}")
 
-    record = session.run(args.prompt, args.seed, args.rounds, settings, image=args.image, on_stage=on_stage)
+    record = session.run(args.prompt, args.seed, args.rounds, settings, image=args.image, on_stage=on_stage,
+                         scorers=args.scorer)
     bar.close()
     path = record.save(args.out)
     if not args.quiet:
+        for made in record.rounds:
+            if made.scores:
+                print(f"round {made.index}: " + ", ".join(f"{name} {value:.4f}" for name, value in made.scores.items()))
         print(f"wrote {len(record.rounds)} images and {path}")
     return 0
 

@@ -28,10 +28,8 @@ Steps, as the code runs them:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import html
-import inspect
 import json
 import logging
 import math
@@ -57,14 +55,14 @@ RUN_FILE = "run.json"
 IMAGES_DIR = "images"
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
-MAX_ROUNDS = 50
 DEFAULT_SCORERS = "hpsv2"
 DEFAULT_SCORE_BATCH = 8
 SAVE_EVERY_SECONDS = 30.0  # how often scores are written back while a long scoring pass runs
 # Settings that change the images: a folder made with other values is refused. --rounds, --limit and
 # --scorers may change between runs (more rounds, prompts or scorers are added to what is there).
-IMAGE_SETTINGS = ("preset", "prompts_sha256", "seed", "steps", "guidance_scale", "guidance_mode", "questions",
-                  "aligner", "mllm", "no_critique", "quantization")
+IMAGE_SETTINGS = ("preset", "prompts_sha256", "seed", "steps", "guidance_scale", "ip_scale", "aligner_passes",
+                  "guidance_mode", "max_critique_tokens", "questions", "aligner", "mllm", "no_critique",
+                  "quantization", "diffusion_quantization")
 
 
 def image_name(prompt_index: int, round_index: int) -> str:
@@ -80,34 +78,23 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from img_core.presets import PRESETS
     from img_core.scorers import SCORER_NAMES
+    from img_core.settings import LIMITS, add_model_arguments, add_round_arguments
 
     parser = argparse.ArgumentParser(prog="python -m img_core evaluate",
                                      description="generate round 0 and N IMG rounds per prompt, score them, summarise")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: sdxl on a CUDA GPU, else tiny-sdxl")
     parser.add_argument("--prompts", required=True,
                         help=".txt (one per line), .json list, .csv/.tsv/.parquet with a prompt column, or a hub dataset id")
     parser.add_argument("--prompt-column", default=None, help="column of a .csv/.tsv/.parquet/.json/dataset (default: prompt)")
     parser.add_argument("--prompt-split", default=None, help="split of a hub dataset (default: test)")
-    parser.add_argument("--rounds", type=int, default=1, help="IMG rounds after round 0 (default 1)")
+    parser.add_argument("--rounds", type=int, default=1, help=f"{LIMITS['rounds'].label} (default 1)")
     parser.add_argument("--scorers", default=DEFAULT_SCORERS,
                         help=f"comma-separated: {', '.join(SCORER_NAMES)}, vqascore:<mllm> (default {DEFAULT_SCORERS})")
     parser.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt 0; prompt i uses seed + i")
     parser.add_argument("--limit", type=int, default=None, help="only the first K prompts")
-    parser.add_argument("--guidance-mode", choices=("question", "dialogue"), default="question")
-    parser.add_argument("--questions", default=None, help="question source (as refine's --questions)")
-    parser.add_argument("--aligner", default=None, help="aligner folder (save_pretrained) or official .pth")
-    parser.add_argument("--mllm", default=None, help="MLLM name from img_core.mllm.KNOWN_MLLMS (default: the preset's)")
-    parser.add_argument("--no-critique", action="store_true",
-                        help="skip the critique text (question mode only: it does not steer the guidance)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG / FLUX guidance (default: the preset's)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--quantization", default=None,
-                        choices=("none", "bnb-nf4", "bnb-8bit", "quanto-int8", "quanto-int4"),
-                        help="MLLM quantization (default: bnb-nf4 on CUDA, none on CPU)")
+    add_round_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--score-batch", type=int, default=DEFAULT_SCORE_BATCH, help="images per scorer call")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, no table")
     return parser
@@ -131,49 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def session_options(args: argparse.Namespace) -> tuple[dict, dict]:
-    """(IMGSession keyword arguments, RoundSettings keyword arguments) for --questions and --no-critique,
-    where this version of the session supports them; otherwise a clear refusal. The one place to adjust
-    when the session's API for them changes."""
-    from img_core.session import IMGSession, RoundSettings
-
-    session_kwargs: dict = {}
-    settings_kwargs: dict = {}
-    settings_fields = {field.name for field in dataclasses.fields(RoundSettings)}
-    if args.questions is not None:
-        if "questions" in inspect.signature(IMGSession.__init__).parameters:
-            session_kwargs["questions"] = args.questions
-        elif "questions" in settings_fields:
-            settings_kwargs["questions"] = args.questions
-        else:
-            raise InvalidInputError("--questions is not supported by this version of img_core's session "
-                                    "(no question-source option yet): leave it out to use the default questions")
-    if args.no_critique:
-        if args.guidance_mode != "question":
-            raise InvalidInputError("--no-critique works only with --guidance-mode question: dialogue guidance "
-                                    "is made from the critique")
-        for name, value in (("critique", False), ("write_critique", False), ("skip_critique", True)):
-            if name in settings_fields:
-                settings_kwargs[name] = value
-                break
-        else:
-            raise InvalidInputError("--no-critique is not supported by this version of img_core's session "
-                                    "(every round writes its critique): leave it out")
-    return session_kwargs, settings_kwargs
-
-
 def check_arguments(args: argparse.Namespace) -> list[str]:
     """Cheap checks before anything loads; returns the scorer names."""
     from img_core.scorers import check_scorer_names
+    from img_core.settings import check_rounds, check_seed
 
-    if not 1 <= args.rounds <= MAX_ROUNDS:
-        raise InvalidInputError(f"--rounds must be between 1 and {MAX_ROUNDS}, got {args.rounds}")
+    if check_rounds(args.rounds) < 1:
+        raise InvalidInputError("--rounds must be at least 1: the win rates compare rounds >= 1 with round 0")
     if args.limit is not None and args.limit < 1:
         raise InvalidInputError(f"--limit must be >= 1, got {args.limit}")
     if args.score_batch < 1:
         raise InvalidInputError(f"--score-batch must be >= 1, got {args.score_batch}")
-    if not 0 <= args.seed < 2**62:
-        raise InvalidInputError(f"--seed must be between 0 and 2^62, got {args.seed}")
+    check_seed(args.seed)
     return check_scorer_names(args.scorers.split(","))
 
 
@@ -183,24 +139,27 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
 def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
     from img_core.presets import default_preset_name, get_preset
     from img_core.prompt_sets import load_prompt_set
-    from img_core.session import IMGSession, RoundSettings
+    from img_core.session import IMGSession
+    from img_core.settings import model_options_from_args, round_settings_from_args
 
-    # 1. arguments and prompts
+    # 1. arguments and prompts (the same settings and checks as `refine`)
     scorer_names = check_arguments(args)
-    preset_name = args.preset or default_preset_name()
-    get_preset(preset_name)
-    session_kwargs, settings_kwargs = session_options(args)
+    settings = round_settings_from_args(args)
+    options = model_options_from_args(args)
+    preset_name = options.preset or default_preset_name()
+    preset = get_preset(preset_name)
+    resolved = settings.resolve(preset)
     prompt_set = load_prompt_set(args.prompts, column=args.prompt_column, split=args.prompt_split)
     prompts = prompt_set.prompts[: args.limit] if args.limit else prompt_set.prompts
-    settings = RoundSettings(steps=args.steps, guidance_scale=args.guidance_scale, guidance_mode=args.guidance_mode,
-                             **settings_kwargs)
-    settings.resolve(get_preset(preset_name))
     run_settings = {
         "preset": preset_name, "prompts": prompt_set.source, "prompts_sha256": prompt_set.sha256,
-        "prompt_count": len(prompt_set.prompts), "seed": args.seed, "steps": args.steps,
-        "guidance_scale": args.guidance_scale, "guidance_mode": args.guidance_mode, "questions": args.questions,
-        "aligner": args.aligner, "mllm": args.mllm, "no_critique": bool(args.no_critique),
-        "quantization": args.quantization, "rounds": args.rounds, "limit": args.limit, "scorers": scorer_names,
+        "prompt_count": len(prompt_set.prompts), "seed": args.seed, "steps": resolved.steps,
+        "guidance_scale": resolved.guidance_scale, "ip_scale": resolved.ip_scale,
+        "aligner_passes": resolved.aligner_passes, "guidance_mode": resolved.guidance_mode,
+        "max_critique_tokens": resolved.max_critique_tokens, "questions": options.questions or preset.questions,
+        "aligner": options.aligner, "mllm": options.mllm, "no_critique": not resolved.critique,
+        "quantization": options.quantization, "diffusion_quantization": options.diffusion_quantization,
+        "rounds": args.rounds, "limit": args.limit, "scorers": scorer_names,
     }
 
     # 2. the folder: refuse other settings, read what is there
@@ -210,8 +169,7 @@ def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
     rows = read_results(out_dir)
 
     # 3. generation
-    session = IMGSession.from_preset(preset_name, device=args.device, mllm=args.mllm, aligner=args.aligner,
-                                     quantization=args.quantization, show_progress_bars=False, **session_kwargs)
+    session = IMGSession.from_preset(preset_name, show_progress_bars=False, **options.session_kwargs())
     generated = generate_missing(session, prompts, args.seed, args.rounds, settings, out_dir, rows, quiet=args.quiet)
 
     # 4. scoring, one model set at a time

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from PIL import Image
 
 from img_core.aligner import ImplicitAligner
 from img_core.backends.base import DiffusionCall
-from img_core.errors import IncompatibleAlignerError, OutOfMemoryError
+from img_core.errors import IncompatibleAlignerError, InvalidInputError, OutOfMemoryError
 from img_core.images import load_image
 from img_core.presets import Preset, get_preset
 from img_core.record import Round, SessionRecord
@@ -93,6 +94,7 @@ class IMGSession:
         self.critic = None
         self.aligner: ImplicitAligner | None = None
         self.load_seconds: dict[str, float] = {}
+        self.scorers: dict = {}  # name -> loaded scorer (img_core.scorers), on first use
         self._lock = threading.RLock()
 
     @classmethod
@@ -184,6 +186,7 @@ class IMGSession:
 
         source = self.aligner_source
         if source is not None:
+            check_aligner_source(source)
             path = Path(source)
             if path.is_file():
                 return ImplicitAligner.from_official_checkpoint(path)
@@ -349,6 +352,21 @@ class IMGSession:
             warnings=list(prompt_check.warnings),
         )
 
+    def score(self, made: Round, scorers: list[str] | tuple[str, ...]) -> dict[str, float]:
+        """Alignment scores of a round against its prompt (img_core.scorers: `vqascore` asks this session's
+        MLLM; others load their own weights once). They are recorded in `made.scores` and returned."""
+        from img_core.scorers import check_scorer_names, load_scorer
+
+        names = check_scorer_names(list(scorers))
+        self.load()
+        with self._lock:
+            for name in names:
+                if name not in self.scorers:
+                    tiny_root = self.tiny_root if self.base_preset.is_tiny else None
+                    self.scorers[name] = load_scorer(name, device=self.device, tiny_root=tiny_root, critic=self.critic)
+                made.scores[name] = self.scorers[name].score([made.image], [made.prompt])[0]
+        return {name: made.scores[name] for name in names}
+
     def run(
         self,
         prompt: str,
@@ -357,9 +375,15 @@ class IMGSession:
         settings: RoundSettings | None = None,
         image=None,
         on_stage: StageCallback | None = None,
+        scorers: list[str] | tuple[str, ...] = (),
     ) -> SessionRecord:
-        """Round 0 (generated, or `image`) then `rounds` IMG rounds, each from the previous round."""
+        """Round 0 (generated, or `image`) then `rounds` IMG rounds, each from the previous round; with
+        `scorers`, every round's scores are recorded."""
         rounds = check_rounds(rounds)
+        if scorers:
+            from img_core.scorers import check_scorer_names
+
+            check_scorer_names(list(scorers))
         settings = settings or RoundSettings()
         settings.resolve(self.base_preset)
         check_seed(seed)
@@ -372,10 +396,13 @@ class IMGSession:
             else self.generate(prompt, seed, settings, on_stage=on_stage)
         )
         record = SessionRecord(first.prompt, first.seed, self.base_preset.name, [first])
+        if scorers:
+            self.score(first, scorers)
         for index in range(1, rounds + 1):
-            record.rounds.append(
-                self.refine(record.rounds[-1], first.prompt, first.seed, None, settings, index=index, on_stage=on_stage)
-            )
+            made = self.refine(record.rounds[-1], first.prompt, first.seed, None, settings, index=index, on_stage=on_stage)
+            if scorers:
+                self.score(made, scorers)
+            record.rounds.append(made)
         return record
 
     # ------------------------------------------------------------------ helpers
@@ -421,3 +448,20 @@ class IMGSession:
 
 # Re-exported for callers that import them from here.
 __all__ = ["IMGSession", "Round", "RoundSettings", "SessionRecord", "StageEvent", "StageCallback"]
+
+
+ALIGNER_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def check_aligner_source(source: str | Path) -> None:
+    """Refuse an `--aligner` that is neither an existing file or folder nor a hub repo id ("owner/name"),
+    before any model loads (a missing path would otherwise reach the hub as a malformed repo id)."""
+    text = str(source)
+    if Path(text).exists():
+        return
+    repo_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not text.endswith(ALIGNER_FILE_SUFFIXES)
+    if not repo_id:
+        raise InvalidInputError(
+            f"--aligner {text}: the path does not exist; pass a folder written by save_pretrained, an official "
+            ".pth file or a Hugging Face repo id (owner/name)"
+        )

@@ -93,4 +93,8 @@ def test_missing_real_weights_offline_is_one_line(tmp_path):
     result = run_cli("refine", "--preset", "sdxl", "--device", "cpu", "--prompt", "a cat", "--out", str(tmp_path), "--quiet")
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "img-llava-13b" in lines[0] and "python -m img_core prepare" in lines[0], result.stderr
+    result = run_cli("refine", "--preset", "sdxl", "--mllm", "llava-1.5-13b", "--device", "cpu", "--prompt", "a cat",
+                     "--out", str(tmp_path), "--quiet")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "stabilityai/stable-diffusion-xl-base-1.0" in lines[0], result.stderr

@@ -147,7 +147,7 @@ def test_a_model_switch_does_not_carry_the_automatic_offload_choice(tiny_root):
 
     session = IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False)
     session.offload = True  # as if the automatic rule had chosen offload for this preset's size
-    host = ModelHost(session)
+    host = ModelHost(session, allow_switch=True)
     host.switch("tiny-sdxl-dpo", None, None)
     assert host.session.offload_requested is None  # the next preset decides for itself
 
@@ -158,3 +158,18 @@ def test_round_features_are_not_written_to_the_record(tmp_path, fresh_session):
     record.save(tmp_path)
     saved = json.loads((tmp_path / "session.json").read_text())
     assert "image_features" not in saved["rounds"][0] and saved["rounds"][1]["question_source"] == "ours"
+
+
+def test_cli_refine_records_each_rounds_scores(tmp_path, tiny_root, capsys):
+    from img_core.cli import main as cli_main
+
+    out = tmp_path / "scored"
+    assert cli_main(["refine", "--preset", "tiny-sdxl", "--prompt", PROMPT, "--rounds", "1", "--steps", "1",
+                     "--scorer", "vqascore", "--scorer", "clipscore", "--out", str(out), "--device", "cpu"]) == 0
+    rounds = json.loads((out / "session.json").read_text())["rounds"]
+    for made in rounds:
+        assert set(made["scores"]) == {"vqascore", "clipscore"}
+        assert 0.0 <= made["scores"]["vqascore"] <= 1.0 and 0.0 <= made["scores"]["clipscore"] <= 100.0
+    assert "round 1: vqascore" in capsys.readouterr().out
+    assert cli_main(["refine", "--preset", "tiny-sdxl", "--prompt", PROMPT, "--scorer", "beauty",
+                     "--out", str(tmp_path / "x")]) == 2  # refused before any model loads

@@ -130,6 +130,11 @@ def test_missing_weights_offline_name_the_id_and_how_to_fetch(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     session = IMGSession.from_preset("sdxl", device="cpu")
     with pytest.raises(WeightsNotFoundError) as error:
+        session.load()  # the IMG LLaVA is prepared first: it is what a first run downloads and converts
+    message = str(error.value)
+    assert "img-llava-13b" in message and "shi-labs/IMG" in message and "python -m img_core prepare" in message
+    session = IMGSession.from_preset("sdxl", device="cpu", mllm="llava-1.5-13b")  # needs no preparation
+    with pytest.raises(WeightsNotFoundError) as error:
         session.load()
     message = str(error.value)
     assert "stabilityai/stable-diffusion-xl-base-1.0" in message and "hf download" in message

@@ -30,6 +30,7 @@ from trainer import option, parse_config
 from trainer.data import PreferencePairs
 from img_core.errors import CorruptFileError
 from img_core.integrity import sha256_file
+from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, GUIDANCE_MODES
 from trainer.store import (
     STORAGE_DTYPES,
     FeatureSample,
@@ -53,14 +54,15 @@ class ExtractConfig:
     dataset: str = option("", "folder of Pick-a-Pic-style parquet files, one parquet file, or a hub dataset id")
     out: str = option("", "store folder to write (shards + manifest.json)")
     preset: str = option("sdxl", "img_core preset whose IP-Adapter and MLLM make the features")
-    guidance_mode: str = option("question", "MLLM guidance mode", choices=["question", "dialogue"])
+    guidance_mode: str = option("question", "MLLM guidance mode", choices=list(GUIDANCE_MODES))
+    questions: str | None = option(None, "question source: ours, release or a JSON file (default: the preset's)")
     mllm: str | None = option(None, "MLLM name or folder instead of the preset's (e.g. a fine-tuned one)")
     quantization: str | None = option(None, "MLLM quantization (default: nf4 on CUDA, none on CPU)")
     limit: int | None = option(None, "use only the first N rows of the source")
     shard_size: int = option(128, "source rows per shard")
     dtype: str = option("float16", "storage dtype", choices=list(STORAGE_DTYPES))
     seed: int = option(0, "offset of the per-row seed that picks the question template")
-    max_critique_tokens: int = option(96, "dialogue mode: longest critique")
+    max_critique_tokens: int = option(DEFAULT_MAX_CRITIQUE_TOKENS, "dialogue mode: longest critique")
     split: str = option("train", "split of a hub dataset")
     device: str | None = option(None, "device (default: this process's accelerator device)")
 
@@ -76,12 +78,12 @@ class FeatureExtractor:
     img_core session without its aligner, which extraction does not use."""
 
     def __init__(self, preset: str, device: str | torch.device, mllm: str | None = None,
-                 quantization: str | None = None, tiny_root: str | Path | None = None):
+                 quantization: str | None = None, tiny_root: str | Path | None = None, questions: str | None = None):
         from img_core.session import IMGSession
 
         session = IMGSession.from_preset(
             preset, device=device, mllm=mllm, quantization=quantization, tiny_root=tiny_root,
-            show_progress_bars=False,
+            show_progress_bars=False, questions=questions,
         ).load(aligner=False)
         self.preset = session.base_preset
         self.device = session.device
@@ -103,15 +105,16 @@ class FeatureExtractor:
             "image_encoder": encoder,
             "image_feature_kind": self.backend.feature_kind,
             "preset": self.preset.name,
+            "question_source": self.critic.questions.name,
         }
 
     def triplet(self, caption: str, winner, loser, guidance_mode: str, seed: int,
-                max_critique_tokens: int = 96) -> FeatureSample:
-        """Features of one pair; images are PIL images, `seed` picks the question template."""
-        critique = None
-        if guidance_mode == "dialogue":
-            critique = self.critic.critique(loser, caption, max_new_tokens=max_critique_tokens, seed=seed)
-        guidance = self.critic.guidance(loser, caption, critique=critique, mode=guidance_mode, seed=seed)
+                max_critique_tokens: int = DEFAULT_MAX_CRITIQUE_TOKENS) -> FeatureSample:
+        """Features of one pair; images are PIL images, `seed` picks the question template. The guidance is
+        what a round computes (`MLLMCritic.read`): dialogue mode teacher-forces the MLLM's own critique."""
+        reading = self.critic.read(loser, caption, seed=seed, mode=guidance_mode, write_critique=False,
+                                   max_new_tokens=max_critique_tokens)
+        guidance = reading.guidance
         return FeatureSample(
             image_w=self.backend.image_features(winner)[0],  # (Si, D)
             image_l=self.backend.image_features(loser)[0],  # (Si, D)
@@ -193,7 +196,8 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None,
     todo = [s for s in range(state.process_index, num_shards, state.num_processes) if not finished(s)]
     if todo:
         if extractor is None:
-            extractor = FeatureExtractor(cfg.preset, cfg.device or state.device, cfg.mllm, cfg.quantization, tiny_root)
+            extractor = FeatureExtractor(cfg.preset, cfg.device or state.device, cfg.mllm, cfg.quantization, tiny_root,
+                                         questions=cfg.questions)
         fields = extractor.store_fields(cfg.guidance_mode)
         progress = tqdm(total=sum(len(rows_of(s)) for s in todo), desc=f"extract [{state.process_index}]",
                         position=state.process_index, disable=None)
@@ -249,13 +253,13 @@ class OnlineTriplets(torch.utils.data.Dataset):
 
     def __init__(self, dataset: str, preset: str, guidance_mode: str, device: str, seed: int = 0,
                  mllm: str | None = None, quantization: str | None = None, limit: int | None = None,
-                 tiny_root: str | Path | None = None):
+                 tiny_root: str | Path | None = None, questions: str | None = None):
         self.pairs = PreferencePairs(dataset, limit=limit)
         self.rows = self.pairs.decided_rows()
         if not self.rows:
             raise ValueError(f"{dataset} has no pair that is not a tie")
         self.guidance_mode, self.seed = guidance_mode, seed
-        self.extractor = FeatureExtractor(preset, device, mllm, quantization, tiny_root)
+        self.extractor = FeatureExtractor(preset, device, mllm, quantization, tiny_root, questions=questions)
         self.manifest = self.extractor.store_fields(guidance_mode)
 
     def __len__(self) -> int:

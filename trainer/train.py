@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from img_core.settings import GUIDANCE_MODES
 from img_core.errors import CorruptFileError
 from img_core.integrity import check_finite, nonfinite_tensors, verify_checksum, write_checksum
 from trainer import option, parse_config
@@ -51,7 +52,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 # Settings that change the trajectory of a run: a resume must use the values in the checkpoint.
 TRAJECTORY_SETTINGS = (
-    "features", "online", "dataset", "preset", "guidance_mode", "init_from", "depth", "heads", "dim_head",
+    "features", "online", "dataset", "preset", "guidance_mode", "questions", "init_from", "depth", "heads", "dim_head",
     "ff_mult", "lam", "ref_update_k", "reduction", "lr", "weight_decay", "batch_size",
     "gradient_accumulation_steps", "mixed_precision", "seed", "val_samples",
 )
@@ -65,7 +66,8 @@ class TrainConfig:
     online: bool = option(False, "compute features inside the loop from --dataset with --preset instead of a store")
     dataset: str | None = option(None, "--online: folder of Pick-a-Pic-style parquet files or a hub dataset id")
     preset: str | None = option(None, "--online: img_core preset whose IP-Adapter and MLLM make the features")
-    guidance_mode: str = option("question", "--online: MLLM guidance mode", choices=["question", "dialogue"])
+    guidance_mode: str = option("question", "--online: MLLM guidance mode", choices=list(GUIDANCE_MODES))
+    questions: str | None = option(None, "--online: question source (ours, release or a JSON file; default: the preset's)")
     device: str | None = option(None, "--online: device for the preset's models (default: the accelerator's)")
     val_samples: int = option(500, "held-out samples for validation (0 = none; the paper's ablations use 500 prompts)")
     num_workers: int = option(0, "DataLoader worker processes reading the store")
@@ -319,7 +321,8 @@ def open_source(cfg: TrainConfig, device: torch.device):
         return FeatureStore(cfg.features)
     from trainer.extract import OnlineTriplets
 
-    return OnlineTriplets(cfg.dataset, cfg.preset, cfg.guidance_mode, device=cfg.device or str(device), seed=cfg.seed)
+    return OnlineTriplets(cfg.dataset, cfg.preset, cfg.guidance_mode, device=cfg.device or str(device), seed=cfg.seed,
+                          questions=cfg.questions)
 
 
 # ----------------------------------------------------------------------------------------- training

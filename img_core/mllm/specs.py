@@ -60,10 +60,10 @@ KNOWN_MLLMS: dict[str, MLLMSpec] = {
         chat_template="llava-v0",  # the release's folder is named `llava`, which selects conv_llava_v0
         hidden_size=5120,
         fetch_hint=(
-            "On a machine with internet download the `llava/` folder of the hub repo shi-labs/IMG "
-            "(`huggingface-cli download shi-labs/IMG --include 'llava/*' --local-dir shi-labs-IMG`), copy it "
-            "here and convert it: `python -m img_core convert-llava --source shi-labs-IMG/llava "
-            "--out ~/.cache/img-studio/img-llava-13b-hf` (needs openai/clip-vit-large-patch14-336 too)."
+            "With internet access, `python -m img_core prepare --preset sdxl` downloads the `llava/` folder of "
+            "shi-labs/IMG and converts it into the cache once (the app and the CLI do this on first use). "
+            "Offline: copy a prepared ~/.cache/img-studio/img-llava-13b-hf here, or convert a downloaded folder "
+            "with `python -m img_core convert-llava --source IMG/llava --out ~/.cache/img-studio/img-llava-13b-hf`."
         ),
     ),
     "llava-1.5-13b": MLLMSpec(
