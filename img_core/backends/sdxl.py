@@ -13,8 +13,8 @@ from torch import nn
 
 from img_core.aligner import SDXL_FEATURES
 from img_core.backends.base import DiffusionBackend, DiffusionCall, StepCallback
-from img_core.hub import call_or_explain, from_pretrained_or_explain
 from img_core.clip_processing import pil_clip_image_processor
+from img_core.hub import call_or_explain, from_pretrained_or_explain
 from img_core.resampler import project, release_resampler_for
 
 
@@ -55,16 +55,20 @@ class SDXLBackend(DiffusionBackend):
         tokenizer = self.pipeline.tokenizer
         return [("CLIP", tokenizer, tokenizer.model_max_length)]
 
+    def __init__(self, pipeline, preset, device: torch.device, dtype: torch.dtype):
+        super().__init__(pipeline, preset, device, dtype)
+        # The release computes the aligner's input tokens with its own `resampler.pth` (REFERENCE §5); None
+        # when the aligner comes without one: then the IP-Adapter's projection makes them.
+        projection = self.denoiser.encoder_hid_proj.image_projection_layers[0]
+        self.release_resampler = release_resampler_for(preset.aligner, projection)
+
     @torch.no_grad()
     def image_features(self, image: Image.Image) -> torch.Tensor:
-        """Aligner input tokens (1, Si, D): from the release's `resampler.pth` when the aligner comes with one
-        (the release computes them so, REFERENCE §5), else from the IP-Adapter's projection."""
-        if not hasattr(self, "_release_resampler"):
-            projection = self.denoiser.encoder_hid_proj.image_projection_layers[0]
-            self._release_resampler = release_resampler_for(self.preset.aligner, projection)
-        if self._release_resampler is None:
+        """Aligner input tokens (1, Si, D): from the release's resampler when there is one, else from the
+        IP-Adapter's projection."""
+        if self.release_resampler is None:
             return super().image_features(image)
-        return project(self._release_resampler, self._encode_for_projection(image))
+        return project(self.release_resampler, self._encode_for_projection(image))
 
     def _encode_for_projection(self, image: Image.Image | None) -> torch.Tensor:
         encoder = self.pipeline.image_encoder
