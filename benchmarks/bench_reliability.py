@@ -1,6 +1,6 @@
 """Reliability figures: what happens to damaged or hostile inputs.
 
-    python benchmarks/bench_reliability.py                       # every section (CPU, about a minute)
+    python benchmarks/bench_reliability.py                       # every section (CPU, about a minute + ~10 for app)
     python benchmarks/bench_reliability.py --sections images     # one or more sections by name
 
 Sections (one function each, returning table rows):
@@ -12,10 +12,14 @@ Sections (one function each, returning table rows):
   images       header bombs (PNG, JPEG, GIF declaring huge canvases), folders, non-images: refused
                cleanly (InvalidInputError, no other exception, no PIL warning), time per refusal, and the
                peak RSS of a fresh process refusing a 20000x20000 PNG bomb
+  app          `python app.py --preset tiny-sdxl` with its own TMPDIR: malformed API calls (seeds 1.5 /
+               true / "x" / NaN / lists, non-text prompts, missing values, non-images, a bomb, server
+               paths) tried / refused cleanly (a sentence, no traceback, no server path) / tracebacks /
+               server deaths; RSS and files under TMPDIR per 100 of 500 /refine calls after a warm-up;
+               everything removed after SIGTERM (CPU, ~10 minutes)
 
 A row's `ok` says whether the outcome is the wanted one; the script exits 1 if any row is not ok. To add a
-section (e.g. the app/API one: bad inputs tried / refused cleanly / tracebacks / server deaths, RSS and
-temp-file growth per 100 calls), write `def bench_<name>(work: Path) -> list[Row]` and add it to SECTIONS.
+section, write `def bench_<name>(work: Path) -> list[Row]` and add it to SECTIONS.
 """
 
 from __future__ import annotations
@@ -330,9 +334,236 @@ def bench_images(work: Path) -> list[Row]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------- app
+
+
+APP_START_TIMEOUT_S = 180
+APP_WARMUP_CALLS = 20
+APP_REFINE_CALLS = 500
+APP_SEEDS = 7  # the calls cycle through these seeds: 7 distinct outputs, each cached by Gradio once
+APP_PROMPT = "A green banana and a brown horse."
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AppProcess:
+    """`python app.py --preset tiny-sdxl` on a free local port, with its own TMPDIR (so every file it or
+    Gradio writes lands in one folder this benchmark can count) and its log in a file."""
+
+    def __init__(self, work: Path, *flags: str):
+        self.tmp = work / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.log_path = work / "app.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = dict(os.environ, TMPDIR=str(self.tmp), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.pop("GRADIO_TEMP_DIR", None)
+        command = [sys.executable, str(REPO / "app.py"), "--preset", "tiny-sdxl", "--device", "cpu",
+                   "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_until_up()
+
+    def wait_until_up(self) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + APP_START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not answer within {APP_START_TIMEOUT_S} s")
+            time.sleep(0.25)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def files(self) -> list[Path]:
+        """Every file under the app's TMPDIR (its own folder, Gradio's cache, uploads, exports)."""
+        return [p for p in self.tmp.rglob("*") if p.is_file() or p.is_symlink()]
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM, as a service manager stops it; the exit status."""
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def queue_call(url: str, data, fn_index: int | None = None, api_name: str | None = None,
+               session_hash: str = "bench") -> tuple[bool, object]:
+    """One event through Gradio's queue over plain HTTP (as any script can, without gradio_client):
+    (success, output data) or (False, the error message the client is shown)."""
+    import urllib.request
+
+    if fn_index is None:
+        config = json.loads(urllib.request.urlopen(url + "config", timeout=10).read())
+        fn_index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)
+    body = {"data": data, "fn_index": fn_index, "session_hash": session_hash, "event_data": None, "trigger_id": None}
+    request = urllib.request.Request(url + "gradio_api/queue/join", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30).read()
+    except urllib.error.HTTPError as error:
+        return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}"
+    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session_hash}", timeout=120) as stream:
+        for raw in stream:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            message = json.loads(line[5:])
+            if message.get("msg") == "process_completed":
+                output = message.get("output") or {}
+                if message.get("success"):
+                    return True, output.get("data")
+                return False, output.get("error")
+    return False, "stream ended without a result"
+
+
+def clean_refusal(message: object, app: AppProcess) -> tuple[bool, str]:
+    """Whether an error message is a clean refusal: a sentence (not a bare 'Error' / None), no traceback,
+    no server path."""
+    text = str(message)
+    if text.strip() in ("", "None", "Error", "null"):
+        return False, f"bare {text!r}"
+    if "Traceback" in text:
+        return False, "traceback"
+    if str(app.tmp) in text or str(REPO) in text or "/tmp/" in text:
+        return False, "server path"
+    return True, ""
+
+
+def bad_app_inputs(work: Path) -> list[tuple[str, str, object]]:
+    """(case, endpoint, arguments): malformed API calls a client can send."""
+    good, not_image, bomb = work / "good.png", work / "notes.png", work / "bomb.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (30, 160, 40)).save(good)
+    not_image.write_text("this is text, not a picture")
+    bomb.write_bytes(png_bomb(BOMB_SIDE, BOMB_SIDE))
+    return [
+        ("seed 1.5", "/generate", [APP_PROMPT, 1.5]),
+        ("seed True", "/generate", [APP_PROMPT, True]),
+        ("seed 'x'", "/generate", [APP_PROMPT, "x"]),
+        ("seed NaN", "/generate", [APP_PROMPT, float("nan")]),
+        ("seed [1]", "/generate", [APP_PROMPT, [1]]),
+        ("seed -1", "/generate", [APP_PROMPT, -1]),
+        ("seed 2**32", "/generate", [APP_PROMPT, 2**32]),
+        ("seed None", "/generate", [APP_PROMPT, None]),
+        ("prompt 123", "/generate", [123, 0]),
+        ("prompt ['a']", "/generate", [["a"], 0]),
+        ("prompt None", "/generate", [None, 0]),
+        ("prompt ''", "/generate", ["", 0]),
+        ("no arguments", "/generate", []),
+        ("one argument", "/generate", [APP_PROMPT]),
+        ("data not a list", "/generate", "x"),
+        ("critique: no image", "/critique", [None, APP_PROMPT]),
+        ("critique: text file", "/critique", [not_image, APP_PROMPT]),
+        ("critique: PNG bomb", "/critique", [bomb, APP_PROMPT]),
+        ("critique: prompt 5", "/critique", [good, 5]),
+        ("critique: no arguments", "/critique", []),
+        ("critique: a server path as text", "/critique", ["/etc/hostname", APP_PROMPT]),
+        ("critique: a file record outside the upload cache", "/critique",
+         [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, APP_PROMPT]),
+        ("refine: seed 1.5", "/refine", [good, APP_PROMPT, "", 1.5]),
+        ("refine: seed 'x'", "/refine", [good, APP_PROMPT, "", "x"]),
+        ("refine: critique 5", "/refine", [good, APP_PROMPT, 5, 0]),
+        ("refine: text file", "/refine", [not_image, APP_PROMPT, "", 0]),
+        ("refine: missing seed", "/refine", [good, APP_PROMPT, ""]),
+    ]
+
+
+def bench_app(work: Path) -> list[Row]:
+    """The app under hostile API calls and 500 /refine calls: clean refusals, RSS and file growth."""
+    from gradio_client import Client, handle_file
+
+    app = AppProcess(work / "app")
+    client = Client(app.url, verbose=False)
+    rows = []
+    try:
+        tried = refused = tracebacks = 0
+        unclean = []
+        for case, endpoint, arguments in bad_app_inputs(work):
+            if isinstance(arguments, list):
+                arguments = [handle_file(str(a)) if isinstance(a, Path) else a for a in arguments]
+                if any(isinstance(a, dict) for a in arguments):  # files: upload through the client
+                    try:
+                        client.predict(*arguments, api_name=endpoint)
+                        ok, message = True, "accepted"
+                    except Exception as error:  # noqa: BLE001 - every failure is an outcome
+                        ok, message = False, str(error)
+                else:
+                    ok, message = queue_call(app.url, arguments, api_name=endpoint.lstrip("/"))
+            else:
+                ok, message = queue_call(app.url, arguments, api_name=endpoint.lstrip("/"))
+            tried += 1
+            clean, why = clean_refusal(message, app) if not ok else (False, "accepted")
+            refused += clean
+            tracebacks += "Traceback" in str(message)
+            if not clean:
+                unclean.append(f"{case}: {why or short(str(message), 60)}")
+                print(f"[app] not refused cleanly: {case}: {short(str(message), 300)}", file=sys.stderr)
+            if not app.alive:
+                break
+        log_tracebacks = app.log_path.read_text().count("Traceback")
+        rows.append(Row("app", f"{tried} bad API calls", "all refused with a message", f"{refused} refused cleanly",
+                        refused == tried, "; ".join(unclean) or "every message a sentence, no path"))
+        rows.append(Row("app", "tracebacks", "none to clients", f"{tracebacks} to clients, {log_tracebacks} in the "
+                        "server log", tracebacks == 0))
+        rows.append(Row("app", "server deaths", "0", str(int(not app.alive)), app.alive))
+
+        image = work / "good.png"
+        for call in range(APP_WARMUP_CALLS):  # the same seeds as below: their outputs are cached once
+            client.predict(handle_file(str(image)), APP_PROMPT, "", call % APP_SEEDS, api_name="/refine")
+        files_before, rss = len(app.files()), [app.rss_mb()]
+        start = time.perf_counter()
+        for call in range(1, APP_REFINE_CALLS + 1):
+            client.predict(handle_file(str(image)), APP_PROMPT, "", call % APP_SEEDS, api_name="/refine")
+            if call % 100 == 0:
+                rss.append(app.rss_mb())
+        seconds = time.perf_counter() - start
+        files_after = len(app.files())
+        slope = (rss[-1] - rss[0]) / (APP_REFINE_CALLS / 100)
+        rows.append(Row("app", f"{APP_REFINE_CALLS} /refine calls after {APP_WARMUP_CALLS} warm-up", "RSS grows < 20 MB",
+                        f"+{rss[-1] - rss[0]:.1f} MB ({slope:+.2f} MB/100 calls)", rss[-1] - rss[0] < 20,
+                        f"RSS per 100 calls: {' '.join(f'{r:.0f}' for r in rss)} MB; {seconds / APP_REFINE_CALLS * 1e3:.0f} "
+                        "ms/call"))
+        rows.append(Row("app", f"{APP_REFINE_CALLS} /refine calls: files", "no growth",
+                        f"{files_after - files_before:+d} files ({(files_after - files_before) / (APP_REFINE_CALLS / 100):+.1f}"
+                        "/100 calls)", files_after <= files_before, f"{files_before} -> {files_after} files under TMPDIR"))
+    finally:
+        status = app.stop()
+    left = app.files()
+    rows.append(Row("app", "SIGTERM", "clean exit, nothing left in TMPDIR", f"exit {status}, {len(left)} files left",
+                    status == 0 and not left, ", ".join(str(p.relative_to(app.tmp)) for p in left[:3])))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------- main
 
-SECTIONS = {"checkpoints": bench_checkpoints, "store": bench_store, "images": bench_images}
+SECTIONS = {"checkpoints": bench_checkpoints, "store": bench_store, "images": bench_images, "app": bench_app}
 
 
 def print_table(rows: list[Row]) -> None:

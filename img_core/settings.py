@@ -238,19 +238,30 @@ class ModelOptions:
         }
 
 
+# Environment variables that set the defaults of --preset, --mllm and --quantization (a Hugging Face Space
+# passes no flags to app.py; it sets these as Space variables). Empty means unset.
+MODEL_ENVIRONMENT = {"preset": "IMG_PRESET", "mllm": "IMG_MLLM", "quantization": "IMG_QUANTIZATION"}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags shared by `app.py` and `python -m img_core refine/evaluate`."""
+    """The model flags shared by `app.py` and `python -m img_core refine/evaluate`; --preset, --mllm and
+    --quantization default to $IMG_PRESET, $IMG_MLLM and $IMG_QUANTIZATION when set (`MODEL_ENVIRONMENT`)."""
+    import os
+
     from img_core.presets import PRESETS
 
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="model preset; default: sdxl with a CUDA GPU, else tiny-sdxl (tiny random models)")
+    # Not checked here (argparse checks only typed values): the session refuses an unknown preset or quantization.
+    from_env = {name: os.environ.get(variable) or None for name, variable in MODEL_ENVIRONMENT.items()}
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=from_env["preset"],
+                        help="model preset; default: $IMG_PRESET, else sdxl with a CUDA GPU, else tiny-sdxl (tiny "
+                        "random models)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
-    parser.add_argument("--quantization", choices=MLLM_QUANTIZATIONS, default=None,
-                        help="MLLM weights (default: bnb-nf4 on CUDA, none on CPU)")
+    parser.add_argument("--quantization", choices=MLLM_QUANTIZATIONS, default=from_env["quantization"],
+                        help="MLLM weights (default: $IMG_QUANTIZATION, else bnb-nf4 on CUDA, none on CPU)")
     parser.add_argument("--diffusion-quantization", choices=DIFFUSION_QUANTIZATIONS, default=None,
                         help="the big diffusion components on CUDA (default: bnb-nf4 for flux-dev, else none)")
-    parser.add_argument("--mllm", default=None, help="MLLM name (img-llava-13b, llava-1.5-13b, qwen2.5-vl-7b) or "
-                        "a converted model folder (default: the preset's)")
+    parser.add_argument("--mllm", default=from_env["mllm"], help="MLLM name (img-llava-13b, llava-1.5-13b, "
+                        "qwen2.5-vl-7b) or a converted model folder (default: $IMG_MLLM, else the preset's)")
     parser.add_argument("--aligner", default=None, help="aligner folder (save_pretrained) or official .pth "
                         "(default: the preset's)")
     parser.add_argument("--offload", action="store_true", default=None,

@@ -3,27 +3,25 @@
 Gradio re-encodes every PIL image of every update (about 0.35 s per 1024x1024 PNG), and each round's
 update shows all rounds again; giving it a file path instead costs a copy. Files are keyed by a hash of
 the pixels, not by the PIL object: where state is unpickled per call (ZeroGPU) the same round arrives as a
-new object and must not be written again. At most `MAX_FILES` are kept (Gradio serves its own copies);
-the folder is removed at exit.
+new object and must not be written again. At most `MAX_FILES` are kept (Gradio serves its own copies),
+in the app's folder (`ui.files`), which is removed at exit.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 from PIL import Image
 
+from ui.files import app_subfolder
+
 MAX_FILES = 512
 _files: OrderedDict[str, str] = OrderedDict()  # pixel hash -> its PNG, least recently used first
 _lock = threading.Lock()
-_folder: Path | None = None
 
 
 def image_key(image: Image.Image) -> str:
@@ -41,7 +39,7 @@ def png_file(image: Image.Image) -> str:
         if path is not None and os.path.exists(path):
             _files.move_to_end(key)
             return path
-        path = str(_images_folder() / f"{key}.png")
+        path = str(app_subfolder("images") / f"{key}.png")
         image.save(path, format="PNG")
         _files[key] = path
         while len(_files) > MAX_FILES:
@@ -49,10 +47,3 @@ def png_file(image: Image.Image) -> str:
             Path(oldest).unlink(missing_ok=True)
         return path
 
-
-def _images_folder() -> Path:
-    global _folder
-    if _folder is None:
-        _folder = Path(tempfile.mkdtemp(prefix="img-studio-images-"))
-        atexit.register(shutil.rmtree, _folder, ignore_errors=True)
-    return _folder

@@ -2,7 +2,9 @@
 
 Models load once per process, lazily on the first click that needs them (or at start-up on ZeroGPU),
 never per click. Switching preset, MLLM or quantization replaces the models for every user of this
-process; the replacement is loaded at once, and if it fails the previous session stays.
+process, so it is refused unless the app was started with `--allow-model-switch` (checked here, on the
+server, not only by hiding the button: any client can send the event over HTTP); the replacement is
+loaded at once, and if it fails the previous session stays.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from img_core.errors import InvalidInputError
 from img_core.mllm import KNOWN_MLLMS, default_quantization
 from img_core.presets import get_preset
 from img_core.session import IMGSession
@@ -30,9 +33,14 @@ def compatible_mllms(preset_name: str) -> list[str]:
     return [name for name, spec in KNOWN_MLLMS.items() if spec.hidden_size == own.hidden_size and spec.tiny == own.tiny]
 
 
+class ModelSwitchNotAllowedError(InvalidInputError):
+    """A model switch was asked of an app started without `--allow-model-switch`."""
+
+
 class ModelHost:
-    def __init__(self, session: IMGSession):
+    def __init__(self, session: IMGSession, allow_switch: bool = False):
         self._session = session
+        self.allow_switch = allow_switch  # app.py's --allow-model-switch
         self._lock = threading.RLock()
         self.load_seconds: float | None = None
 
@@ -68,7 +76,12 @@ class ModelHost:
     ) -> bool:
         """Replace the session with one for these settings and load it. Returns False (and loads
         nothing) when they are the current ones; on failure the current session stays and the error
-        propagates."""
+        propagates. Refused (ModelSwitchNotAllowedError) unless the host allows switching."""
+        if not self.allow_switch:
+            raise ModelSwitchNotAllowedError(
+                "switching models is turned off on this server (it would change the models for every user): "
+                "start the app with --allow-model-switch to allow it"
+            )
         with self._lock:
             current = self._session
             quantization = quantization or None

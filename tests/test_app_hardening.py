@@ -1,0 +1,368 @@
+"""Hardening of the app, its API and the CLI (issue 10: findings 5, 6 and 8).
+
+One `python app.py --preset tiny-sdxl --auth ...` subprocess for the module, with its own TMPDIR so that
+every file it writes can be counted; it is stopped with SIGTERM by the last test. Plain HTTP calls go
+through Gradio's queue as any script can (`queue_call`), without gradio_client's checks.
+"""
+
+import argparse
+import http.cookiejar
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "A green banana and a brown horse."
+USER, PASSWORD = "tester", "s3cret:with-colon"
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningApp:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp / "tmpdir"  # the app's TMPDIR: everything it writes should be under it
+        self.tmp.mkdir()
+        self.log = tmp / "app.log"
+        self.url = f"http://127.0.0.1:{free_port()}/"
+        env = dict(os.environ, TMPDIR=str(self.tmp), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.pop("GRADIO_TEMP_DIR", None)
+        port = urllib.parse.urlparse(self.url).port
+        command = [sys.executable, "app.py", "--preset", "tiny-sdxl", "--device", "cpu", "--host", "127.0.0.1",
+                   "--port", str(port), "--auth", f"{USER}:{PASSWORD}"]
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"app.py exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break  # answering (a login page or 401): up
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not answer within {START_TIMEOUT_S} s:\n{self.log.read_text()}")
+            time.sleep(0.25)
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        login = urllib.parse.urlencode({"username": USER, "password": PASSWORD}).encode()
+        self.opener.open(self.url + "login", data=login, timeout=10).close()
+        self.config = json.loads(self.opener.open(self.url + "config", timeout=10).read())
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.tmp.rglob("*") if not p.is_dir())
+
+    def fn_index(self, api_name: str) -> int:
+        return next(i for i, d in enumerate(self.config["dependencies"]) if d.get("api_name") == api_name)
+
+    def queue_call(self, data, api_name: str | None = None, fn_index: int | None = None) -> tuple[bool, object]:
+        """One event over plain HTTP: (True, output data) or (False, the error message a client sees)."""
+        ok, result, _ = self.queue_call_with_log(data, api_name, fn_index)
+        return ok, result
+
+    def queue_call_with_log(self, data, api_name: str | None = None, fn_index: int | None = None):
+        """`queue_call`, plus the (level, message) notes (gr.Warning, gr.Info) the event sent."""
+        session_hash = f"test{time.monotonic_ns()}"
+        body = {"data": data, "fn_index": self.fn_index(api_name) if fn_index is None else fn_index,
+                "session_hash": session_hash, "event_data": None, "trigger_id": None}
+        request = urllib.request.Request(self.url + "gradio_api/queue/join", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            self.opener.open(request, timeout=30).close()
+        except urllib.error.HTTPError as error:
+            return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}", []
+        logs = []
+        with self.opener.open(f"{self.url}gradio_api/queue/data?session_hash={session_hash}", timeout=120) as stream:
+            for raw in stream:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                if message.get("msg") == "log":
+                    logs.append((message.get("level"), message.get("log")))
+                if message.get("msg") == "process_completed":
+                    output = message.get("output") or {}
+                    if message.get("success"):
+                        return True, output.get("data"), logs
+                    return False, output.get("error"), logs
+        return False, "no result", logs
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_root):
+    running = RunningApp(tmp_path_factory.mktemp("hardening"))
+    yield running
+    if running.process.poll() is None:
+        running.process.kill()
+        running.process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(app) -> Client:
+    return Client(app.url, auth=(USER, PASSWORD), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (64, 64), (30, 160, 40)).save(folder / "good.png")
+    (folder / "notes.png").write_text("this is text, not a picture")
+    return {"good": folder / "good.png", "not_image": folder / "notes.png"}
+
+
+def assert_clean_message(message: object, *must_contain: str) -> None:
+    """A sentence for the client: not a bare 'Error'/None, no traceback, no server path."""
+    text = str(message)
+    assert text.strip() not in ("", "None", "Error", "null"), f"bare error: {text!r}"
+    assert "Traceback" not in text and "/tmp" not in text and str(ROOT) not in text, text
+    for part in must_contain:
+        assert part in text, f"{part!r} not in {text!r}"
+
+
+# --- finding 6: nobody changes the server for everyone ----------------------------------------------
+
+
+def test_without_credentials_the_app_answers_401(app):
+    for path in ("config", "gradio_api/info"):
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(app.url + path, timeout=10)
+        assert raised.value.code == 401
+    join = urllib.request.Request(app.url + "gradio_api/queue/join", data=b'{"data": [], "fn_index": 0, '
+                                  b'"session_hash": "x"}', headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(join, timeout=10)
+    assert raised.value.code == 401
+
+
+def test_auth_flag_parsing(capsys):
+    import app as app_module
+
+    assert app_module.parse_auth("ann:pa:ss") == ("ann", "pa:ss")
+    for bad in ("ann", ":pass", "ann:", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="USER:PASS"):
+            app_module.parse_auth(bad)
+    with pytest.raises(SystemExit) as raised:
+        app_module.parse_args(["--auth", "nocolon"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert raised.value.code == 2 and len(err) == 1 and "USER:PASS" in err[0] and "--help" in err[0]
+    assert app_module.parse_args(["--share"]).allow_model_switch is False
+    warnings = app_module.exposure_warnings(app_module.parse_args(["--share"]))
+    assert len(warnings) == 1 and "public" in warnings[0] and "--auth" in warnings[0]
+    warnings = app_module.exposure_warnings(app_module.parse_args(["--host", "0.0.0.0", "--auth", "a:b"]))
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "--auth" not in warnings[0]
+
+
+def test_space_variables_set_the_model_defaults(monkeypatch):
+    import app as app_module
+
+    monkeypatch.setenv("IMG_PRESET", "tiny-flux")
+    monkeypatch.setenv("IMG_MLLM", "tiny-qwen")
+    monkeypatch.setenv("IMG_QUANTIZATION", "none")
+    args = app_module.parse_args([])
+    assert (args.preset, args.mllm, args.quantization) == ("tiny-flux", "tiny-qwen", "none")
+    assert app_module.parse_args(["--preset", "tiny-sdxl"]).preset == "tiny-sdxl", "a flag beats the variable"
+    monkeypatch.setenv("IMG_PRESET", "")
+    assert app_module.parse_args([]).preset is None, "empty means unset"
+
+
+def test_model_switch_is_refused_on_the_server(tiny_root):
+    from img_core.errors import IMGError
+    from img_core.session import IMGSession
+    from ui.models import ModelHost
+
+    host = ModelHost(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False))
+    with pytest.raises(IMGError, match="--allow-model-switch"):
+        host.switch("tiny-flux", None, None)
+    assert host.preset.name == "tiny-sdxl" and not host.is_loaded
+
+
+def test_model_switch_over_plain_http_is_refused(app):
+    """The switch event may be hidden from the page and the API docs; a direct call to its fn_index
+    must still not switch (the app was started without --allow-model-switch)."""
+    components = {c["id"]: c for c in app.config["components"]}
+    presets_of = {
+        i: components[i]["props"].get("choices") for i in components if components[i]["type"] == "dropdown"
+    }
+    switches = [
+        (index, dependency) for index, dependency in enumerate(app.config["dependencies"])
+        if len(dependency["inputs"]) >= 2 and all(i in presets_of for i in dependency["inputs"])
+    ]
+    for index, dependency in switches:
+        data = []
+        for component_id in dependency["inputs"]:
+            choices = [c[1] if isinstance(c, list) else c for c in presets_of[component_id] or []]
+            data.append("tiny-flux" if "tiny-flux" in choices else None)
+        ok, message = app.queue_call(data, fn_index=index)
+        text = json.dumps(message)
+        assert "--allow-model-switch" in text, f"event {index} answered {text[:300]}"
+    ok, image = app.queue_call([PROMPT, 1], api_name="generate")
+    assert ok, image
+
+
+# --- finding 8: the API refuses malformed values with a message ---------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1.5, True, "x", "7", float("nan"), [1], -1, 2**32, None])
+def test_api_seed_must_be_a_whole_number_in_range(app, seed):
+    ok, message = app.queue_call([PROMPT, seed], api_name="generate")
+    assert not ok, f"seed {seed!r} was accepted"
+    assert_clean_message(message, "seed")
+
+
+def test_api_prompts_and_critiques_must_be_text(app, client, images):
+    for prompt in (123, ["a"], {"text": "a"}):
+        ok, message = app.queue_call([prompt, 0], api_name="generate")
+        assert not ok and "prompt must be text" in str(message), message
+    with pytest.raises(Exception) as raised:
+        client.predict(handle_file(str(images["good"])), 5, api_name="/critique")
+    assert_clean_message(raised.value, "prompt must be text")
+    with pytest.raises(Exception) as raised:
+        client.predict(handle_file(str(images["good"])), PROMPT, 5, 0, api_name="/refine")
+    assert_clean_message(raised.value, "critique must be text")
+
+
+def test_api_critique_caps_the_prompt_like_the_others(app, client, images):
+    from img_core.settings import MAX_PROMPT_CHARS
+
+    long_prompt = "a horse " * (MAX_PROMPT_CHARS // 4)
+    ok, image, logs = app.queue_call_with_log([long_prompt, 0], api_name="generate")
+    assert ok and any(level == "warning" and "cut" in text for level, text in logs), logs
+    image_file = {"path": image[0]["path"], "meta": {"_type": "gradio.FileData"}}  # the served output
+    ok, critique, logs = app.queue_call_with_log([image_file, long_prompt], api_name="critique")
+    assert ok and isinstance(critique[0], str), critique
+    assert any(level == "warning" and "cut" in text for level, text in logs), f"/critique did not cap: {logs}"
+
+
+@pytest.mark.parametrize("data", [[], [PROMPT]])
+def test_api_missing_arguments_get_a_message(app, data):
+    ok, message = app.queue_call(data, api_name="generate")
+    assert not ok
+    assert_clean_message(message)
+
+
+def test_api_messages_never_contain_server_paths(client, images):
+    for arguments, endpoint in [
+        ((handle_file(str(images["not_image"])), PROMPT), "/critique"),
+        ((handle_file(str(images["not_image"])), PROMPT, "", 0), "/refine"),
+    ]:
+        with pytest.raises(Exception) as raised:
+            client.predict(*arguments, api_name=endpoint)
+        assert_clean_message(raised.value, "not an image")
+        assert "notes.png" not in str(raised.value) and "gradio" not in str(raised.value)
+
+
+# --- finding 5: bounded resources ------------------------------------------------------------------
+
+
+def test_api_calls_leave_no_files_behind(app, client, images):
+    good = handle_file(str(images["good"]))
+    client.predict(good, PROMPT, "", 3, api_name="/refine")  # first call: cached upload and output
+    client.predict(good, PROMPT, api_name="/critique")
+    before = app.files()
+    for _ in range(4):
+        client.predict(handle_file(str(images["good"])), PROMPT, "", 3, api_name="/refine")
+        client.predict(handle_file(str(images["good"])), PROMPT, api_name="/critique")
+    after = app.files()
+    assert [p for p in after if p not in before] == [], "files added by repeated identical calls"
+    folders = {p.relative_to(app.tmp).parts[0] for p in after}
+    assert folders <= {"img-studio-app"}, f"files outside the app's folder: {folders}"
+
+
+def test_export_keeps_one_zip_per_session_and_removes_it_at_the_end(tiny_root):
+    from img_core.record import Round
+    from img_core.session import IMGSession
+    from ui.handlers import Studio
+    from ui.models import ModelHost
+    from ui.state import StudioState
+
+    studio = Studio(ModelHost(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False)))
+    first = Round(index=0, image=Image.new("RGB", (64, 64), (200, 30, 30)), prompt=PROMPT, seed=0, source="uploaded")
+    state = StudioState().started(first)
+    zips = [studio.export(state, "session-a") for _ in range(2)]
+    other = studio.export(state, "session-b")
+    assert all(z.is_file() for z in (zips[1], other))
+    assert list(zips[1].parent.iterdir()) == [zips[1]], "a second download must replace the first"
+    studio.end_session("session-a")
+    assert not zips[1].parent.exists() and other.is_file()
+    studio.end_session("session-b")
+    assert not other.parent.exists()
+
+
+def test_sigterm_removes_everything_the_app_wrote(app):
+    """Last in this module: stops the app as a service manager does."""
+    assert any(app.files()), "the app wrote nothing to count"
+    app.process.send_signal(signal.SIGTERM)
+    assert app.process.wait(timeout=30) == 0
+    assert app.files() == [], f"left behind: {app.files()[:5]}"
+
+
+# --- CLI: usage errors and paths (findings 7 and 8) ---------------------------------------------------
+
+
+def cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    from img_core.cli import main
+
+    try:
+        status = main(list(argv))
+    except SystemExit as exit_:
+        status = exit_.code
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_cli_usage_errors_are_one_line_with_a_help_hint(capsys, tmp_path):
+    out = str(tmp_path / "out")
+    for argv in (
+        ["refine", "--prompt", PROMPT, "--out", out, "--preset", "no-such-preset"],
+        ["refine", "--prompt", PROMPT, "--out", out, "--seed", "1.5"],
+        ["refine", "--out", out],
+        ["no-such-command"],
+    ):
+        status, err = cli(capsys, *argv)
+        assert status == 2 and len(err) == 1, (argv, err)
+        assert err[0].startswith("error: ") and "--help" in err[0], err
+
+
+def test_cli_names_a_folder_and_a_missing_aligner_before_loading_models(capsys, tmp_path):
+    out = str(tmp_path / "out")
+    status, err = cli(capsys, "refine", "--prompt", PROMPT, "--out", out, "--preset", "tiny-sdxl", "--image",
+                      str(tmp_path))
+    assert status == 2 and len(err) == 1 and "is a folder" in err[0], err
+    missing = str(tmp_path / "no-such-aligner")
+    start = time.perf_counter()
+    status, err = cli(capsys, "refine", "--prompt", PROMPT, "--out", out, "--preset", "tiny-sdxl", "--aligner", missing)
+    assert status == 2 and len(err) == 1 and "does not exist" in err[0] and "HFValidation" not in err[0], err
+    assert time.perf_counter() - start < 5, "a model was loaded before the check"
+
+
+def test_session_refuses_a_missing_aligner_path(tiny_root, tmp_path):
+    from img_core.errors import InvalidInputError
+    from img_core.session import IMGSession, check_aligner_source
+
+    for source in (tmp_path / "missing", tmp_path / "aligner.pth", "./runs/final", "/abs/path/folder"):
+        with pytest.raises(InvalidInputError, match="does not exist"):
+            check_aligner_source(source)
+    check_aligner_source("owner/aligner-repo")  # a hub repo id is left to the hub
+    check_aligner_source(tmp_path)  # an existing folder
+    session = IMGSession.from_preset("tiny-sdxl", device="cpu", aligner=str(tmp_path / "missing"),
+                                     show_progress_bars=False)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        session._load_aligner()
