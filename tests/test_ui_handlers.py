@@ -85,7 +85,7 @@ def test_models_load_once_per_process(tiny_root):
 def test_switching_models_replaces_them_and_survives_a_failure(tiny_root):
     assert compatible_mllms("sdxl") == ["img-llava-13b", "llava-1.5-13b"]
     assert compatible_mllms("tiny-flux") == ["tiny-llava", "tiny-qwen"]
-    host = ModelHost(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False))
+    host = ModelHost(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False), allow_switch=True)
     assert not host.switch("tiny-sdxl", None, "none") and not host.is_loaded, "same settings: nothing to do"
     with pytest.raises(InvalidInputError, match="quantization"):
         host.switch("tiny-flux", None, "int3")

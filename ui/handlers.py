@@ -9,11 +9,9 @@ session itself.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from img_core.images import load_image
 from img_core.record import Round, SessionRecord
 from img_core.session import IMGSession, StageCallback, StageEvent
 from img_core.settings import LIMITS
+from ui.files import app_subfolder
 from ui.gpu import gpu_task
 from ui.models import ModelHost, Progress, no_progress
 from ui.state import RoundRequest, StudioState
@@ -148,48 +147,82 @@ class Studio:
         with user_errors():
             return state.with_base(index)
 
-    def export(self, state: StudioState) -> Path:
-        """A zip of round_0.png, round_1.png, ... and session.json (the CLI's format)."""
+    def export(self, state: StudioState, session_id: str = "default") -> Path:
+        """A zip of round_0.png, round_1.png, ... and session.json (the CLI's format). One file per browser
+        session (`session_id`, Gradio's session hash): each download replaces the previous one, and
+        `end_session` removes it."""
         with user_errors():
             if state.is_empty:
                 raise InvalidInputError("there is nothing to download yet: Generate an image first")
             first = state.rounds[0]
             record = SessionRecord(first.prompt, first.seed, self.host.preset.name, rounds=state.rounds)
-            folder = Path(tempfile.mkdtemp(dir=_export_root()))
+            folder = _export_folder(session_id)
+            for old in folder.iterdir():
+                old.unlink(missing_ok=True)
             return record.write_zip(folder / f"img-studio-{_slug(first.prompt)}-{time.strftime('%Y%m%d-%H%M%S')}.zip")
+
+    @staticmethod
+    def end_session(session_id: str) -> None:
+        """Remove what `export` wrote for a browser session that has ended."""
+        shutil.rmtree(_export_folder(session_id), ignore_errors=True)
 
     # --- stateless API: /generate, /critique, /refine ---------------------------------------------
 
-    def _api_generate(self, prompt: str, seed: int | float | None) -> Image.Image:
+    def _api_generate(self, prompt: object, seed: object) -> Image.Image:
         """Generate the original image for `prompt` and `seed` (the preset's default settings)."""
         with user_errors():
             request = RoundRequest.from_values(prompt=prompt, seed=seed)
             session = self.host.loaded_session()
             made = session.generate(request.prompt, request.seed, request.settings)
-            _warn(request.warnings, made)
+            _api_warn(request.warnings, made.warnings)
             return made.image
 
-    def _api_critique(self, image: str | Image.Image | None, prompt: str) -> str:
-        """The MLLM's critique of `image` against `prompt` (the question of seed 0)."""
+    def _api_critique(self, image: bytes | str | Image.Image | None, prompt: object) -> str:
+        """The MLLM's critique of `image` (an upload, see `_api_image`) against `prompt` (the question of seed 0)."""
         with user_errors():
             request = RoundRequest.from_values(prompt=prompt, seed=0)
-            image = load_image(image)
-            return self.host.loaded_session().critique(image, request.prompt, seed=request.seed)
+            image = load_image(_api_image(image))
+            text = self.host.loaded_session().critique(image, request.prompt, seed=request.seed)
+            _api_warn(request.warnings)
+            return text
 
     def _api_refine(
-        self, image: str | Image.Image | None, prompt: str, critique: str | None, seed: int | float | None
+        self, image: bytes | str | Image.Image | None, prompt: object, critique: object, seed: object
     ) -> Image.Image:
-        """One IMG round from `image`. A non-empty `critique` steers it (dialogue mode); an empty one
-        means question mode, as in the authors' release."""
+        """One IMG round from `image` (an upload, see `_api_image`). A non-empty `critique` steers it
+        (dialogue mode); an empty one means question mode, as in the authors' release."""
         with user_errors():
+            if critique is not None and not isinstance(critique, str):
+                raise InvalidInputError(f"the critique must be text (or empty), got {type(critique).__name__}")
             critique = _critique_or_none(critique)
             mode = "dialogue" if critique else "question"
             request = RoundRequest.from_values(prompt=prompt, seed=seed, guidance_mode=mode)
-            image = load_image(image)
+            image = load_image(_api_image(image))
             session = self.host.loaded_session()
             made = session.refine(image, request.prompt, request.seed, critique=critique, settings=request.settings)
-            _warn(request.warnings, made)
+            _api_warn(request.warnings, made.warnings)
             return made.image
+
+
+def _api_warn(*groups: tuple[str, ...] | list[str]) -> None:
+    """Non-fatal notes (a prompt cut to the length limit, ...) as Gradio warnings, each once: an API client
+    sees them in the event's log messages."""
+    for message in dict.fromkeys(message for group in groups for message in group):
+        gr.Warning(message)
+
+
+def _api_image(image: object) -> bytes | str | Path | Image.Image | None:
+    """The image as `load_image` takes it. Over HTTP the API gets Gradio's record of the upload (a dict whose
+    path Gradio has checked is in its upload cache); its bytes are read here, so no server path reaches a
+    message. In-process callers may pass a path, bytes or a PIL image."""
+    if isinstance(image, dict) and isinstance(image.get("path"), str):
+        try:
+            return Path(image["path"]).read_bytes()
+        except OSError as error:
+            raise InvalidInputError("the uploaded file could not be read; upload it again") from error
+    if image is not None and not isinstance(image, (bytes, bytearray, str, Path, Image.Image)):
+        raise InvalidInputError("the image must be an uploaded file (gradio_client: handle_file(path))")
+    return image
 
 
 def _auto_refine_seconds(request, state, critique, rounds, progress=None) -> int:
@@ -227,13 +260,9 @@ def _slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length].strip("-") or "session"
 
 
-_EXPORT_ROOT: Path | None = None
-
-
-def _export_root() -> Path:
-    """One temporary folder per process for session zips, removed at exit (Gradio serves copies)."""
-    global _EXPORT_ROOT
-    if _EXPORT_ROOT is None:
-        _EXPORT_ROOT = Path(tempfile.mkdtemp(prefix="img-studio-exports-"))
-        atexit.register(shutil.rmtree, _EXPORT_ROOT, ignore_errors=True)
-    return _EXPORT_ROOT
+def _export_folder(session_id: str) -> Path:
+    """The folder of one browser session's zip, inside the app's folder (`ui.files`)."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", session_id)[:64] or "default"
+    folder = app_subfolder("exports") / safe
+    folder.mkdir(exist_ok=True)
+    return folder

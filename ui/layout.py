@@ -167,16 +167,18 @@ class StudioUI:
         """Stateless endpoints for gradio_client: /generate, /critique, /refine (hidden widgets)."""
         with gr.Group(visible=False):
             prompt = gr.Textbox(label="prompt")
-            seed = gr.Number(label="seed", precision=0)
-            image = gr.File(label="image", type="filepath")
+            seed = gr.Number(label="seed")
+            image = gr.File(label="image")
             critique = gr.Textbox(label="critique")
             image_out = gr.Image(label="image", type="pil", format="png")
             text_out = gr.Textbox(label="critique")
             trigger = gr.Button()
-        gpu = {"concurrency_id": GPU_QUEUE, "concurrency_limit": 1}
-        trigger.click(self.studio.api_generate, [prompt, seed], image_out, api_name="generate", **gpu)
-        trigger.click(self.studio.api_critique, [image, prompt], text_out, api_name="critique", **gpu)
-        trigger.click(self.studio.api_refine, [image, prompt, critique, seed], image_out, api_name="refine", **gpu)
+        # preprocess=False: the handlers get the values as sent and check them (no rounding of 1.5, no "123"
+        # from 123); an upload arrives as Gradio's checked file record (ui.api_inputs says why).
+        api = {"concurrency_id": GPU_QUEUE, "concurrency_limit": 1, "preprocess": False}
+        trigger.click(self.studio.api_generate, [prompt, seed], image_out, api_name="generate", **api)
+        trigger.click(self.studio.api_critique, [image, prompt], text_out, api_name="critique", **api)
+        trigger.click(self.studio.api_refine, [image, prompt, critique, seed], image_out, api_name="refine", **api)
 
     # --- events -----------------------------------------------------------------------------------
 
@@ -342,7 +344,7 @@ def auto_refine_label(rounds: float) -> str:
 def build_demo(session: IMGSession, allow_model_switch: bool = True) -> gr.Blocks:
     """The app for `session` (nothing is loaded here). Launch with `launch_kwargs()` for the theme and
     CSS, which Gradio 6 takes in `launch()`."""
-    demo = StudioUI(ModelHost(session), allow_model_switch=allow_model_switch).demo
+    demo = StudioUI(ModelHost(session, allow_switch=allow_model_switch), allow_model_switch=allow_model_switch).demo
     demo.queue(default_concurrency_limit=1)
     return demo
 
