@@ -19,7 +19,7 @@ from img_core.cli import OneLineErrorParser
 from img_core.presets import default_preset_name
 from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
-from ui.api_inputs import MissingValuesAsNone
+from ui.api_inputs import MalformedValuesAsNone
 from ui.files import open_app_folder
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         server_port=args.port,
         share=args.share,
         auth=args.auth,
-        app_kwargs={"middleware": [Middleware(MissingValuesAsNone, blocks=demo)]},
+        app_kwargs={"middleware": [Middleware(MalformedValuesAsNone, blocks=demo)]},
         **ui.launch_kwargs(),
     )
 

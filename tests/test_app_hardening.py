@@ -259,7 +259,7 @@ def test_api_missing_arguments_get_a_message(app, data):
     assert_clean_message(message)
 
 
-def test_api_messages_never_contain_server_paths(client, images):
+def test_api_messages_never_contain_server_paths(app, client, images):
     for arguments, endpoint in [
         ((handle_file(str(images["not_image"])), PROMPT), "/critique"),
         ((handle_file(str(images["not_image"])), PROMPT, "", 0), "/refine"),
@@ -268,6 +268,9 @@ def test_api_messages_never_contain_server_paths(client, images):
             client.predict(*arguments, api_name=endpoint)
         assert_clean_message(raised.value, "not an image")
         assert "notes.png" not in str(raised.value) and "gradio" not in str(raised.value)
+    ok, message = app.queue_call(["/etc/hostname", PROMPT], api_name="critique")  # a server path as text
+    assert not ok
+    assert_clean_message(message, "no image was given")
 
 
 # --- finding 5: bounded resources ------------------------------------------------------------------
@@ -305,6 +308,18 @@ def test_export_keeps_one_zip_per_session_and_removes_it_at_the_end(tiny_root):
     assert not zips[1].parent.exists() and other.is_file()
     studio.end_session("session-b")
     assert not other.parent.exists()
+
+
+def test_app_start_removes_folders_of_runs_that_are_gone(tmp_path):
+    from ui.files import remove_stale_folders
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):
+        (tmp_path / str(pid) / "gradio").mkdir(parents=True)
+        (tmp_path / str(pid) / "gradio" / "image.png").write_bytes(b"x")
+    assert remove_stale_folders(tmp_path) == [tmp_path / str(dead.pid)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getpid())], "a running app's folder was removed"
 
 
 def test_sigterm_removes_everything_the_app_wrote(app):

@@ -27,13 +27,13 @@ GRADIO_SUBFOLDER = "gradio"  # Gradio's uploads and the files it serves
 
 SYSTEM_TEMP = Path(tempfile.gettempdir())  # before open_app_folder points `tempfile` into the app's folder
 _folder: Path | None = None
+_owner_pid: int | None = None  # the process that created `_folder`
 _lock = threading.Lock()
 
 
 def open_app_folder(parent: Path | None = None) -> Path:
     """Create this process's folder (removing stale ones), send Gradio's and Python's temporary files
     into it and remove it at exit, SIGTERM included. Returns the folder. Call from the main thread."""
-    global _folder
     with _lock:
         parent = Path(parent) if parent is not None else SYSTEM_TEMP / PARENT_NAME
         parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,6 @@ def open_app_folder(parent: Path | None = None) -> Path:
 
 def app_folder() -> Path:
     """This process's folder (created on first use when `open_app_folder` was not called)."""
-    global _folder
     with _lock:
         if _folder is None:
             _set_folder(Path(tempfile.mkdtemp(prefix=f"{PARENT_NAME}-")))
@@ -67,8 +66,10 @@ def app_subfolder(name: str) -> Path:
 
 
 def remove_app_folder() -> None:
-    """Remove everything the app wrote (registered to run at exit), and the parent folder once empty."""
-    if _folder is not None:
+    """Remove everything the app wrote (registered to run at exit), and the parent folder once empty.
+    Only the process that created the folder removes it: a forked worker (ZeroGPU forks one per GPU call)
+    inherits the exit handlers but must leave the folder to its parent."""
+    if _folder is not None and _owner_pid == os.getpid():
         shutil.rmtree(_folder, ignore_errors=True)
         if _folder.parent.name == PARENT_NAME:
             with contextlib.suppress(OSError):  # other apps still running
@@ -86,9 +87,9 @@ def remove_stale_folders(parent: Path) -> list[Path]:
 
 
 def _set_folder(folder: Path) -> None:
-    global _folder
+    global _folder, _owner_pid
     first = _folder is None
-    _folder = folder
+    _folder, _owner_pid = folder, os.getpid()
     if first:
         atexit.register(remove_app_folder)
 
