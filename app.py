@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 import ui
 from img_core.cli import OneLineErrorParser
 from img_core.presets import default_preset_name
+from img_core.scorers import SCORER_NAMES, VQA_SCORER
 from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
 from ui.api_inputs import MalformedValuesAsNone
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-model-switch", action="store_true",
                         help="let users switch preset, MLLM and quantization (for everyone using this app); "
                         "always off on Hugging Face Spaces")
+    parser.add_argument("--scorer", default=VQA_SCORER,
+                        help=f"what scores every round in the app: {', '.join(SCORER_NAMES)}, vqascore:<mllm> (a "
+                        f"separate judge) or none (default {VQA_SCORER}: the loaded MLLM, no extra memory)")
     return parser.parse_args(argv)
 
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     if zero_gpu:  # ZeroGPU forks a worker per GPU call: models must exist before the first fork
         session.load()
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then
-    demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces())
+    demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer)
     demo.launch(
         server_name=args.host,
         server_port=args.port,

@@ -3,13 +3,14 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_ui.py [--preset tiny-sdxl] [--repeats 3] [--no-browser]
 
 Launches `app.py` on a free 127.0.0.1 port, as a user would, and measures:
+0. start-up: the page answers at once; the models prepare in the background until the buttons are usable.
 1. click -> first progress update: in headless Chromium (when /usr/bin/chromium exists), clicking
-   Generate until the page shows the first progress text; and through gradio_client's status stream.
-   Cold (the process's first click, which loads the models) and warm.
+   Generate until the status area shows the round's stage; and through gradio_client, until the event's
+   first streamed update. The first click and later (warm) ones.
 2. one round through the UI (gradio_client -> the app's own Generate / Refine events, and the stateless
    /refine endpoint) vs the same round through img_core in this process: the difference is the UI's
    overhead (queue, (de)serialisation, PNG encoding, HTTP).
-3. second vs first round through the UI: only the first click pays for loading; nothing reloads later.
+3. second vs first round through the UI: the models were prepared at start-up; nothing reloads later.
 """
 
 from __future__ import annotations
@@ -74,24 +75,49 @@ def ui_args(client, api_name: str, **values) -> list:
     return args
 
 
-def timed_job(client, args: list, api_name: str) -> tuple[float | None, float, object]:
-    """(seconds to the first progress update, seconds to the result, result) of one submitted call."""
+def timed_job(client, args: list, api_name: str) -> tuple[float | None, float, list]:
+    """(seconds to the first streamed update, seconds to the end, every update) of one submitted call."""
     start = time.perf_counter()
     job = client.submit(*args, api_name=api_name)
     first_progress = None
     while not job.done():
-        if first_progress is None and job.status().progress_data:
+        if first_progress is None and job.outputs():
             first_progress = time.perf_counter() - start
         time.sleep(0.002)
-    result = job.result()
-    return first_progress, time.perf_counter() - start, result
+    job.result()
+    return first_progress, time.perf_counter() - start, job.outputs()
+
+
+def first_image(updates: list) -> str:
+    """The base image file among an event's streamed updates (its first output)."""
+    return next(update[0] for update in reversed(updates) if isinstance(update[0], str))
+
+
+def page_ready(url: str) -> tuple[float, float]:
+    """(seconds until the page shows, seconds until Generate can run: models prepared) in Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        page = browser.new_page()
+        page.set_default_timeout(600_000)
+        start = time.perf_counter()
+        page.goto(url)
+        page.wait_for_selector("#generate-btn")
+        shown = time.perf_counter() - start
+        page.wait_for_function("() => !document.querySelector('#generate-btn').disabled", polling=50)
+        ready = time.perf_counter() - start
+        browser.close()
+    return shown, ready
 
 
 def browser_clicks(url: str, clicks: int) -> list[tuple[float, float]]:
     """(click -> first progress text, click -> Generate usable again) for `clicks` Generate clicks."""
     from playwright.sync_api import sync_playwright
 
-    progress_shown = "() => document.querySelector('.progress-level') !== null"  # gradio's progress bar
+    progress_shown = "() => document.querySelector('#status').innerText.includes('round 0 ·')"  # the stage
     button_idle = "() => !document.querySelector('#generate-btn').disabled"
     timings = []
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
@@ -135,13 +161,17 @@ def main() -> None:
         process, url, startup = launch_app(args.preset, scratch / "app.log")
         try:
             print(f"== IMG Studio UI benchmark: preset {args.preset}, {os.cpu_count()} CPU cores ==")
-            print(f"app.py answering HTTP after {startup:.2f} s (nothing loaded yet)")
+            print(f"app.py answering HTTP after {startup:.2f} s (models still preparing)")
+            if use_browser:
+                shown, ready = page_ready(url)
+                print(f"Chromium: page shown after {shown:.2f} s, models ready (Generate usable) after "
+                      f"{ready:.2f} s from opening it")  # fmt: skip
 
             print("\n-- 1. click -> first progress update --")
             if use_browser:
                 clicks = browser_clicks(url, 1 + args.repeats)
                 (cold_progress, cold_total), warm = clicks[0], clicks[1:]
-                print(f"Chromium, cold (first click, loads models): progress after {cold_progress * 1000:7.1f} ms, "
+                print(f"Chromium, first click:                      progress after {cold_progress * 1000:7.1f} ms, "
                       f"done after {cold_total:6.2f} s")  # fmt: skip
                 warm_progress, warm_total = median([p for p, _ in warm]), median([t for _, t in warm])
                 print(
@@ -153,7 +183,7 @@ def main() -> None:
             client = Client(url, verbose=False)
             generate_args = ui_args(client, "/ui_generate", prompt=PROMPT, seed=SEED)
             ui_generate = [timed_job(client, generate_args, "/ui_generate") for _ in range(1 + args.repeats)]
-            label = "warm" if use_browser else "cold (first call, loads models)"
+            label = "warm" if use_browser else "first call"
             print(
                 f"gradio_client, {label}: progress after {ui_generate[0][0] * 1000:7.1f} ms, "
                 f"done after {ui_generate[0][1]:6.2f} s"
@@ -166,7 +196,7 @@ def main() -> None:
             refine_args = ui_args(client, "/ui_refine", prompt=PROMPT, seed=SEED, guidance_mode="dialogue",
                                   critique=CRITIQUE)  # fmt: skip
             ui_refine = [timed_job(client, refine_args, "/ui_refine") for _ in range(1 + args.repeats)]
-            base_path = ui_generate[-1][2][0]  # round 0 image file of the last Generate
+            base_path = first_image(ui_generate[-1][2])  # round 0 image file of the last Generate
             api_refine = []
             for _ in range(1 + args.repeats):
                 start = time.perf_counter()
@@ -209,7 +239,7 @@ def main() -> None:
         second_generate = clicks[1][1] if use_browser else ui_generate[1][1]
         print(
             f"Generate: first {first_generate:.2f}, second {second_generate:.2f} "
-            f"(first/second x{first_generate / second_generate:.1f}; the first one loads the models)"
+            f"(first/second x{first_generate / second_generate:.1f}; the models were prepared at start-up)"
         )
         print(
             f"Refine:   first {ui_refine[0][1]:.2f}, second {ui_refine[1][1]:.2f}, "

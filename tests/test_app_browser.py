@@ -1,9 +1,12 @@
-"""The page in a real headless Chromium (Debian's `chromium`, driven by playwright's Python package):
-load it, click Generate then Refine, wait for both images, keep a screenshot."""
+"""The page in a real headless Chromium (Debian's `chromium`, driven by playwright's Python package), on
+the tiny preset: every case of "the studio as people use it". One app server for the module (its models
+load in the background once the first page opens); each test opens its own tab (its own rounds) and saves
+a screenshot under tests/artifacts/ for a reviewer to look at."""
 
+import io
 import os
-import shutil
 import socket
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,8 +20,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 PROMPT = "A robot penguin wearing a top hat and playing a vintage trumpet under a rainbow."
 TIMEOUT_MS = 90_000
+UPLOAD_LIMIT = "100kb"  # the test server's upload limit (the app's is 25 MB): a 200 kB file is over it
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="/usr/bin/chromium is missing: install the Debian package `chromium` (.ci/run does)"
@@ -32,75 +37,272 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_root):
+def app(tiny_root):
+    """(url, StudioUI) of one server; its models are not loaded until the first page asks."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import ui
     from img_core.session import IMGSession
 
-    demo = ui.build_demo(IMGSession.from_preset("tiny-sdxl", device="cpu"))
-    _, url, _ = demo.launch(
-        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, **ui.launch_kwargs()
-    )
-    yield url
+    demo = ui.build_demo(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False),
+                         prepare_models=False)  # fmt: skip
+    kwargs = {**ui.launch_kwargs(), "max_file_size": UPLOAD_LIMIT}
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            **kwargs)  # fmt: skip
+    yield url, demo.studio_ui
     demo.close()
 
 
-def image_width(page, elem_id: str) -> int:
-    return page.evaluate(
-        "(id) => { const img = document.querySelector(`#${id} img`); "
-        "return img && img.complete ? img.naturalWidth : 0; }",
-        elem_id,
-    )
-
-
-def test_generate_then_refine_in_chromium(app_url, tmp_path):
+@pytest.fixture(scope="module")
+def browser(app, tmp_path_factory):
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),  # fresh user-data dir
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # fresh user-data dir
             executable_path=str(CHROMIUM),
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1100},
+            viewport={"width": 1400, "height": 1000},
+            accept_downloads=True,
         )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            expect.set_options(timeout=TIMEOUT_MS)
-            page.goto(app_url)
-            expect(page.locator("#tiny-banner")).to_contain_text("Tiny random models")
-            expect(page.locator("#refine-btn")).to_be_disabled()  # nothing to refine yet
+        yield context
+        context.close()
 
-            page.locator("#prompt textarea").fill(PROMPT)
-            page.locator("#generate-btn").click()
-            page.wait_for_function("() => { const i = document.querySelector('#original-image img'); "
-                                   "return i && i.complete && i.naturalWidth > 0; }")  # fmt: skip
-            expect(page.locator("#refine-btn")).to_be_enabled()
-            expect(page.locator("#model-status")).to_contain_text("loaded in")
 
-            page.locator("#refine-btn").click()
-            expect(page.locator("#current-image")).to_contain_text("Round 1")
-            expect(page.locator("#round-log")).to_contain_text("refined from round 0")
-            expect(page.locator("#refine-btn")).to_be_enabled()
-            page.wait_for_function("() => { const i = document.querySelector('#current-image img'); "
-                                   "return i && i.complete && i.naturalWidth > 0; }")  # fmt: skip
+def open_page(browser, url, viewport=None):
+    page = browser.new_page()
+    if viewport:
+        page.set_viewport_size(viewport)
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    return page
 
-            page.locator("#download-btn").click()
-            expect(page.locator("#session-zip")).to_contain_text("img-studio-a-robot-penguin")
 
-            screenshot = tmp_path / "img-studio.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            assert image_width(page, "original-image") > 0 and image_width(page, "current-image") > 0
-            original_src = page.locator("#original-image img").get_attribute("src")
-            assert original_src != page.locator("#current-image img").get_attribute("src")
-            assert page.locator("#rounds-gallery img").count() >= 2
-            assert screenshot.stat().st_size > 10_000
-            if os.environ.get("IMG_SCREENSHOT_DIR"):  # keep a copy to look at
-                shutil.copy(screenshot, Path(os.environ["IMG_SCREENSHOT_DIR"]) / screenshot.name)
+def screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    return path
 
-            page.locator("#rounds-gallery .thumbnail-item").first.click()  # round 0 becomes the base again
-            expect(page.locator("#current-image")).to_contain_text("Round 0: base of the next round")
-            expect(page.locator("#current-image img")).to_have_attribute("src", original_src)
-        finally:
-            browser.close()
+
+def idle(page) -> None:
+    """Wait until no job runs in this tab (Generate usable again, Stop not) and the models are ready."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#generate-btn")).to_be_enabled()
+    expect(page.locator("#generate-btn")).to_have_text("Generate")
+    expect(page.locator("#stop-btn")).to_be_disabled()
+
+
+def cards(page):
+    return page.locator("#round-strip .round-card")
+
+
+def expect_cards(page, count: int) -> None:
+    from playwright.sync_api import expect
+
+    expect(cards(page)).to_have_count(count)
+    expect(page.locator(f"#round-image-{count - 1} img")).to_be_visible()
+
+
+def toast(page, text: str):
+    from playwright.sync_api import expect
+
+    message = page.locator(".toast-body").filter(has_text=text).last
+    expect(message).to_be_visible()
+    return message
+
+
+def close_toasts(page) -> None:
+    page.evaluate("() => document.querySelectorAll('.toast-close').forEach(b => b.click())")
+
+
+def set_prompt(page, text: str) -> None:
+    page.locator("#prompt textarea").fill(text)
+
+
+def set_number(page, elem_id: str, value: str) -> None:
+    """Type into a slider's number box; Gradio takes it when the box loses focus."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.blur()
+
+
+def click(page, button: str) -> None:
+    page.locator(f"#{button}-btn").click()
+
+
+def expect_base(page, index: int) -> None:
+    """Round `index`'s card is the one highlighted as the base (the strip re-renders after the state)."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#round-strip .round-card.is-base")).to_have_attribute("id", f"round-card-{index}")
+
+
+def test_page_shows_at_once_while_models_prepare(app, browser):
+    from playwright.sync_api import expect
+
+    url, studio_ui = app
+    assert not studio_ui.host.is_loaded, "run this test first: it needs models that are not loaded yet"
+    page = open_page(browser, url)
+    generate = page.locator("#generate-btn")
+    expect(generate).to_contain_text("preparing models (")
+    expect(generate).to_be_disabled()
+    expect(page.locator("#status")).to_contain_text("Preparing models")
+    expect(page.locator("#refine-btn")).to_be_disabled()  # nothing to refine yet
+    expect(page.locator("#tiny-banner")).to_contain_text("Tiny random models")
+    expect(page.locator("#models-panel")).to_have_count(0)  # no model switch without --allow-model-switch
+    screenshot(page, "preparing")
+    idle(page)  # models ready: Generate says Generate and can run
+    expect(page.locator("#status")).to_contain_text("loaded in")
+    assert studio_ui.host.is_loaded
+    page.close()
+
+
+def test_bad_inputs_never_lock_the_page(app, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app[0])
+    idle(page)
+    set_prompt(page, PROMPT)
+    click(page, "generate")
+    expect_cards(page, 1)
+    idle(page)
+    click(page, "refine")
+    expect_cards(page, 2)
+    idle(page)
+
+    for prompt, button in [("", "generate"), ("   ", "critique"), ("  \n ", "refine")]:
+        set_prompt(page, prompt)
+        click(page, button)
+        toast(page, "prompt is empty")
+        idle(page)
+        expect_cards(page, 2)  # the earlier rounds stay
+        close_toasts(page)
+
+    set_prompt(page, PROMPT)
+    page.get_by_text("Start from your own image").click()
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is text, not a picture")
+    page.locator("#upload-image input[type=file]").set_input_files(str(fake))
+    expect(page.locator("#upload-image")).to_contain_text("notes.png")
+    click(page, "use-upload")
+    toast(page, "not an image")
+    idle(page)
+    expect_cards(page, 2)
+    close_toasts(page)
+
+    page.locator("#upload-image button[aria-label='Clear']").first.click()
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(os.urandom(200_000))
+    page.locator("#upload-image input[type=file]").set_input_files(str(huge))
+    toast(page, "exceed")  # Gradio refuses it before it reaches the app
+    click(page, "use-upload")
+    toast(page, "no image was uploaded")
+    idle(page)
+    expect_cards(page, 2)
+    close_toasts(page)
+
+    click(page, "refine")  # the next valid click works, in the same tab
+    expect_cards(page, 3)
+    idle(page)
+    expect(page.locator("#round-card-2")).to_contain_text("from round 1")
+    expect_base(page, 2)
+
+    set_prompt(page, "fox " * 1250)  # 5,000 characters: cut with a warning, never refused
+    click(page, "generate")
+    toast(page, "were cut")
+    expect_cards(page, 1)
+    idle(page)
+    screenshot(page, "bad-inputs-then-generate")
+    page.close()
+
+
+def test_strip_preview_refine_from_here_and_download(app, browser):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app[0])
+    idle(page)
+    set_prompt(page, PROMPT)
+    click(page, "generate")
+    expect_cards(page, 1)
+    idle(page)
+    for made in (2, 3, 4):
+        click(page, "refine")
+        expect_cards(page, made)
+        idle(page)
+    card = page.locator("#round-card-3")
+    expect(card).to_contain_text("Round 3 · from round 2 · seed 0")
+    expect(card).to_contain_text("vqascore")
+    expect(page.locator("#round-strip")).to_contain_text("★ best round")
+    card.get_by_text("Critique it was made from").click()
+    expect(card).to_contain_text("Question:")
+    assert page.locator("#round-image-0 img").bounding_box()["height"] >= 250  # a useful size
+    expect_base(page, 3)
+    expect(page.locator("#current-image")).to_contain_text("Round 3: base of the next round")
+
+    with page.expect_download() as download_info:  # one click: every round so far
+        click(page, "download")
+    with zipfile.ZipFile(io.BytesIO(Path(download_info.value.path()).read_bytes())) as bundle:
+        assert sorted(bundle.namelist()) == ["round_0.png", "round_1.png", "round_2.png", "round_3.png", "session.json"]
+
+    page.locator("#round-image-0 img").click()  # previewing a card ...
+    page.locator("#round-image-0 button[aria-label='Fullscreen']").click()
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(500)  # what a preview would have changed by now
+    expect_base(page, 3)  # ... never changes the base
+    expect(page.locator("#current-image")).to_contain_text("Round 3")
+    screenshot(page, "strip-four-rounds")
+
+    page.locator("#refine-from-1").click()  # "Refine from here" does
+    expect(page.locator("#current-image")).to_contain_text("Round 1: base of the next round")
+    expect_base(page, 1)
+    click(page, "refine")
+    expect_cards(page, 5)
+    expect(page.locator("#round-card-4")).to_contain_text("from round 1")
+    idle(page)
+    page.close()
+
+
+def test_stop_keeps_the_finished_rounds(app, browser):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app[0])
+    idle(page)
+    set_prompt(page, PROMPT)
+    click(page, "generate")
+    expect_cards(page, 1)
+    idle(page)
+    set_number(page, "auto-rounds", "5")
+    page.locator("#stop-rule input[type=checkbox]").uncheck()
+    page.get_by_text("Advanced settings").click()
+    set_number(page, "steps", "40")  # slow rounds, so Stop lands mid-run
+    click(page, "auto-refine")
+    expect(page.locator("#status")).to_contain_text(" of 5 · ")  # "round k of 5 · ..."
+    expect(page.locator("#status")).to_contain_text("/40")  # "... regenerating step i/40"
+    expect_cards(page, 2)  # the first round is done
+    expect(page.locator("#stop-btn")).to_be_enabled()
+    click(page, "stop")
+    toast(page, "Stopped")
+    idle(page)
+    finished = cards(page).count()
+    assert 2 <= finished < 6, finished
+    expect(page.locator("#status")).to_contain_text("Stopped")
+    screenshot(page, "stopped-auto-refine")
+    page.close()
+
+
+def test_phone_sees_the_result_after_generate(app, browser):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app[0], viewport={"width": 390, "height": 844})
+    idle(page)
+    set_prompt(page, PROMPT)
+    click(page, "generate")
+    expect_cards(page, 1)
+    idle(page)
+    expect(page.locator("#current-image img")).to_be_in_viewport()
+    page.screenshot(path=str(ARTIFACTS / "phone-after-generate.png"))  # what the phone shows, not the full page
+    page.close()

@@ -1,11 +1,13 @@
 """`python app.py --preset tiny-sdxl` in a subprocess on 127.0.0.1, driven with gradio_client."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -115,41 +117,72 @@ def test_bad_inputs_are_errors_and_the_server_keeps_answering(client, tmp_path):
     assert client.predict(PROMPT, SEED + 1, api_name="/generate")
 
 
-def ui_call(client: Client, api_name: str, **values):
+def ui_call(client: Client, api_name: str, **values) -> dict:
     """Call one of the UI's own events (stateful, undocumented, positional) with widget values given by
-    elem_id (dashes as underscores); widgets not named keep their page defaults."""
+    elem_id (dashes as underscores; widgets not named keep their page defaults). Returns the newest value
+    of each output over every update the event streamed, keyed the same way."""
     config = client.config
     event = next(d for d in config["dependencies"] if d.get("api_name") == api_name.lstrip("/"))
     components = {c["id"]: c for c in config["components"]}
+
+    def name(component_id: int) -> str:
+        return (components[component_id]["props"].get("elem_id") or str(component_id)).replace("-", "_")
+
     args = []
     for component_id in event["inputs"]:
         component = components[component_id]
         if component["type"] == "state":
             continue  # the session's own gr.State stays on the server
-        name = (component["props"].get("elem_id") or "").replace("-", "_")
-        args.append(values.get(name, component["props"].get("value")))
-    return client.predict(*args, api_name=api_name)
+        args.append(values.get(name(component_id), component["props"].get("value")))
+    job = client.submit(*args, api_name=api_name)
+    job.result()
+    outputs = [name(i) for i in event["outputs"] if components[i]["type"] not in ("state", "button")]  # as the client
+    newest: dict = {}
+    for update in job.outputs():
+        assert len(update) == len(outputs)
+        for key, value in zip(outputs, update):
+            if isinstance(value, dict) and value.get("__type__") == "update":
+                value = value.get("value")  # an update with no new value: keep what came before
+            if value is not None:
+                newest[key] = value
+    return newest
 
 
-def captions(result) -> list[str]:
-    gallery = result[3]  # outputs: original, base image, critique, gallery, round log, status
-    return [item["caption"].split(" · ")[0] for item in gallery]
+def zipped_rounds(result: dict) -> tuple[list[str], dict]:
+    """(file names, session.json) of the session zip the download button holds after an event."""
+    with zipfile.ZipFile(result["download_btn"]) as bundle:
+        return sorted(bundle.namelist()), json.loads(bundle.read("session.json"))
 
 
 def test_each_browser_session_keeps_its_own_rounds(app_url):
-    """Two clients are two sessions: rounds made in one never appear in the other."""
+    """Two clients are two sessions: rounds made in one never appear in the other; the download of each
+    always holds that session's rounds so far."""
     alice, bob = Client(app_url, verbose=False), Client(app_url, verbose=False)
     alice_first = ui_call(alice, "/ui_generate", prompt=PROMPT, seed=1, steps=2)
     bob_first = ui_call(bob, "/ui_generate", prompt="a rubber ball and a metallic car", seed=2, steps=2)
-    assert captions(alice_first) == captions(bob_first) == ["Round 0"]
-    critique = ui_call(alice, "/ui_critique", prompt=PROMPT)[0]
+    assert zipped_rounds(alice_first)[0] == zipped_rounds(bob_first)[0] == ["round_0.png", "session.json"]
+    critique = ui_call(alice, "/ui_critique", prompt=PROMPT)["critique"]
     assert critique.strip()
     alice_second = ui_call(
         alice, "/ui_refine", prompt=PROMPT, seed=1, steps=2, guidance_mode="dialogue", critique="Add a horse."
     )
-    assert captions(alice_second) == ["Round 0", "Round 1"]
-    assert "steered this round):* Add a horse." in alice_second[4]
+    names, record = zipped_rounds(alice_second)
+    assert names == ["round_0.png", "round_1.png", "session.json"]
+    assert record["prompt"] == PROMPT and record["rounds"][1]["critique"] == "Add a horse."
+    assert 0.0 <= record["rounds"][1]["scores"]["vqascore"] <= 1.0
     bob_second = ui_call(bob, "/ui_refine", prompt="a rubber ball and a metallic car", seed=2, steps=2)
-    assert captions(bob_second) == ["Round 0", "Round 1"], "bob sees alice's rounds"
-    assert mean_abs_diff(alice_first[0], bob_first[0]) > 0
-    assert "loaded" in bob_second[5] and "not loaded" not in bob_second[5]
+    names, record = zipped_rounds(bob_second)
+    assert names == ["round_0.png", "round_1.png", "session.json"], "bob sees alice's rounds"
+    assert record["prompt"] == "a rubber ball and a metallic car"
+    assert mean_abs_diff(alice_first["current_image"], bob_first["current_image"]) > 0
+    assert "loaded" in bob_second["status"] and "not loaded" not in bob_second["status"]
+
+
+def test_a_bad_click_leaves_the_session_usable(app_url):
+    """The UI's events answer a mistake with a message (no error) and keep the rounds."""
+    client = Client(app_url, verbose=False)
+    ui_call(client, "/ui_generate", prompt=PROMPT, seed=3, steps=2)
+    refused = ui_call(client, "/ui_refine", prompt="   ", seed=3, steps=2)
+    assert "prompt is empty" in refused["status"]
+    refined = ui_call(client, "/ui_refine", prompt=PROMPT, seed=3, steps=2)
+    assert zipped_rounds(refined)[0] == ["round_0.png", "round_1.png", "session.json"]

@@ -1,9 +1,11 @@
 """The app's handlers, state and views in-process on the tiny preset (no server, no browser)."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -12,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from img_core.errors import InvalidInputError
-from img_core.session import IMGSession
+from img_core.errors import IMGError, InvalidInputError
+from img_core.session import IMGSession, StageEvent
 from ui import views
-from ui.handlers import Studio
+from ui.handlers import ModelPreparation, Produced, StopRequested, Studio, preparation_step, run_in_worker
 from ui.models import ModelHost, compatible_mllms
 from ui.state import RoundRequest, StudioState
 
@@ -65,11 +67,16 @@ def test_request_reads_widget_values_and_refuses_bad_ones():
             RoundRequest.from_values(**values)
 
 
-def test_buttons_that_cannot_run_are_disabled():
+def test_buttons_that_cannot_run_are_disabled(generated):
     empty = views.button_states(StudioState(), busy=False)
     assert empty["generate"] and empty["use_upload"]
-    assert not any(empty[name] for name in ("critique", "refine", "auto_refine", "download", "reset"))
-    assert not any(views.button_states(StudioState(), busy=True).values())
+    assert not any(empty[name] for name in ("critique", "refine", "auto_refine", "download", "reset", "stop"))
+    busy = views.button_states(generated, busy=True)
+    assert [name for name, can in busy.items() if can] == ["stop", "download"], "a job: Stop, and the rounds so far"
+    preparing = views.button_states(generated, busy=False, preparing=True)
+    assert not any(preparing[name] for name in views.NEEDS_MODELS) and preparing["download"] and preparing["reset"]
+    assert views.button_label("generate", "2/4") == "Generate · preparing models (2/4)"
+    assert views.button_label("reset", "2/4") == "Reset" and views.button_label("generate", None) == "Generate"
 
 
 def test_models_load_once_per_process(tiny_root):
@@ -110,22 +117,34 @@ def test_generate_critique_refine_from_any_round_and_download(studio, generated,
     plain = studio.refine(request(), state, critique)
     assert np.abs(pixels(plain.rounds[1].image) - pixels(one.image)).mean() > 0, "the edit changed the result"
 
-    stages = []
-    second = studio.refine(request(), first, "", progress=lambda value, desc="", **_: stages.append(desc))
+    events = []
+    second = studio.refine(request(), first, "", events.append)
     assert second.rounds[2].base_index == 1 and second.rounds[2].critique  # empty: the MLLM critiqued round 1
-    assert stages[:2] == ["round 2 · critique", "round 2 · image_features"] and "round 2 · regenerate" in stages
-    assert {"critique", "guidance", "align", "regenerate"} <= set(second.rounds[2].seconds)  # dialogue: 2 MLLM passes
+    lines = list(dict.fromkeys(views.stage_line(event) for event in events if event.step is None))
+    assert lines[:2] == ["round 2 · critique", "round 2 · encoding the base image"], lines
+    assert lines[-2:] == ["round 2 · done", "round 2 · scoring (vqascore)"]
+    steps = [views.stage_line(e, auto=(1, 4)) for e in events if e.stage == "regenerate" and e.step]
+    assert steps == ["round 2 of 4 · regenerating step 1/2", "round 2 of 4 · regenerating step 2/2"]
+    streamed = [e.text for e in events if e.text is not None]
+    assert len(streamed) >= 2 and streamed[-1] == second.rounds[2].critique, "the critique streams token by token"
+    assert {"critique", "image_features", "align", "regenerate"} <= set(second.rounds[2].seconds)
     assert np.abs(pixels(second.rounds[2].image) - pixels(one.image)).mean() > 0
 
     branched = studio.refine(request(), studio.select(second, 0), edited)  # clicking round 0 makes it the base
     assert branched.rounds[3].base_index == 0 and branched.base == 3
     assert np.array_equal(pixels(branched.rounds[3].image), pixels(one.image)), "same base, critique and seed"
 
-    assert [caption.split(" · ")[0] for _, caption in views.gallery_items(branched)] == [
-        "Round 0", "Round 1", "Round 2", "Round 3"
+    titles = [views.card_title(branched, index) for index in range(4)]
+    assert [title.split(" · ")[:3] for title in titles] == [
+        ["Round 0", "generated", "seed 7"], ["Round 1", "from round 0", "seed 7"],
+        ["Round 2", "from round 1", "seed 7"], ["Round 3", "from round 0", "seed 7"],
     ]  # fmt: skip
-    log = views.round_log(branched)
-    assert "refined from round 0" in log and "refined from round 1" in log and "Make the horse brown" in log
+    assert views.card_critique(branched, 0) is None and "Make the horse brown" in views.card_critique(branched, 3)[1]
+    scores = [item.scores["vqascore"] for item in branched.rounds]
+    assert all(0.0 <= value <= 1.0 for value in scores), scores
+    best = branched.best_index("vqascore")
+    assert scores[best] == max(scores) and "★ best round" in views.card_markdown(branched, best, "vqascore")
+    assert "▶ base of the next round" in views.card_markdown(branched, 3, "vqascore")
 
     archive = studio.export(branched)
     with zipfile.ZipFile(archive) as bundle:
@@ -146,29 +165,47 @@ def test_question_mode_ignores_the_critique_text(studio, generated):
     assert "for reading only" in views.CRITIQUE_NOTES["question"]
 
 
-def test_auto_refine_yields_every_round(studio, generated):
-    states = list(studio.auto_refine(request(), generated, "", 2))
-    assert [len(s.rounds) for s in states] == [2, 3]
-    assert [r.base_index for r in states[-1].rounds] == [None, 0, 1] and states[-1].base == 2
-    with pytest.raises(gr.Error, match="auto-refine rounds must be from 1 to"):
+def test_auto_refine_yields_every_round_and_stops_when_the_score_stops_improving(studio, generated):
+    steps = list(studio.auto_refine(request(), generated, "", 3, stop_when_flat=False))
+    assert [len(state.rounds) for state, _ in steps] == [2, 3, 4] and not any(reason for _, reason in steps)
+    last = steps[-1][0]
+    assert [r.base_index for r in last.rounds] == [None, 0, 1, 2] and last.base == 3
+    with pytest.raises(InvalidInputError, match="auto-refine rounds must be from 1 to"):
         list(studio.auto_refine(request(), generated, "", 0))
+
+    # the rule on the scores just made: stop after the first round whose score is not above its base's
+    scores = [r.scores["vqascore"] for r in last.rounds]
+    first_flat = next((k for k in (1, 2) if scores[k] <= scores[k - 1]), None)
+    ruled = list(studio.auto_refine(request(), generated, "", 3, stop_when_flat=True))
+    assert [state.rounds[-1].scores["vqascore"] for state, _ in ruled] == scores[1: len(ruled) + 1]
+    assert len(ruled) == (first_flat if first_flat is not None else 3)
+    if first_flat is not None:
+        assert f"stopped after round {first_flat}" in ruled[-1][1]
+
+    # a flat score by construction: the same round scored equal to its base
+    flat = last.with_base(1).extended(dataclasses.replace(last.rounds[1], scores={"vqascore": scores[1]}))
+    assert "is not above round 1's" in studio.score_stalled(flat)
+    better = last.with_base(1).extended(dataclasses.replace(last.rounds[1], scores={"vqascore": scores[1] + 0.1}))
+    assert studio.score_stalled(better) is None
 
 
 def test_start_from_an_uploaded_image(studio):
     state = studio.start_from_image(Image.new("RGBA", (96, 80), (10, 200, 30, 255)), request(), StudioState())
     assert state.rounds[0].source == "uploaded" and state.rounds[0].image.mode == "RGB"
-    assert "your image" in views.round_caption(state, 0)
-    with pytest.raises(gr.Error, match="no image was uploaded"):
+    assert "your image" in views.card_title(state, 0) and "vqascore" in state.rounds[0].scores
+    with pytest.raises(InvalidInputError, match="no image was uploaded"):
         studio.start_from_image(None, request(), StudioState())
 
 
-def test_user_mistakes_become_gradio_errors(studio, tmp_path):
+def test_user_mistakes_are_img_errors_for_the_page_and_gradio_errors_for_the_api(studio, tmp_path):
     not_image = tmp_path / "notes.png"
     not_image.write_text("not a picture")
-    with pytest.raises(gr.Error, match="no image yet"):
+    with pytest.raises(InvalidInputError, match="no image yet"):
         studio.critique(request(), StudioState())
-    with pytest.raises(gr.Error, match="no image yet"):
+    with pytest.raises(InvalidInputError, match="no image yet"):
         studio.refine(request(), StudioState(), "")
+    with pytest.raises(IMGError, match="not an image"):
+        studio.start_from_image(str(not_image), request(), StudioState())
     with pytest.raises(gr.Error, match="nothing to download"):
         studio.export(StudioState())
     with pytest.raises(gr.Error, match="no round 5"):
@@ -197,12 +234,47 @@ def test_build_demo_loads_nothing_and_names_the_endpoints(tiny_root):
     from ui import build_demo
 
     session = IMGSession.from_preset("tiny-sdxl", device="cpu")
-    demo = build_demo(session)
+    demo = build_demo(session, prepare_models=False)
     assert not session.is_loaded
     names = {fn.api_name for fn in demo.fns.values()}
-    assert {"generate", "critique", "refine", "ui_generate", "ui_refine"} <= names
-    banner = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "tiny-banner")
-    assert banner.visible and "Tiny random models" in banner.value
+    assert {"generate", "critique", "refine", "ui_generate", "ui_refine", "ui_auto_refine"} <= names
+    by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
+    assert by_id["tiny-banner"].visible and "Tiny random models" in by_id["tiny-banner"].value
+    assert not by_id["models-panel"].visible, "no model switch without --allow-model-switch"
+    assert build_demo(session, allow_model_switch=True, prepare_models=False).studio_ui.allow_model_switch
+    assert by_id["generate-btn"].value == "Generate" and by_id["generate-btn"].interactive  # the first page prepares
+
+
+def test_jobs_run_beside_the_page_stream_their_stages_and_stop(studio, generated):
+    batches = list(run_in_worker(lambda on_stage: [studio.refine(request(), generated, "", on_stage)]))
+    items = [item for batch in batches for item in batch]
+    assert isinstance(items[-1], Produced) and len(items[-1].value.rounds) == 2
+    assert all(isinstance(item, StageEvent) for item in items[:-1]) and len(items) > 5
+
+    with pytest.raises(InvalidInputError, match="no image yet"):  # errors reach the page's thread
+        list(run_in_worker(lambda on_stage: [studio.refine(request(), StudioState(), "", on_stage)]))
+
+    stop = threading.Event()
+    kept = []
+    with pytest.raises(StopRequested):
+        for batch in run_in_worker(lambda on_stage: studio.auto_refine(request(), generated, "", 5, False, on_stage),
+                                   stop):  # fmt: skip
+            kept += [item.value[0] for item in batch if isinstance(item, Produced)]
+            if kept:
+                stop.set()  # Stop after the first round: the next stage event ends the job
+    assert 1 <= len(kept) < 5 and len(kept[-1].rounds) == len(kept) + 1
+
+
+def test_models_prepare_in_the_background_and_a_failure_is_kept_as_a_message(tiny_root, tmp_path):
+    assert [preparation_step(m) for m in ("downloading IMG LLaVA 7.1/26 GB", "loading the sdxl pipeline x",
+                                          "loading the MLLM m", "loading the Implicit Aligner")] == [1, 2, 3, 4]
+    broken = IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False,
+                                    aligner=str(tmp_path / "missing-aligner"))  # fmt: skip
+    preparation = ModelPreparation(ModelHost(broken))
+    preparation.start()
+    assert preparation.running and preparation.step_text is not None
+    assert not preparation.wait(120) and preparation.error and "missing-aligner" in preparation.error
+    assert preparation.step == 4 and not preparation.running and preparation.step_text is None
 
 
 def test_importing_app_loads_nothing_and_binds_localhost():

@@ -1,20 +1,30 @@
 """What every button and API endpoint does, on plain values.
 
-`Studio` turns requests and states into new states, critiques and images by calling `img_core`; it
-knows nothing of Gradio components (`ui.layout` wires those). Problems the user can fix arrive as
-`IMGError` and leave as `gr.Error`, so the app keeps serving. The methods that run the models are
+`Studio` turns requests and states into new states, critiques and images by calling `img_core`'s one
+round path and scores each round; it knows nothing of Gradio components (`ui.layout` wires those). The
+page's methods raise `IMGError` for what the user can fix (the layout shows it and keeps the page
+usable); the stateless API methods turn it into `gr.Error`. The methods that run the models are
 wrapped with `gpu_task` (ZeroGPU) on the instance, so their pickled arguments never include the
-session itself.
+session itself. `run_in_worker` runs a job beside the page and hands its stage events over in batches
+(live status, the critique streamed token by token, Stop); `ModelPreparation` loads the models in the
+background so the page shows at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
+import logging
+import queue
 import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 from PIL import Image
@@ -22,17 +32,20 @@ from PIL import Image
 from img_core.errors import IMGError, InvalidInputError
 from img_core.images import load_image
 from img_core.record import Round, SessionRecord
+from img_core.scorers import VQA_SCORER, check_scorer_names
 from img_core.session import IMGSession, StageCallback, StageEvent
 from img_core.settings import LIMITS
 from ui.files import app_subfolder
 from ui.gpu import gpu_task
-from ui.models import ModelHost, Progress, no_progress
+from ui.models import ModelHost
 from ui.state import RoundRequest, StudioState
 
 # ZeroGPU slot lengths in seconds (the real presets on one GPU; tiny presets need a fraction).
 GENERATE_SECONDS = 90
 CRITIQUE_SECONDS = 60
 REFINE_SECONDS = 120
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -45,8 +58,10 @@ def user_errors() -> Iterator[None]:
 
 
 class Studio:
-    def __init__(self, host: ModelHost):
+    def __init__(self, host: ModelHost, scorer: str | None = VQA_SCORER):
+        """`scorer`: the name (img_core.scorers) that scores every round; None or "none": no scores."""
         self.host = host
+        self.scorer_name = check_scorer_names([scorer])[0] if scorer and scorer != "none" else None
         self.generate = gpu_task(GENERATE_SECONDS)(self._generate)
         self.start_from_image = gpu_task(GENERATE_SECONDS)(self._start_from_image)
         self.critique = gpu_task(CRITIQUE_SECONDS)(self._critique)
@@ -57,53 +72,55 @@ class Studio:
         self.api_refine = gpu_task(REFINE_SECONDS)(self._api_refine)
 
     # --- one browser session's rounds -------------------------------------------------------------
+    # These raise IMGError for what the user can fix; `ui.layout` shows it and keeps the page usable.
+    # `on_stage` receives the session's StageEvents (plus "score"); it may raise StopRequested.
 
-    def _generate(self, request: RoundRequest, state: StudioState, progress: Progress = no_progress) -> StudioState:
+    def _generate(
+        self, request: RoundRequest, state: StudioState, on_stage: StageCallback | None = None
+    ) -> StudioState:
         """A new session: round 0 generated from the prompt and seed (earlier rounds are dropped)."""
-        with user_errors():
-            session = self.host.loaded_session(progress)
-            first = session.generate(request.prompt, request.seed, request.settings, on_stage=stage_progress(progress))
-            _warn(request.warnings, first)
-            return state.started(first)
+        report = on_stage or _ignore
+        session = self._loaded(report)
+        first = session.generate(request.prompt, request.seed, request.settings, on_stage=report)
+        first = self._scored(session, _with_warnings(first, request.warnings), report)
+        return state.started(first)
 
     def _start_from_image(
         self,
         image: Image.Image | str | None,
         request: RoundRequest,
         state: StudioState,
-        progress: Progress = no_progress,
+        on_stage: StageCallback | None = None,
     ) -> StudioState:
         """A new session whose round 0 is the user's own image, described by the prompt."""
-        with user_errors():
-            if image is None:
-                raise InvalidInputError("no image was uploaded: drop an image into 'Your image' first")
-            image = load_image(image)
-            session = self.host.loaded_session(progress)
-            progress(0.0, desc="Preparing your image as round 0")
-            first = session.start_from_image(image, request.prompt, request.seed)
-            _warn(request.warnings, first)
-            return state.started(first)
+        if image is None:
+            raise InvalidInputError("no image was uploaded: drop an image into 'Your image' first")
+        image = load_image(image)
+        report = on_stage or _ignore
+        session = self._loaded(report)
+        first = session.start_from_image(image, request.prompt, request.seed)
+        first = self._scored(session, _with_warnings(first, request.warnings), report)
+        return state.started(first)
 
-    def _critique(self, request: RoundRequest, state: StudioState, progress: Progress = no_progress) -> str:
+    def _critique(self, request: RoundRequest, state: StudioState, on_stage: StageCallback | None = None) -> str:
         """The MLLM's analysis of how the base round misses the prompt (the question the round's seed draws,
-        the same one the next Refine asks)."""
-        with user_errors():
-            base = state.base_round()
-            session = self.host.loaded_session(progress)
-            return session.critique(
-                base.image, request.prompt, request.settings.max_critique_tokens, seed=request.seed,
-                on_stage=stage_progress(progress),
-            )
+        the same one the next Refine asks); streamed as "critique" events with the text so far."""
+        base = state.base_round()
+        report = on_stage or _ignore
+        session = self._loaded(report)
+        return session.critique(
+            base.image, request.prompt, request.settings.max_critique_tokens, seed=request.seed, on_stage=report
+        )
 
     def _refine(
-        self, request: RoundRequest, state: StudioState, critique: str | None, progress: Progress = no_progress
+        self, request: RoundRequest, state: StudioState, critique: str | None, on_stage: StageCallback | None = None
     ) -> StudioState:
         """One IMG round from the base round. `critique` (possibly edited by the user) steers it in
         dialogue mode; empty means the MLLM critiques the base itself."""
-        with user_errors():
-            state.base_round()
-            session = self.host.loaded_session(progress)
-            return self._next_round(session, request, state, critique, progress)
+        state.base_round()
+        report = on_stage or _ignore
+        session = self._loaded(report)
+        return self._next_round(session, request, state, critique, report)
 
     def _auto_refine(
         self,
@@ -111,23 +128,41 @@ class Studio:
         state: StudioState,
         critique: str | None,
         rounds: int,
-        progress: Progress = no_progress,
-    ) -> Iterator[StudioState]:
-        """`rounds` IMG rounds in a row, yielding the state after each. Only the first uses `critique`;
-        later rounds are critiqued by the MLLM."""
-        with user_errors():
-            rounds = LIMITS["auto_rounds"].check("auto-refine rounds", rounds)
-            state.base_round()
-            session = self.host.loaded_session(progress)
-            for step in range(int(rounds)):
-                state = self._next_round(session, request, state, critique if step == 0 else None, progress)
-                yield state
+        stop_when_flat: bool = True,
+        on_stage: StageCallback | None = None,
+    ) -> Iterator[tuple[StudioState, str | None]]:
+        """Up to `rounds` IMG rounds in a row, each from the previous one, yielding (state, why it stopped
+        early or None) after each. Only the first uses `critique`; later rounds are critiqued by the MLLM.
+        With `stop_when_flat` it stops once a round's score is not above its base's."""
+        rounds = int(LIMITS["auto_rounds"].check("auto-refine rounds", _whole(rounds)))
+        state.base_round()
+        report = on_stage or _ignore
+        session = self._loaded(report)
+        for step in range(rounds):
+            state = self._next_round(session, request, state, critique if step == 0 else None, report)
+            stalled = self.score_stalled(state) if stop_when_flat and step < rounds - 1 else None
+            yield state, stalled
+            if stalled:
+                return
 
-    @staticmethod
+    def score_stalled(self, state: StudioState) -> str | None:
+        """Why Auto-refine stops after the base round of `state`: its score is not above its own base's."""
+        made = state.base_round()
+        name = self.scorer_name
+        if not name or made.base_index is None:
+            return None
+        before, after = state.rounds[made.base_index].scores.get(name), made.scores.get(name)
+        if before is None or after is None or after > before:
+            return None
+        return (
+            f"Auto-refine stopped after round {made.index}: its {name} score {after:.3f} is not above round "
+            f"{made.base_index}'s {before:.3f}. Untick 'stop when the score stops improving' to keep going."
+        )
+
     def _next_round(
-        session: IMGSession, request: RoundRequest, state: StudioState, critique: str | None, progress: Progress
+        self, session: IMGSession, request: RoundRequest, state: StudioState, critique: str | None, report
     ) -> StudioState:
-        """One IMG round from the base of `state`, through the session's one round path."""
+        """One IMG round from the base of `state`, through the session's one round path, then scored."""
         refined = session.refine(
             state.base_round(),
             request.prompt,
@@ -136,10 +171,29 @@ class Studio:
             settings=request.settings,
             index=state.next_index,
             base_index=state.base,
-            on_stage=stage_progress(progress),
+            on_stage=report,
         )
-        _warn(request.warnings, refined)
-        return state.extended(refined)
+        return state.extended(self._scored(session, _with_warnings(refined, request.warnings), report))
+
+    def _loaded(self, report: StageCallback) -> IMGSession:
+        """The loaded session; a load here (the first click, or a retry after a failed preparation) is
+        reported as "load" events."""
+        return self.host.loaded_session(lambda *_, desc="", **__: report(StageEvent("load", message=desc)))
+
+    def _scored(self, session: IMGSession, made: Round, report: StageCallback) -> Round:
+        """`made` with its score under `self.scorer_name` (the session's own scorers, loaded once). A
+        scorer that cannot run (weights missing offline, ...) leaves the round unscored with a warning:
+        the round itself is never lost."""
+        name = self.scorer_name
+        if not name:
+            return made
+        report(StageEvent("score", made.index, message=name))
+        try:
+            session.score(made, [name])
+        except IMGError as error:
+            logger.warning("round %d not scored with %s: %s", made.index, name, error)
+            return dataclasses.replace(made, warnings=[*made.warnings, f"round {made.index} was not scored: {error}"])
+        return made
 
     @staticmethod
     def select(state: StudioState, index: int) -> StudioState:
@@ -225,30 +279,171 @@ def _api_image(image: object) -> bytes | str | Path | Image.Image | None:
     return image
 
 
-def _auto_refine_seconds(request, state, critique, rounds, progress=None) -> int:
+def _auto_refine_seconds(request, state, critique, rounds, *args, **kwargs) -> int:
     """ZeroGPU slot for an Auto-refine call: one refine slot per round."""
-    return REFINE_SECONDS * max(1, min(int(rounds), int(LIMITS["auto_rounds"].high)))
+    try:
+        rounds = int(rounds)
+    except (TypeError, ValueError):
+        rounds = 1  # the handler refuses it with a message
+    return REFINE_SECONDS * max(1, min(rounds, int(LIMITS["auto_rounds"].high)))
 
 
-def _warn(request_warnings: tuple[str, ...], made: Round) -> None:
-    """Non-fatal notes (a prompt cut to a length limit, ...) as Gradio warnings."""
-    for message in dict.fromkeys([*request_warnings, *made.warnings]):
-        gr.Warning(message)
+def _ignore(event: StageEvent) -> None:
+    pass
 
 
-def stage_progress(progress: Progress) -> StageCallback:
-    """A session `on_stage` callback that shows each stage in Gradio's progress bar."""
+def _whole(value: object) -> object:
+    """Slider values arrive as floats (3.0); the settings check refuses 3.5 itself."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
-    def show(event: StageEvent) -> None:
-        where = f"round {event.round_index}"
-        if event.stage == "load":
-            progress(0.0, desc=f"Loading models: {event.message}")
-        elif event.step is not None and event.total:
-            progress((event.step, event.total), desc=f"{where} · {event.stage}", unit="steps")
-        elif event.text is None and event.stage != "done":
-            progress(0.0, desc=f"{where} · {event.stage}")
 
-    return show
+def _with_warnings(made: Round, request_warnings: tuple[str, ...]) -> Round:
+    """`made` carrying the request's warnings too (a prompt cut to the length limit, ...), each once."""
+    warnings = list(dict.fromkeys([*request_warnings, *made.warnings]))
+    return made if warnings == made.warnings else dataclasses.replace(made, warnings=warnings)
+
+
+# --- running a job beside the page ---------------------------------------------------------------------
+
+
+class StopRequested(Exception):
+    """The user clicked Stop: the job ends at its next stage event; finished rounds are kept."""
+
+
+@dataclass(frozen=True)
+class Produced:
+    """A value a job produced (a state, a critique), as opposed to a StageEvent."""
+
+    value: Any
+
+
+def run_in_worker(
+    produce: Callable[[StageCallback], Iterable[Any]], stop: threading.Event | None = None
+) -> Iterator[list[StageEvent | Produced]]:
+    """Run `produce(on_stage)` in a worker thread and yield what it reports, in batches: every
+    StageEvent and every value it yields (as `Produced`) since the last batch. The caller turns each
+    batch into one page update, so a fast stream of steps or tokens never floods the page. When `stop`
+    is set, the next stage event raises StopRequested inside the job. An exception of the job is
+    raised here, after the batches before it. The worker runs in a copy of the caller's context, so
+    gr.Warning works inside it."""
+    items: queue.Queue = queue.Queue()
+    done = object()
+
+    def on_stage(event: StageEvent) -> None:
+        if stop is not None and stop.is_set():
+            raise StopRequested("stopped by the user")
+        items.put(event)
+
+    def work() -> None:
+        try:
+            for value in produce(on_stage):
+                items.put(Produced(value))
+                if stop is not None and stop.is_set():
+                    raise StopRequested("stopped by the user")
+        except BaseException as error:  # handed to the caller's thread, which decides
+            items.put(error)
+        finally:
+            items.put(done)
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="img-studio-job", daemon=True)
+    worker.start()
+    finished = False
+    while not finished:
+        batch = [items.get()]
+        while True:
+            try:
+                batch.append(items.get_nowait())
+            except queue.Empty:
+                break
+        if batch[-1] is done:
+            batch.pop()
+            finished = True
+        failures = [item for item in batch if isinstance(item, BaseException)]
+        reported = [item for item in batch if not isinstance(item, BaseException)]
+        if reported:
+            yield reported
+        if failures:
+            worker.join()
+            raise failures[0]
+    worker.join()
+
+
+# --- models prepared in the background -----------------------------------------------------------------
+
+PREPARATION_STEPS = 4  # get the MLLM (tiny build, download, conversion), diffusion pipeline, MLLM, aligner
+
+
+def preparation_step(message: str) -> int:
+    """Which of the PREPARATION_STEPS a loading message of `IMGSession.load` belongs to."""
+    text = message.lower()
+    if "aligner" in text or "models loaded" in text:
+        return 4
+    if "loading the mllm" in text:
+        return 3
+    if "pipeline" in text:
+        return 2
+    return 1
+
+
+class ModelPreparation:
+    """Loads the host's models in a background thread, so the page shows at once while they prepare.
+
+    `start()` begins (or, after a failure, retries) the preparation; the page polls `step_text`,
+    `message` and `error`. A failure is kept as a message for the page; the app keeps serving, and the
+    next click that needs the models loads them again."""
+
+    def __init__(self, host: ModelHost):
+        self.host = host
+        self.step = 0
+        self.message = ""
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.host.is_loaded
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def step_text(self) -> str | None:
+        """'k/n' while models are being prepared, else None."""
+        if self.ready or not self.running:
+            return None
+        return f"{self.step}/{PREPARATION_STEPS}"
+
+    def start(self) -> None:
+        with self._lock:
+            if self.ready or self.running:
+                return
+            self.step, self.message, self.error = 0, "starting", None
+            self._thread = threading.Thread(target=self._prepare, name="img-studio-prepare", daemon=True)
+            self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the preparation to end; True when the models are ready."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.ready
+
+    def note(self, message: str) -> None:
+        """Record a loading message (also called for loads that a click starts)."""
+        self.step = max(self.step, preparation_step(message))
+        self.message = message
+
+    def _prepare(self) -> None:
+        try:
+            self.host.loaded_session(lambda *_, desc="", **__: self.note(desc))
+        except IMGError as error:
+            logger.warning("preparing the models failed: %s", error)
+            self.error = str(error)
+        except Exception as error:  # a real failure: keep the traceback in the log
+            logger.exception("preparing the models failed")
+            self.error = f"{type(error).__name__}: {error}"
 
 
 def _critique_or_none(critique: str | None) -> str | None:

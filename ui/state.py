@@ -79,3 +79,11 @@ class StudioState:
         if not 0 <= index < len(self.rounds):
             raise InvalidInputError(f"there is no round {index}; this session has {len(self.rounds)} rounds")
         return dataclasses.replace(self, base=index)
+
+    def best_index(self, scorer: str | None) -> int | None:
+        """The round with the highest `scorer` score (the earliest on a tie); None when fewer than two
+        rounds are scored, since a best of one says nothing."""
+        scored = [(item.scores[scorer], -index) for index, item in enumerate(self.rounds) if scorer in item.scores]
+        if len(scored) < 2:
+            return None
+        return -max(scored)[1]

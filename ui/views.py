@@ -1,14 +1,12 @@
-"""How a StudioState looks: captions, the round log, labels and which buttons can run. Pure functions
-of plain values, so they are tested without a browser."""
+"""How a StudioState looks: card captions, the status line, labels and which buttons can run. Pure
+functions of plain values, so they are tested without a browser."""
 
 from __future__ import annotations
 
 import html
 
-from ui.image_files import png_file
+from img_core.session import StageEvent
 from ui.state import StudioState
-
-CAPTION_CRITIQUE_CHARS = 70
 
 TINY_BANNER = (
     "⚠️ **Tiny random models.** This app runs the `{preset}` preset: every model is a tiny network with "
@@ -28,15 +26,61 @@ CRITIQUE_NOTES = {
     ),
 }
 
-BUTTONS = ("generate", "use_upload", "critique", "refine", "auto_refine", "reset", "download", "switch")
+# Every button of the page and its label when it can run; the model buttons wait for the models.
+BUTTON_LABELS = {
+    "generate": "Generate",
+    "use_upload": "Use it as round 0 (with the prompt above)",
+    "critique": "Critique",
+    "refine": "Refine",
+    "auto_refine": "Auto-refine",
+    "stop": "Stop",
+    "reset": "Reset",
+    "download": "Download every round (.zip)",
+    "switch": "Switch models (affects everyone using this app)",
+}
+NEEDS_MODELS = ("generate", "use_upload", "critique", "refine", "auto_refine", "switch")
 NEEDS_ROUNDS = ("critique", "refine", "auto_refine", "reset", "download")
+NOTE_CHARS = 300  # longest question or critique quoted in the next-round note
+RUNS_DURING_A_JOB = ("stop", "download")  # Stop ends the job; the download holds the rounds made so far
+
+# What each stage of img_core.session.StageEvent (plus the UI's own "score") is called on the page.
+STAGE_WORDS = {
+    "load": "loading models",
+    "generate": "generating",
+    "critique": "critique",
+    "guidance": "reading the guidance",
+    "image_features": "encoding the base image",
+    "align": "aligning",
+    "regenerate": "regenerating",
+    "score": "scoring",
+    "done": "done",
+}
 
 
-def button_states(state: StudioState | None, busy: bool) -> dict[str, bool]:
-    """Which buttons can run now: none while a job of this session runs; the round buttons only once
+def button_states(state: StudioState | None, busy: bool, preparing: bool = False) -> dict[str, bool]:
+    """Which buttons can run now: during a job of this tab only Stop (and the download of the rounds
+    so far); the model buttons not while the models are being prepared; the round buttons only once
     there is a round."""
     has_rounds = state is not None and not state.is_empty
-    return {name: not busy and (has_rounds or name not in NEEDS_ROUNDS) for name in BUTTONS}
+    states = {}
+    for name in BUTTON_LABELS:
+        if busy:
+            can = name in RUNS_DURING_A_JOB and (name == "stop" or has_rounds)
+        else:
+            can = name != "stop" and (has_rounds or name not in NEEDS_ROUNDS)
+            can = can and not (preparing and name in NEEDS_MODELS)
+        states[name] = can
+    return states
+
+
+def button_label(name: str, preparing_step: str | None) -> str:
+    """The label of a button; a model button says `preparing models (k/n)` until the models are ready."""
+    if preparing_step and name in NEEDS_MODELS:
+        return f"{BUTTON_LABELS[name]} · preparing models ({preparing_step})"
+    return BUTTON_LABELS[name]
+
+
+# --- round cards --------------------------------------------------------------------------------
 
 
 def round_origin(state: StudioState, index: int) -> str:
@@ -45,25 +89,54 @@ def round_origin(state: StudioState, index: int) -> str:
         return "your image"
     if item.source == "generated" or item.base_index is None:
         return "generated"
-    return f"refined from round {item.base_index}, {item.guidance_mode} mode"
+    return f"from round {item.base_index}"
 
 
-def round_caption(state: StudioState, index: int) -> str:
+def round_seconds(state: StudioState, index: int) -> float:
+    return sum(state.rounds[index].seconds.values())
+
+
+def card_title(state: StudioState, index: int) -> str:
+    """'Round k · from round j · seed s · t s' (round 0: generated / your image)."""
     item = state.rounds[index]
-    caption = f"Round {index} · {round_origin(state, index)}"
+    return f"Round {index} · {round_origin(state, index)} · seed {item.seed} · {round_seconds(state, index):.1f} s"
+
+
+def card_score(state: StudioState, index: int, scorer: str | None) -> str:
+    """The round's score, and a star on the best round of the session."""
+    if not scorer:
+        return ""
+    value = state.rounds[index].scores.get(scorer)
+    if value is None:
+        return f"{scorer}: not scored"
+    best = " · ★ best round" if state.best_index(scorer) == index else ""
+    return f"{scorer} {value:.3f}{best}"
+
+
+def card_markdown(state: StudioState, index: int, scorer: str | None) -> str:
+    """Title, score, base marker and the prompt where it differs from round 0's."""
+    lines = [f"**{card_title(state, index)}**"]
+    score = card_score(state, index, scorer)
+    if score:
+        lines.append(score)
     if index == state.base:
-        caption += " · base of next round"
-    if item.critique:
-        critique = item.critique.strip().replace("\n", " ")
-        if len(critique) > CAPTION_CRITIQUE_CHARS:
-            critique = critique[: CAPTION_CRITIQUE_CHARS - 1].rstrip() + "…"
-        caption += f" · “{critique}”"
-    return caption
+        lines.append("**▶ base of the next round**")
+    item = state.rounds[index]
+    if index > 0 and item.prompt != state.rounds[0].prompt:
+        lines.append(f"Prompt: *{_one_line(item.prompt)}*")
+    return "\n\n".join(lines)
 
 
-def gallery_items(state: StudioState) -> list[tuple[str, str]]:
-    """(PNG path, caption) for every round, oldest first."""
-    return [(png_file(item.image), round_caption(state, index)) for index, item in enumerate(state.rounds)]
+def card_critique(state: StudioState, index: int) -> tuple[str, str] | None:
+    """(accordion label, text) of the critique a round was made from, or None for round 0."""
+    item = state.rounds[index]
+    if item.source != "refined":
+        return None
+    used = "steered this round" if item.guidance_mode == "dialogue" else "shown only; question-mode guidance"
+    parts = [f"*Critique ({used}):* {_one_line(item.critique)}" if item.critique else "*No critique text.*"]
+    if item.question:
+        parts.append(f"*Question:* {_one_line(item.question)}")
+    return "Critique it was made from", "\n\n".join(parts)
 
 
 def base_label(state: StudioState) -> str:
@@ -78,27 +151,46 @@ def critique_label(state: StudioState) -> str:
     return f"Critique of round {state.base} (editable)"
 
 
-def round_log(state: StudioState) -> str:
-    """Markdown: every round with where it came from, its timings and the critique it was made from."""
+def next_round_note(state: StudioState, mode: str, question: str | None, critique: str | None) -> str:
+    """What the next Refine will use: the question (question mode), or the critique as edited (dialogue)."""
     if state.is_empty:
-        return "*No rounds yet. Generate an image, or start from your own.*"
-    blocks = []
-    for index, item in enumerate(state.rounds):
-        seconds = sum(item.seconds.values()) if item.seconds else 0.0
-        lines = [f"**Round {index}** — {round_origin(state, index)} · seed {item.seed} · {seconds:.1f} s"]
-        if index == state.base:
-            lines[0] += " · **base of the next round**"
-        quoted = []
-        if item.critique:
-            used = "steered this round" if item.guidance_mode == "dialogue" else "shown only; question-mode guidance"
-            quoted.append(f"> *Critique ({used}):* {_one_line(item.critique)}")
-        if item.question and item.source == "refined":
-            quoted.append(f"> *Question:* {_one_line(item.question)}")
-        if quoted:
-            lines.append("\n>\n".join(quoted))
-        blocks.append("\n\n".join(lines))
-    return "\n\n".join(blocks)
+        return "*The next round's guidance shows here once there is an image.*"
+    head = f"**Next round** (from round {state.base}, {mode} mode) uses "
+    if mode == "dialogue":
+        text = (critique or "").strip()
+        if not text:
+            return head + "a critique the MLLM writes first (the box is empty)."
+        return head + f"the critique as edited: “{_one_line(text, NOTE_CHARS)}”"
+    if question:
+        return head + f"the question: “{_one_line(question, NOTE_CHARS)}”"
+    return head + "the MLLM's question (shown once the models are loaded)."
 
 
-def _one_line(text: str) -> str:
-    return html.escape(" ".join(text.split()))
+# --- status ---------------------------------------------------------------------------------------
+
+
+def stage_line(event: StageEvent, load_step: str | None = None, auto: tuple[int, int] | None = None) -> str:
+    """One line for a stage event: 'loading models 2/4 · …', 'round 2 · critique', 'round 2 of 4 ·
+    regenerating step 31/50'. `auto` = (first round index of an Auto-refine, its number of rounds)."""
+    words = STAGE_WORDS.get(event.stage, event.stage)
+    if event.stage == "load":
+        return f"{words} {load_step or ''} · {event.message or ''}".replace("  ", " ").strip(" ·")
+    if auto is not None:
+        first, count = auto
+        where = f"round {event.round_index - first + 1} of {count}"
+    else:
+        where = f"round {event.round_index}"
+    line = f"{where} · {words}"
+    if event.stage == "score" and event.message:
+        line += f" ({event.message})"
+    if event.step is not None and event.total:
+        line += f" step {event.step}/{event.total}"
+    return line
+
+
+def _one_line(text: str, limit: int | None = None) -> str:
+    """`text` on one line, HTML-escaped, cut to `limit` characters with an ellipsis."""
+    text = " ".join(text.split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return html.escape(text)
