@@ -306,3 +306,41 @@ def test_phone_sees_the_result_after_generate(app, browser):
     expect(page.locator("#current-image img")).to_be_in_viewport()
     page.screenshot(path=str(ARTIFACTS / "phone-after-generate.png"))  # what the phone shows, not the full page
     page.close()
+
+
+def test_model_failures_never_lock_the_page(app, browser):
+    """Fault injection into the real backend: out of GPU memory (advice for the user) and an unexpected
+    error (traceback for the log); each leaves the page usable and the next Refine works."""
+    import torch
+    from playwright.sync_api import expect
+
+    url, studio_ui = app
+    page = open_page(browser, url)
+    idle(page)
+    set_prompt(page, PROMPT)
+    click(page, "generate")
+    expect_cards(page, 1)
+    idle(page)
+    backend = studio_ui.host.session.backend
+    for failure, message in [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory (injected)"), "ran out of memory during 'regenerate'"),
+        (RuntimeError("injected failure"), "Refine failed (RuntimeError: injected failure)"),
+    ]:
+        def fail(*args, failure=failure, **kwargs):
+            raise failure
+
+        backend.regenerate = fail  # an instance attribute shadows the method until deleted
+        try:
+            click(page, "refine")
+            toast(page, message)
+            idle(page)
+        finally:
+            del backend.regenerate
+        expect(page.locator("#status")).to_contain_text(message)
+        expect_cards(page, 1)
+        close_toasts(page)
+    click(page, "refine")
+    expect_cards(page, 2)
+    idle(page)
+    screenshot(page, "model-failures-then-refine")
+    page.close()

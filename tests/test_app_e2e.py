@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "A green banana and a brown horse."
 SEED = 11
 START_TIMEOUT_S = 120
+APP_LOGS: dict[str, Path] = {}  # url -> the app's stdout+stderr
 
 
 def free_port() -> int:
@@ -59,6 +60,7 @@ def app_url(tmp_path_factory, tiny_root):
             if time.monotonic() > deadline:
                 pytest.fail(f"app.py did not answer within {START_TIMEOUT_S} s:\n{log_path.read_text()}")
             time.sleep(0.25)
+        APP_LOGS[url] = log_path
         yield url
     finally:
         process.terminate()
@@ -184,5 +186,10 @@ def test_a_bad_click_leaves_the_session_usable(app_url):
     ui_call(client, "/ui_generate", prompt=PROMPT, seed=3, steps=2)
     refused = ui_call(client, "/ui_refine", prompt="   ", seed=3, steps=2)
     assert "prompt is empty" in refused["status"]
+    log = APP_LOGS[app_url].read_text()
+    assert "Traceback" not in log, "a user mistake is one log line, not a traceback"
+    assert [line for line in log.splitlines() if "refused" in line] == [
+        "Refine refused: the prompt is empty: describe the image you want"
+    ]
     refined = ui_call(client, "/ui_refine", prompt=PROMPT, seed=3, steps=2)
     assert zipped_rounds(refined)[0] == ["round_0.png", "round_1.png", "session.json"]
