@@ -13,6 +13,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m img_core ARGS` without a new interpreter (bad-input paths load no model: seconds saved)."""
+    from img_core.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run(
@@ -59,7 +69,7 @@ def test_refine_from_users_image_quietly(tmp_path, tiny_root):
         (["--prompt", "a cat", "--aligner", "ALIGNER_SDXL", "--preset", "tiny-flux"], "sdxl-ip-adapter-plus-vit-h"),
     ],
 )
-def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_root, args, message):
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_root, capsys, args, message):
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
     args = [str(not_image) if a == "NOT_AN_IMAGE" else str(tiny_root / "tiny-aligner-sdxl") if a == "ALIGNER_SDXL" else a
@@ -68,7 +78,7 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_root, args, messag
         args += ["--preset", "tiny-sdxl"]
     if "--steps" not in args:
         args += ["--steps", "1"]
-    result = run_cli("refine", *args, "--rounds", "1", "--out", str(tmp_path / "out"), "--quiet")
+    result = run_in_process(capsys, "refine", *args, "--rounds", "1", "--out", str(tmp_path / "out"), "--quiet")
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -76,25 +86,26 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_root, args, messag
     assert "Traceback" not in result.stderr
 
 
-def test_unwritable_out_is_refused_before_any_model_loads(tmp_path):
+def test_unwritable_out_is_refused_before_any_model_loads(tmp_path, capsys):
     """A bad --out used to be found only after every round was generated; now it costs nothing."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     # The real sdxl preset cannot load here: reaching the --out check first proves nothing was loaded.
-    result = run_cli("refine", "--preset", "sdxl", "--prompt", "a cat", "--out", str(blocker / "sub"), "--quiet")
+    result = run_in_process(capsys, "refine", "--preset", "sdxl", "--prompt", "a cat", "--out", str(blocker / "sub"),
+                            "--quiet")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "--out" in lines[0] and "cannot be written" in lines[0] and "stabilityai" not in lines[0]
-    result = run_cli("refine", "--preset", "sdxl", "--prompt", "a cat", "--out", str(blocker), "--quiet")
+    result = run_in_process(capsys, "refine", "--preset", "sdxl", "--prompt", "a cat", "--out", str(blocker), "--quiet")
     assert result.returncode == 2 and "is a file, not a folder" in result.stderr
 
 
-def test_missing_real_weights_offline_is_one_line(tmp_path):
-    result = run_cli("refine", "--preset", "sdxl", "--device", "cpu", "--prompt", "a cat", "--out", str(tmp_path), "--quiet")
+def test_missing_real_weights_offline_is_one_line(tmp_path, capsys):
+    result = run_in_process(capsys, "refine", "--preset", "sdxl", "--device", "cpu", "--prompt", "a cat", "--out", str(tmp_path), "--quiet")
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "img-llava-13b" in lines[0] and "python -m img_core prepare" in lines[0], result.stderr
-    result = run_cli("refine", "--preset", "sdxl", "--mllm", "llava-1.5-13b", "--device", "cpu", "--prompt", "a cat",
-                     "--out", str(tmp_path), "--quiet")
+    result = run_in_process(capsys, "refine", "--preset", "sdxl", "--mllm", "llava-1.5-13b", "--device", "cpu",
+                            "--prompt", "a cat", "--out", str(tmp_path), "--quiet")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "stabilityai/stable-diffusion-xl-base-1.0" in lines[0], result.stderr
