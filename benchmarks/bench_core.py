@@ -54,6 +54,62 @@ def bench_tiny(rounds: int) -> None:
         print(f"  {'round total':15s} {total:8.3f} s  (aligner share {100 * medians['align'] / total:.2f} %)")
 
 
+def bench_round_path(rounds: int) -> None:
+    """What the one round path saves: forward passes and seconds of `rounds` question-mode rounds, against the
+    same rounds computed the earlier way (critique and guidance as two MLLM passes, the prompt re-encoded and
+    the base image's IP features recomputed every round)."""
+    import torch
+
+    from img_core.backends.base import DiffusionCall
+    from img_core.session import IMGSession, RoundSettings
+
+    print("\n== the round path's savings (tiny-sdxl, question mode, after round 0; seconds per round) ==")
+    session = IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False).load()
+    pipeline, critic = session.backend.pipeline, session.critic
+    counted = {"text encoders": [pipeline.text_encoder, pipeline.text_encoder_2],
+               "MLLM vision tower": [critic.model.model.vision_tower], "IP image encoder": [pipeline.image_encoder]}
+    calls = dict.fromkeys(counted, 0)
+
+    def counter(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+
+    for name, modules in counted.items():
+        for module in modules:
+            module.register_forward_hook(counter(name))
+    prompt, settings = "A green banana and a brown horse.", RoundSettings()
+    values = settings.resolve(session.base_preset)
+
+    def earlier_way(first) -> None:
+        base = first
+        for index in range(1, rounds + 1):
+            session.critic.critique(base.image, prompt, seed=0)  # a second MLLM pass just for the text
+            guidance = session.critic.guidance(base.image, prompt, seed=0)
+            features = session.backend.image_features(base.image)
+            session.backend._prompt_embeddings.clear()  # re-encode the prompt every round
+            aligned = session.aligner.align(features, guidance, passes=values.aligner_passes).float()
+            call = DiffusionCall(prompt, 0, values.steps, values.guidance_scale, values.width, values.height, values.ip_scale)
+            image = session.backend.regenerate(call, aligned)
+            base = type(first)(index, image, prompt, 0, "refined")
+
+    def round_path(first) -> None:
+        base = first
+        for index in range(1, rounds + 1):
+            base = session.refine(base, prompt, 0, settings=settings, index=index)
+
+    for label, run in (("round path", round_path), ("earlier way", earlier_way)):
+        first = session.generate(prompt, 0, settings)
+        for name in calls:
+            calls[name] = 0
+        start = time.perf_counter()
+        with torch.no_grad():
+            run(first)
+        seconds = (time.perf_counter() - start) / rounds
+        counts = ", ".join(f"{name} {count}" for name, count in calls.items())
+        print(f"  {label:12s} {seconds:.3f} s per round; over {rounds} rounds: {counts}")
+
+
 def bench_real_aligners() -> None:
     from img_core.aligner import FLUX_FEATURES, AlignerConfig, ImplicitAligner
 
@@ -160,6 +216,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if not args.skip_tiny:
         bench_tiny(args.rounds)
+    bench_round_path(rounds=3)
     bench_real_aligners()
     bench_memory_estimates()
 
