@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from img_core.errors import CorruptFileError
-from img_core.integrity import check_finite
+from img_core.integrity import check_finite, load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
@@ -196,12 +196,7 @@ class ImplicitAligner(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"aligner checkpoint {path} does not exist")
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling problem means "not a state dict"
-            raise ValueError(f"{path} is not a torch state dict of an Implicit Aligner: {error}") from error
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+        state_dict = load_state_dict_file(path, "an Implicit Aligner", ValueError)
         state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
         config = config_from_state_dict(state_dict, **metadata)
         aligner = cls(config)

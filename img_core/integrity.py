@@ -82,3 +82,16 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
             f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {', '.join(bad[:5])}"
             f"{', ...' if len(bad) > 5 else ''}; it cannot be used: retrain it or use another file"
         )
+
+
+def load_state_dict_file(path: str | Path, what: str, error: type[Exception] = CorruptFileError) -> dict:
+    """A plain torch state dict from `path` (a released `.pth`), read with `weights_only=True` (never plain
+    pickle). A file that is not a state dict raises `error` naming the file and `what` it should hold."""
+    path = Path(path)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as cause:  # noqa: BLE001 - any unpickling problem means "not a state dict"
+        raise error(f"{path} is not a torch state dict of {what}: {cause}") from cause
+    if not isinstance(state_dict, dict):
+        raise error(f"{path} holds a {type(state_dict).__name__}, not a state dict of {what}")
+    return state_dict

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from img_core.errors import IncompatibleAlignerError, WeightsNotFoundError
+from img_core.integrity import load_state_dict_file
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +115,7 @@ def load_release_resampler(path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"{path} does not exist: no release Resampler to load")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling problem means "not a state dict"
-        raise IncompatibleAlignerError(f"{path} is not a torch state dict of a Resampler: {error}") from error
-    if not isinstance(state_dict, dict):
-        raise IncompatibleAlignerError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
-    return build_resampler(state_dict)
+    return build_resampler(load_state_dict_file(path, "a Resampler", IncompatibleAlignerError))
 
 
 def find_release_resampler(aligner_repo: str | Path, aligner_filename: str | None) -> Path | None:
