@@ -90,7 +90,11 @@ def timed_job(client, args: list, api_name: str) -> tuple[float | None, float, l
 
 def first_image(updates: list) -> str:
     """The base image file among an event's streamed updates (its first output)."""
-    return next(update[0] for update in reversed(updates) if isinstance(update[0], str))
+    for update in reversed(updates):
+        image = update[0].get("value") if isinstance(update[0], dict) else update[0]  # a gr.update or a value
+        if isinstance(image, str):
+            return image
+    raise RuntimeError("the event sent no image")
 
 
 def page_ready(url: str) -> tuple[float, float]:

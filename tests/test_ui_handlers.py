@@ -268,13 +268,20 @@ def test_jobs_run_beside_the_page_stream_their_stages_and_stop(studio, generated
 def test_models_prepare_in_the_background_and_a_failure_is_kept_as_a_message(tiny_root, tmp_path):
     assert [preparation_step(m) for m in ("downloading IMG LLaVA 7.1/26 GB", "loading the sdxl pipeline x",
                                           "loading the MLLM m", "loading the Implicit Aligner")] == [1, 2, 3, 4]
+    from ui import build_demo
+
     broken = IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False,
                                     aligner=str(tmp_path / "missing-aligner"))  # fmt: skip
-    preparation = ModelPreparation(ModelHost(broken))
-    preparation.start()
-    assert preparation.running and preparation.step_text is not None
+    page = build_demo(broken).studio_ui  # starts preparing at once, in the background
+    preparation = page.preparation
+    assert isinstance(preparation, ModelPreparation) and preparation.running and preparation.step_text is not None
+    assert "Preparing models (" in page._status_text(None)
     assert not preparation.wait(120) and preparation.error and "missing-aligner" in preparation.error
     assert preparation.step == 4 and not preparation.running and preparation.step_text is None
+    status = page._status_text(None)  # what the page shows: the message, and that a click retries
+    assert "could not be prepared" in status and "missing-aligner" in status and "try again" in status
+    buttons = page._button_updates(StudioState(), busy=False)
+    assert buttons[page.buttons["generate"]]["interactive"] and buttons[page.buttons["generate"]]["value"] == "Generate"
 
 
 def test_importing_app_loads_nothing_and_binds_localhost():

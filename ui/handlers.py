@@ -348,24 +348,28 @@ def run_in_worker(
     worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="img-studio-job", daemon=True)
     worker.start()
     finished = False
-    while not finished:
-        batch = [items.get()]
-        while True:
-            try:
-                batch.append(items.get_nowait())
-            except queue.Empty:
-                break
-        if batch[-1] is done:
-            batch.pop()
-            finished = True
-        failures = [item for item in batch if isinstance(item, BaseException)]
-        reported = [item for item in batch if not isinstance(item, BaseException)]
-        if reported:
-            yield reported
-        if failures:
-            worker.join()
-            raise failures[0]
-    worker.join()
+    try:
+        while not finished:
+            batch = [items.get()]
+            while True:
+                try:
+                    batch.append(items.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is done:
+                batch.pop()
+                finished = True
+            failures = [item for item in batch if isinstance(item, BaseException)]
+            reported = [item for item in batch if not isinstance(item, BaseException)]
+            if reported:
+                yield reported
+            if failures:
+                worker.join()
+                raise failures[0]
+        worker.join()
+    finally:
+        if not finished and stop is not None:  # the page went away mid-job: end it at its next step
+            stop.set()
 
 
 # --- models prepared in the background -----------------------------------------------------------------
