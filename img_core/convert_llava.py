@@ -35,7 +35,6 @@ folders with only a sentencepiece `tokenizer.model` (no tokenizer.json) need `se
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from img_core.cli import OneLineErrorParser
 from img_core.errors import IMGError, InvalidInputError, WeightsNotFoundError
 from img_core.mllm import CONVERSION_RECORD, LLAVA_IMAGE_TOKEN
 
@@ -466,7 +466,7 @@ def _replace_folder(complete: Path, output_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m img_core convert-llava --source DIR --out DIR [--vision-tower ID] [--chat-template T]
     [--push-to-hub ID]`."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m img_core convert-llava",
         description="Convert an original-layout LLaVA checkpoint (e.g. shi-labs/IMG llava/) to transformers.",
     )

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from img_core.cli import OneLineErrorParser
 from img_core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     from img_core.scorers import SCORER_NAMES
     from img_core.settings import LIMITS, add_model_arguments, add_round_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m img_core evaluate",
+    parser = OneLineErrorParser(prog="python -m img_core evaluate",
                                      description="generate round 0 and N IMG rounds per prompt, score them, summarise")
     parser.add_argument("--prompts", required=True,
                         help=".txt (one per line), .json list, .csv/.tsv/.parquet with a prompt column, or a hub dataset id")
@@ -589,7 +590,7 @@ def _mean_plot(name: str, means: list) -> str:
 
 
 def build_compare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m img_core evaluate-compare",
+    parser = OneLineErrorParser(prog="python -m img_core evaluate-compare",
                                      description="per-scorer means and win rates of run A over run B on shared prompts")
     parser.add_argument("dir_a", type=Path)
     parser.add_argument("dir_b", type=Path)

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from img_core.cli import OneLineErrorParser
 from img_core.errors import IMGError, InvalidInputError, WeightsNotFoundError
 from img_core.mllm import CONVERSION_RECORD, DEFAULT_CACHE_DIR, KNOWN_MLLMS, MLLMSpec, resolve_spec, spec_from_folder
 from img_core.mllm.specs import missing_weights_error
@@ -689,7 +690,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m img_core prepare",
         description="Fetch and convert what a preset needs, ahead of time (Docker image, Space build step).",
     )

@@ -369,6 +369,10 @@ def test_cli_usage_errors_are_one_line_with_a_help_hint(capsys, tmp_path):
         ["refine", "--prompt", PROMPT, "--out", out, "--seed", "1.5"],
         ["refine", "--out", out],
         ["no-such-command"],
+        ["evaluate", "--bogus"],
+        ["evaluate-compare"],
+        ["prepare", "--preset", "no-such-preset"],
+        ["convert-llava", "--bogus"],
     ):
         status, err = cli(capsys, *argv)
         assert status == 2 and len(err) == 1, (argv, err)
