@@ -27,6 +27,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_mllm.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trainer.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_ui.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_reliability.py
 
 # Measured seconds and GPU memory of the README memory table (random-weight real architectures, no downloads).
 bench-gpu: setup
