@@ -125,9 +125,14 @@ def set_prompt(page, text: str) -> None:
 
 def set_number(page, elem_id: str, value: str) -> None:
     """Type into a slider's number box; Gradio takes it when the box loses focus."""
+    from playwright.sync_api import expect
+
     box = page.locator(f"#{elem_id} input[type=number]")
+    expect(box).to_be_visible()
     box.fill(value)
+    box.press("Enter")
     box.blur()
+    expect(box).to_have_value(value)
 
 
 def click(page, button: str) -> None:
@@ -229,6 +234,15 @@ def test_strip_preview_refine_from_here_and_download(app, browser):
     click(page, "generate")
     expect_cards(page, 1)
     idle(page)
+    expect(page.locator("#next-use")).to_contain_text("uses the question:")  # question mode (the paper's)
+    click(page, "critique")  # streamed into the editable box
+    idle(page)
+    expect(page.locator("#critique textarea")).not_to_have_value("")
+    page.get_by_text("Advanced settings").click()
+    page.locator("#guidance-mode").get_by_text("dialogue", exact=True).click()
+    page.locator("#critique textarea").fill("")
+    page.locator("#critique textarea").press_sequentially("Add a brown horse.")  # typed, as a user does
+    expect(page.locator("#next-use")).to_contain_text("uses the critique as edited: “Add a brown horse.”")
     for made in (2, 3, 4):
         click(page, "refine")
         expect_cards(page, made)
@@ -239,6 +253,8 @@ def test_strip_preview_refine_from_here_and_download(app, browser):
     expect(page.locator("#round-strip")).to_contain_text("★ best round")
     card.get_by_text("Critique it was made from").click()
     expect(card).to_contain_text("Question:")
+    page.locator("#round-card-1").get_by_text("Critique it was made from").click()
+    expect(page.locator("#round-card-1")).to_contain_text("(steered this round): Add a brown horse.")
     assert page.locator("#round-image-0 img").bounding_box()["height"] >= 250  # a useful size
     expect_base(page, 3)
     expect(page.locator("#current-image")).to_contain_text("Round 3: base of the next round")
@@ -278,7 +294,11 @@ def test_stop_keeps_the_finished_rounds(app, browser):
     set_number(page, "auto-rounds", "5")
     page.locator("#stop-rule input[type=checkbox]").uncheck()
     page.get_by_text("Advanced settings").click()
-    set_number(page, "steps", "40")  # slow rounds, so Stop lands mid-run
+    steps = page.locator("#steps input[type=range]")
+    steps.focus()
+    for _ in range(36):  # 4 -> 40 steps: slow rounds, so Stop lands mid-run
+        steps.press("ArrowRight")
+    expect(page.locator("#steps input[type=number]")).to_have_value("40")
     click(page, "auto-refine")
     expect(page.locator("#status")).to_contain_text(" of 5 · ")  # "round k of 5 · ..."
     expect(page.locator("#status")).to_contain_text("/40")  # "... regenerating step i/40"

@@ -329,9 +329,14 @@ class StudioUI:
         self.buttons["reset"].click(self._on_reset, None, self.job_outputs, **self.state_change)
         self.randomize.click(lambda: random.randint(0, int(LIMITS["seed"].high)), None, self.seed, **instant)
         self.guidance_mode.change(views.CRITIQUE_NOTES.get, self.guidance_mode, self.critique_note, **instant)
-        note_inputs = [self.state, self.guidance_mode, self.critique, self.prompt, self.seed]
-        for trigger in (self.guidance_mode.change, self.critique.input, self.prompt.change, self.seed.change):
-            trigger(self._next_use_note, note_inputs, self.next_use, **instant)
+        gr.on(  # one listener, "always_last": the note follows the newest values, never a stale reply
+            [self.guidance_mode.change, self.critique.input, self.critique.blur, self.prompt.change, self.seed.change],
+            self._next_use_note,
+            [self.state, self.guidance_mode, self.critique, self.prompt, self.seed],
+            self.next_use,
+            trigger_mode="always_last",
+            **instant,
+        )
         self.timer.tick(self._on_tick, self.state, [*buttons, self.status, self.timer], **instant)
         self.demo.load(self._on_page_load, self.state, [*buttons, self.status, self.timer], **instant)
         self.demo.unload(self._on_unload)
