@@ -306,6 +306,9 @@ def _with_warnings(made: Round, request_warnings: tuple[str, ...]) -> Round:
 # --- running a job beside the page ---------------------------------------------------------------------
 
 
+STOP_POLL_SECONDS = 0.25  # how often a waiting job looks whether Stop was clicked
+
+
 class StopRequested(Exception):
     """The user clicked Stop: the job ends at its next stage event; finished rounds are kept."""
 
@@ -348,9 +351,16 @@ def run_in_worker(
     worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="img-studio-job", daemon=True)
     worker.start()
     finished = False
+    announced = False  # the page was told that the job is stopping
     try:
         while not finished:
-            batch = [items.get()]
+            try:
+                batch = [items.get(timeout=STOP_POLL_SECONDS)]
+            except queue.Empty:
+                if stop is not None and stop.is_set() and not announced:
+                    announced = True
+                    yield [StageEvent("stopping")]  # at once, even while a long step runs
+                continue
             while True:
                 try:
                     batch.append(items.get_nowait())

@@ -325,7 +325,7 @@ class StudioUI:
             switching.then(self._unlock, self.state, buttons, **instant)
             switching.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             self.preset.change(self._on_preset_choice, self.preset, self.mllm, **instant)
-        self.buttons["stop"].click(self._on_stop, None, self.status, **instant)
+        self.buttons["stop"].click(self._on_stop, None, None, **instant)  # the job itself says it stops
         self.buttons["reset"].click(self._on_reset, None, self.job_outputs, **self.state_change)
         self.randomize.click(lambda: random.randint(0, int(LIMITS["seed"].high)), None, self.seed, **instant)
         self.guidance_mode.change(views.CRITIQUE_NOTES.get, self.guidance_mode, self.critique_note, **instant)
@@ -548,11 +548,11 @@ class StudioUI:
         note = "⚠️ That did not work (see the message). Your rounds are kept; correct the input and try again."
         return {**self._button_updates(state, busy=False), self.status: self._status_text(note)}
 
-    def _on_stop(self, request: gr.Request) -> str:
+    def _on_stop(self, request: gr.Request) -> None:
+        """Ask this tab's running job to end at its next step (it says so in the status at once)."""
         stop = self._stops.get(getattr(request, "session_hash", None) or "default")
         if stop is not None:
             stop.set()
-        return self._status_text("Stopping at the next step; the rounds made so far are kept…")
 
     def _on_reset(self) -> dict:
         state = StudioState()

@@ -54,6 +54,7 @@ STAGE_WORDS = {
     "regenerate": "regenerating",
     "score": "scoring",
     "done": "done",
+    "stopping": "stopping at the next step; the rounds made so far are kept",
 }
 
 
@@ -173,6 +174,8 @@ def stage_line(event: StageEvent, load_step: str | None = None, auto: tuple[int,
     """One line for a stage event: 'loading models 2/4 · …', 'round 2 · critique', 'round 2 of 4 ·
     regenerating step 31/50'. `auto` = (first round index of an Auto-refine, its number of rounds)."""
     words = STAGE_WORDS.get(event.stage, event.stage)
+    if event.stage == "stopping":
+        return words[0].upper() + words[1:] + "…"
     if event.stage == "load":
         return f"{words} {load_step or ''} · {event.message or ''}".replace("  ", " ").strip(" ·")
     if auto is not None:
