@@ -17,7 +17,8 @@ from starlette.middleware import Middleware
 import ui
 from img_core.cli import OneLineErrorParser
 from img_core.presets import default_preset_name
-from img_core.scorers import SCORER_NAMES, VQA_SCORER
+from img_core.errors import IMGError
+from img_core.scorers import SCORER_NAMES, VQA_SCORER, check_scorer_names
 from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
 from ui.api_inputs import MalformedValuesAsNone
@@ -70,10 +71,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-model-switch", action="store_true",
                         help="let users switch preset, MLLM and quantization (for everyone using this app); "
                         "always off on Hugging Face Spaces")
-    parser.add_argument("--scorer", default=VQA_SCORER,
+    parser.add_argument("--scorer", default=VQA_SCORER, type=scorer_name,
                         help=f"what scores every round in the app: {', '.join(SCORER_NAMES)}, vqascore:<mllm> (a "
                         f"separate judge) or none (default {VQA_SCORER}: the loaded MLLM, no extra memory)")
     return parser.parse_args(argv)
+
+
+def scorer_name(value: str) -> str:
+    """`--scorer`: a name img_core.scorers knows, or none (checked here: a bad name is a usage error)."""
+    if value == "none":
+        return value
+    try:
+        return check_scorer_names([value])[0]
+    except IMGError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

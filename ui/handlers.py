@@ -54,7 +54,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except IMGError as error:
-        raise gr.Error(str(error)) from error
+        logger.info("refused: %s", error)  # a user mistake: one line, no traceback in the server log
+        raise gr.Error(str(error), print_exception=False) from error
 
 
 class Studio:
