@@ -39,8 +39,9 @@ from pathlib import Path
 
 from img_core.cli import OneLineErrorParser
 from img_core.errors import IMGError, InvalidInputError, WeightsNotFoundError
-from img_core.mllm import CONVERSION_RECORD, DEFAULT_CACHE_DIR, KNOWN_MLLMS, MLLMSpec, resolve_spec, spec_from_folder
+from img_core.mllm import CONVERSION_RECORD, KNOWN_MLLMS, MLLMSpec, resolve_spec, spec_from_folder
 from img_core.mllm.specs import missing_weights_error
+from img_core.paths import CACHE_ENV, DEFAULT_CACHE_DIR, cache_root
 from img_core.presets import IMG_HUB_REPO, PRESETS, Preset, get_preset
 from img_core.resampler import RESAMPLER_FILENAME
 
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, float, float, str | None], None]  # (stage, done, total, unit)
 
-CACHE_ENV = "IMG_STUDIO_CACHE"  # where converted models go (default ~/.cache/img-studio); /data/... on Spaces
 COMPLETION_MARKER = "img_studio_complete.json"  # written last into a converted folder: its files and sizes
 GB = 1e9  # progress and messages count decimal gigabytes, as the hub shows file sizes
 DISK_MARGIN_BYTES = int(1 * GB)  # kept free on top of what preparation writes
@@ -139,11 +139,6 @@ def _hub_file_sizes(repo: str) -> dict[str, int] | None:
 
 
 # ------------------------------------------------------------------------------------- where things go
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The folder converted models go to: `cache_dir`, else $IMG_STUDIO_CACHE, else ~/.cache/img-studio."""
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
 def prepared_folder(mllm_name: str, cache_dir: str | Path | None = None) -> Path:

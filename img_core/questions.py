@@ -33,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from img_core.paths import cache_root
 from img_core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -58,14 +59,9 @@ SENTENCE_END = (".", "!", "?")
 PUNCTUATION = (".", "!", "?", ",", ";", ":")
 
 
-def img_studio_cache_dir() -> Path:
-    """`$IMG_STUDIO_CACHE` (when set and not empty), else `~/.cache/img-studio` (img_core.prepare's rule)."""
-    return Path(os.environ.get("IMG_STUDIO_CACHE") or Path.home() / ".cache" / "img-studio").expanduser()
-
-
 def release_questions_cache_path(cache_dir: Path | None = None) -> Path:
     """Where the fetched release questions are kept (named by the pinned commit)."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else img_studio_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
     return cache_dir / "questions" / f"edit_instructions-{RELEASE_COMMIT[:7]}.json"
 
 
@@ -250,7 +246,7 @@ def load_question_source(
 ) -> QuestionSource:
     """"ours" (default), "release" (cached fetch, falling back to ours) or a path to a JSON question file.
 
-    `cache_dir` defaults to `img_studio_cache_dir()`; `release_url` may point at a mirror of the same file."""
+    `cache_dir` defaults to `cache_root()`; `release_url` may point at a mirror of the same file."""
     spec = DEFAULT_QUESTION_SOURCE if spec is None or str(spec).strip() == "" else str(spec).strip()
     if spec == OURS:
         return ours_question_source()

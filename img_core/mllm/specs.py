@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from img_core.errors import InvalidInputError, WeightsNotFoundError
+from img_core.paths import DEFAULT_CACHE_DIR
 
 FAMILIES = ("llava", "qwen2_5_vl")
 CHAT_TEMPLATES = ("llava-v0", "llava-v1", "qwen2.5-vl")
@@ -19,7 +20,6 @@ IMAGE_ASPECTS = ("pad", "native")  # pad to square first (LLaVA-1.5) or give the
 
 # A converted checkpoint folder records how it was converted (chat template, aspect mode) in this file.
 CONVERSION_RECORD = "img_studio_mllm.json"
-DEFAULT_CACHE_DIR = Path("~/.cache/img-studio")
 
 HUB_FETCH_HINT = (
     "On a machine with internet run `huggingface-cli download {model_id}` and copy the Hugging Face cache "
