@@ -15,10 +15,10 @@ import sys
 from starlette.middleware import Middleware
 
 import ui
-from img_core.cli import OneLineErrorParser
-from img_core.presets import default_preset_name
+from img_core.cli.parser import OneLineErrorParser
 from img_core.errors import IMGError
-from img_core.scorers import SCORER_NAMES, VQA_SCORER, check_scorer_names
+from img_core.evaluation.scorers import SCORER_NAMES, VQA_SCORER, check_scorer_names
+from img_core.presets import default_preset_name
 from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
 from ui.api_inputs import MalformedValuesAsNone
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def scorer_name(value: str) -> str:
-    """`--scorer`: a name img_core.scorers knows, or none (checked here: a bad name is a usage error)."""
+    """`--scorer`: a name img_core.evaluation.scorers knows, or none (checked here: a bad name is a usage error)."""
     if value == "none":
         return value
     try:

@@ -13,10 +13,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -146,10 +146,15 @@ def _linear_share(build) -> tuple[int, int]:
 
 def real_component_counts() -> dict[str, int | tuple[int, int]]:
     """Parameters of each real component, from the configs in benchmarks/real_architectures.py."""
-    from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection,
-                              LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, T5EncoderModel)
-
     import real_architectures as real
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionModelWithProjection,
+        LlavaForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        T5EncoderModel,
+    )
 
     count = real.parameter_count
     counts: dict[str, int | tuple[int, int]] = {}

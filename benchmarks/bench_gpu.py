@@ -252,10 +252,14 @@ def flux_xlabs_ip_adapter_weights(transformer, image_encoder, device, dtype) -> 
 
 def sdxl_components(scale: Scale, device: torch.device, dtype: torch.dtype) -> dict:
     """SDXL base 1.0's models (random weights), tokenizers and IP-Adapter plus image encoder (CLIP ViT-H)."""
-    from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection,
-                              CLIPVisionModelWithProjection)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionModelWithProjection,
+    )
 
-    from img_core.tiny_diffusion import build_clip_tokenizer
+    from img_core.tiny.diffusion import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(real.CLIP_TEXT_TOKENS)
     token_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -290,9 +294,14 @@ def build_sdxl_pipeline(scale: Scale, quantization: str, components: tuple[str, 
 
 def flux_components(scale: Scale, device: torch.device, dtype: torch.dtype) -> dict:
     """FLUX.1-dev's models (random weights), tokenizers and the XLabs IP-Adapter's CLIP ViT-L/14 image encoder."""
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection, T5EncoderModel
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModel,
+        CLIPVisionModelWithProjection,
+        T5EncoderModel,
+    )
 
-    from img_core.tiny_diffusion import build_clip_tokenizer, build_t5_tokenizer
+    from img_core.tiny.diffusion import build_clip_tokenizer, build_t5_tokenizer
 
     clip_tokenizer = build_clip_tokenizer(real.CLIP_TEXT_TOKENS)
     t5_tokenizer = build_t5_tokenizer(real.T5_TEXT_TOKENS)
@@ -348,11 +357,15 @@ def _suppressed_token_ids(tokenizer, vocab_size: int, stop_string: str | None) -
 
 def build_llava(scale: Scale, device, dtype):
     """LLaVA-1.5-13B (random weights) and a LlavaProcessor with a small Llama tokenizer (`<image>`, `<pad>`)."""
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
-    from img_core.convert_llava import add_image_and_pad_tokens
     from img_core.mllm import LLAVA_IMAGE_TOKEN
-    from img_core.tiny_mllm import build_tiny_llama_tokenizer
+    from img_core.tiny.mllm import build_tiny_llama_tokenizer
+    from img_core.weights.convert_llava import add_image_and_pad_tokens
 
     tokenizer = build_tiny_llama_tokenizer()
     add_image_and_pad_tokens(tokenizer)
@@ -374,10 +387,18 @@ def build_llava(scale: Scale, device, dtype):
 
 def build_qwen(scale: Scale, device, dtype):
     """Qwen2.5-VL-7B (random weights) and its processor with a small byte-level Qwen2 tokenizer."""
-    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
-    from img_core.tiny_mllm import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, build_tiny_qwen_tokenizer
+    from img_core.tiny.mllm import (
+        QWEN_CHAT_TEMPLATE,
+        QWEN_SPECIAL_TOKENS,
+        build_tiny_qwen_tokenizer,
+    )
 
     tokenizer = build_tiny_qwen_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
@@ -404,7 +425,13 @@ def build_qwen(scale: Scale, device, dtype):
 
 def build_critic(mllm_name: str, quantization: str, scale: Scale, device: torch.device):
     """An `MLLMCritic` around the real MLLM architecture with random weights, quantized as `MLLMCritic.load` does."""
-    from img_core.mllm import KNOWN_MLLMS, STOP_STRINGS, MLLMCritic, default_dtype, quantization_config
+    from img_core.mllm import (
+        KNOWN_MLLMS,
+        STOP_STRINGS,
+        MLLMCritic,
+        default_dtype,
+        quantization_config,
+    )
 
     spec = KNOWN_MLLMS[mllm_name]
     # As MLLMCritic.load picks it: bitsandbytes' int8 matmul works in float16.

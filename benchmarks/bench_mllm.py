@@ -20,7 +20,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from img_core.mllm import QUANTIZATIONS, MLLMCritic, resolve_spec
-from img_core.tiny_mllm import TINY_LLAVA_NAME, TINY_QWEN_NAME, build_tiny_llava, build_tiny_qwen
+from img_core.tiny.mllm import (
+    TINY_LLAVA_NAME,
+    TINY_QWEN_NAME,
+    build_tiny_llava,
+    build_tiny_qwen,
+)
 
 BUILDERS = {TINY_LLAVA_NAME: build_tiny_llava, TINY_QWEN_NAME: build_tiny_qwen}
 

@@ -46,11 +46,17 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from img_core.errors import CorruptFileError, IMGError, InvalidInputError  # noqa: E402
+from img_core.errors import CorruptFileError, InvalidInputError  # noqa: E402
 from img_core.images import MAX_MEGAPIXELS, load_image  # noqa: E402
 from img_core.integrity import write_checksum  # noqa: E402
 from trainer.store import shard_name, write_manifest, write_synthetic_store  # noqa: E402
-from trainer.train import TrainConfig, checkpoint_dirs, load_checkpoint, split_indices, train  # noqa: E402
+from trainer.train import (  # noqa: E402
+    TrainConfig,
+    checkpoint_dirs,
+    load_checkpoint,
+    split_indices,
+    train,
+)
 
 TINY_RUN = {"depth": 2, "heads": 2, "dim_head": 16, "lr": 3e-3, "batch_size": 8, "val_samples": 8,
             "val_every": 1000, "log_every": 2, "checkpoint_every": 2, "keep_checkpoints": 3, "max_steps": 6}

@@ -30,7 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from img_core.aligner import AlignerConfig, ImplicitAligner  # noqa: E402
 from trainer.objective import iupo_loss  # noqa: E402
-from trainer.store import FeatureStore, bytes_per_sample, collate_features, write_synthetic_store  # noqa: E402
+from trainer.store import (  # noqa: E402
+    FeatureStore,
+    bytes_per_sample,
+    collate_features,
+    write_synthetic_store,
+)
 from trainer.train import TrainConfig, to_device, train  # noqa: E402
 
 PICK_A_PIC_PAIRS = 851_000  # REFERENCE §6

@@ -2,6 +2,6 @@
 
 import sys
 
-from img_core.cli import main
+from img_core.cli.main import main
 
 sys.exit(main())

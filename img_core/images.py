@@ -11,8 +11,8 @@ DecompressionBombWarning is never raised for an image this module refuses or acc
 from __future__ import annotations
 
 import io
-import struct
 import logging
+import struct
 from pathlib import Path
 
 import numpy as np

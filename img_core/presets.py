@@ -1,7 +1,7 @@
 """Presets: everything a session needs to know to load one IMG stack, as data.
 
 Real presets name hub ids (REFERENCE §3-§5); tiny presets name folders under the tiny-models root that
-`img_core.tiny.ensure_tiny_models` builds. Both go through the same loaders.
+`img_core.tiny.models.ensure_tiny_models` builds. Both go through the same loaders.
 """
 
 from __future__ import annotations

@@ -33,14 +33,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from img_core.paths import cache_root
 from img_core.errors import InvalidInputError
+from img_core.paths import ASSETS_DIR, cache_root
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER = "{prompt}"
 NUM_TEMPLATES = 100  # our own list
-DEFAULT_TEMPLATES_PATH = Path(__file__).resolve().parent.parent / "assets" / "question_templates.json"
+DEFAULT_TEMPLATES_PATH = ASSETS_DIR / "question_templates.json"
 
 OURS = "ours"
 RELEASE = "release"

@@ -30,7 +30,11 @@ from PIL import Image
 
 from img_core.aligner import ImplicitAligner
 from img_core.backends.base import DiffusionCall
-from img_core.errors import IncompatibleAlignerError, InvalidInputError, OutOfMemoryError
+from img_core.errors import (
+    IncompatibleAlignerError,
+    InvalidInputError,
+    OutOfMemoryError,
+)
 from img_core.images import load_image
 from img_core.presets import Preset, get_preset
 from img_core.record import Round, SessionRecord
@@ -94,7 +98,7 @@ class IMGSession:
         self.critic = None
         self.aligner: ImplicitAligner | None = None
         self.load_seconds: dict[str, float] = {}
-        self.scorers: dict = {}  # name -> loaded scorer (img_core.scorers), on first use
+        self.scorers: dict = {}  # name -> loaded scorer (img_core.evaluation.scorers), on first use
         self._lock = threading.RLock()
 
     @classmethod
@@ -123,7 +127,7 @@ class IMGSession:
                 return self
             say = progress or (lambda message: logger.info(message))
             if self.base_preset.is_tiny and self.preset is self.base_preset:
-                from img_core.tiny import ensure_tiny_models
+                from img_core.tiny.models import ensure_tiny_models
 
                 say("building/loading the tiny random-weight models")
                 self.tiny_root = ensure_tiny_models(self.tiny_root)
@@ -135,7 +139,10 @@ class IMGSession:
             from img_core.questions import load_question_source
 
             if self.critic is None:  # first: a real MLLM may need downloading and converting (once, cached)
-                from img_core.prepare import format_progress, resolve_prepared_spec
+                from img_core.weights.prepare import (
+                    format_progress,
+                    resolve_prepared_spec,
+                )
 
                 with self._stage("prepare_mllm", self.load_seconds):
                     spec = resolve_prepared_spec(
@@ -353,9 +360,9 @@ class IMGSession:
         )
 
     def score(self, made: Round, scorers: list[str] | tuple[str, ...]) -> dict[str, float]:
-        """Alignment scores of a round against its prompt (img_core.scorers: `vqascore` asks this session's
+        """Alignment scores of a round against its prompt (img_core.evaluation.scorers: `vqascore` asks this session's
         MLLM; others load their own weights once). They are recorded in `made.scores` and returned."""
-        from img_core.scorers import check_scorer_names, load_scorer
+        from img_core.evaluation.scorers import check_scorer_names, load_scorer
 
         names = check_scorer_names(list(scorers))
         self.load()
@@ -381,7 +388,7 @@ class IMGSession:
         `scorers`, every round's scores are recorded."""
         rounds = check_rounds(rounds)
         if scorers:
-            from img_core.scorers import check_scorer_names
+            from img_core.evaluation.scorers import check_scorer_names
 
             check_scorer_names(list(scorers))
         settings = settings or RoundSettings()

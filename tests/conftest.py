@@ -28,7 +28,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def tiny_root() -> Path:
     """The folder holding all tiny models (built on first use)."""
-    from img_core.tiny import ensure_tiny_models
+    from img_core.tiny.models import ensure_tiny_models
 
     return ensure_tiny_models(Path(os.environ["IMG_TINY_DIR"]))
 

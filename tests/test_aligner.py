@@ -194,7 +194,7 @@ def test_real_size_configs_have_the_documented_parameter_counts():
 
 
 def test_convert_aligner_cli_writes_a_loadable_folder(tmp_path, official_checkpoint):
-    from img_core.cli import main
+    from img_core.cli.main import main
 
     path, _ = official_checkpoint
     # heads inferred with the release's dim_head=64 needs inner width % 64 == 0; use a 64-wide head here.

@@ -353,7 +353,7 @@ def test_sigterm_removes_everything_the_app_wrote(app):
 
 
 def cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    from img_core.cli import main
+    from img_core.cli.main import main
 
     try:
         status = main(list(argv))

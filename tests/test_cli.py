@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
     """`python -m img_core ARGS` without a new interpreter (bad-input paths load no model: seconds saved)."""
-    from img_core.cli import main
+    from img_core.cli.main import main
 
     capsys.readouterr()
     code = main(list(args))

@@ -18,16 +18,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from img_core.convert_llava import convert_llava_checkpoint, main  # noqa: E402
-from img_core.prepare import COMPLETION_MARKER, is_prepared  # noqa: E402
+from img_core.cli.convert_llava import main  # noqa: E402
 from img_core.errors import InvalidInputError  # noqa: E402
 from img_core.mllm import CONVERSION_RECORD, MLLMCritic, resolve_spec  # noqa: E402
-from img_core.tiny_mllm import (  # noqa: E402
+from img_core.mllm.converted import COMPLETION_MARKER, is_prepared  # noqa: E402
+from img_core.tiny.mllm import (  # noqa: E402
     build_tiny_llama_tokenizer,
     tiny_clip_image_processor,
     tiny_clip_vision_config,
     tiny_llama_config,
 )
+from img_core.weights.convert_llava import convert_llava_checkpoint  # noqa: E402
 
 VISION_WIDTH = 32  # tiny CLIP hidden size (mm_hidden_size)
 
@@ -192,7 +193,7 @@ def test_image_features_use_the_given_tower_layer_minus_2_without_cls(converted,
 
 def test_frozen_tower_weights_are_dropped_with_a_note(tmp_path, converted, caplog):
     out = tmp_path / "again"
-    with caplog.at_level("WARNING", logger="img_core.convert_llava"):
+    with caplog.at_level("WARNING", logger="img_core.weights.convert_llava"):
         convert_llava_checkpoint(converted["source"], out, vision_tower=converted["tower_dir"])
     assert "dropped 1 vision tower tensors" in caplog.text and "unfreeze_mm_vision_tower" in caplog.text
     record = json.loads((out / CONVERSION_RECORD).read_text())
@@ -208,7 +209,7 @@ def test_tuned_vision_tower_is_kept_when_the_config_unfreezes_it(tmp_path, conve
     """unfreeze_mm_vision_tower: the checkpoint's tuned tower replaces the CLIP one (original LLaVA loader)."""
     from transformers import CLIPVisionModel
 
-    from img_core.tiny_mllm import tiny_clip_vision_config
+    from img_core.tiny.mllm import tiny_clip_vision_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)

@@ -17,7 +17,7 @@ SCORERS = ["hpsv2", "clipscore", "vqascore"]
 
 
 def evaluate_args(out, *extra):
-    from img_core.prompt_sets import COMPOSITIONAL_PROMPTS
+    from img_core.evaluation.prompt_sets import COMPOSITIONAL_PROMPTS
 
     return ["--preset", "tiny-sdxl", "--prompts", str(COMPOSITIONAL_PROMPTS), "--limit", str(PROMPTS), "--rounds",
             str(ROUNDS), "--steps", "2", "--scorers", ",".join(SCORERS), "--out", str(out), "--quiet", *extra]
@@ -47,7 +47,8 @@ def counted_rounds(monkeypatch):
 
 @pytest.fixture(scope="module")
 def first_run(tiny_root, tmp_path_factory):
-    from img_core.evaluate import build_parser, run_evaluation
+    from img_core.cli.evaluate import build_parser
+    from img_core.evaluation.evaluate import run_evaluation
 
     out = tmp_path_factory.mktemp("evaluate") / "run"
     result = run_evaluation(build_parser().parse_args(evaluate_args(out)))
@@ -99,8 +100,8 @@ def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
 
 
 def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, counted_rounds, capsys):
-    from img_core.cli import main as cli_main
-    from img_core.evaluate import main
+    from img_core.cli.evaluate import main
+    from img_core.cli.main import main as cli_main
 
     out, _ = first_run
     before = (out / "results.jsonl").read_text()
@@ -115,7 +116,8 @@ def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, count
 
 
 def test_same_seed_gives_identical_scores_and_compare_reads_both(first_run, tmp_path, counted_rounds, capsys):
-    from img_core.evaluate import compare_main, compare_runs, main
+    from img_core.cli.evaluate import compare_main, main
+    from img_core.evaluation.evaluate import compare_runs
 
     out, _ = first_run
     second = tmp_path / "second"
@@ -137,7 +139,7 @@ def test_same_seed_gives_identical_scores_and_compare_reads_both(first_run, tmp_
 def test_interrupted_run_resumes_with_only_the_missing_image(first_run, tmp_path, counted_rounds):
     import shutil
 
-    from img_core.evaluate import main
+    from img_core.cli.evaluate import main
 
     out = tmp_path / "copy"
     shutil.copytree(first_run[0], out)
@@ -155,7 +157,7 @@ def test_interrupted_run_resumes_with_only_the_missing_image(first_run, tmp_path
 
 
 def test_arguments_are_checked_before_anything_loads(tmp_path, counted_rounds):
-    from img_core.evaluate import main
+    from img_core.cli.evaluate import main
 
     with pytest.raises(InvalidInputError, match="unknown scorer"):
         main(evaluate_args(tmp_path / "a", "--scorers", "hps"))
@@ -173,7 +175,7 @@ def test_arguments_are_checked_before_anything_loads(tmp_path, counted_rounds):
 
 
 def test_win_rate_ties_and_bootstrap_are_fixed():
-    from img_core.evaluate import bootstrap_interval, summarize, win_rate
+    from img_core.evaluation.evaluate import bootstrap_interval, summarize, win_rate
 
     assert win_rate(np.array([2.0, 1.0, 3.0, 1.0]), np.array([1.0, 1.0, 3.0, 2.0])) == pytest.approx((1 + 0.5 + 0.5) / 4)
     outcomes = np.array([1.0, 0.0, 0.5, 1.0, 1.0])
@@ -192,7 +194,11 @@ def test_prompt_sets_read_every_format(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from img_core.prompt_sets import COMPOSITIONAL_PROMPTS, PromptSetError, load_prompt_set
+    from img_core.evaluation.prompt_sets import (
+        COMPOSITIONAL_PROMPTS,
+        PromptSetError,
+        load_prompt_set,
+    )
 
     ours = load_prompt_set(COMPOSITIONAL_PROMPTS)
     assert len(ours.prompts) == len(set(ours.prompts)) == 120

@@ -55,8 +55,8 @@ def question(recipe) -> str:
 
 @pytest.fixture(scope="module")
 def critic(tmp_path_factory, recipe):
-    from img_core.convert_llava import convert_llava_checkpoint
     from img_core.mllm import MLLMCritic
+    from img_core.weights.convert_llava import convert_llava_checkpoint
 
     folder = convert_llava_checkpoint(
         GOLDEN / "llava",

@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from safetensors.torch import load_file
 
 from img_core.backends.flux_sampling import flux_sigmas, sample_flux, schedule_mu

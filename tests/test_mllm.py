@@ -23,7 +23,7 @@ from img_core.mllm import (  # noqa: E402
     resolve_spec,
 )
 from img_core.questions import pick_question  # noqa: E402
-from img_core.tiny_mllm import TINY_CONTEXT_TOKENS, build_tiny_llava, build_tiny_qwen  # noqa: E402
+from img_core.tiny.mllm import TINY_CONTEXT_TOKENS, build_tiny_llava, build_tiny_qwen  # noqa: E402
 
 TINY_NAMES = ["tiny-llava", "tiny-qwen"]
 PROMPT = "a red fox playing a trumpet under a rainbow"

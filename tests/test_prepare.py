@@ -1,4 +1,4 @@
-"""img_core.prepare end to end on a stand-in hub: tiny original-layout LLaVA, tiny aligner, tiny CLIP tower.
+"""img_core.weights.prepare end to end on a stand-in hub: tiny original-layout LLaVA, tiny aligner, tiny CLIP tower.
 
 The stand-in replaces the ONE download function, `prepare._download_snapshot`: it copies the files of a
 local folder laid out like the hub repo that match the requested patterns into `local_dir` (or a folder
@@ -20,21 +20,24 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from img_core import prepare as prepare_module  # noqa: E402
-from img_core.cli import main as cli_main  # noqa: E402
-from img_core.convert_llava import main as convert_llava_main, partial_folder  # noqa: E402
+from img_core.cli.convert_llava import main as convert_llava_main  # noqa: E402
+from img_core.cli.main import main as cli_main  # noqa: E402
 from img_core.errors import WeightsNotFoundError  # noqa: E402
 from img_core.mllm import MLLMCritic  # noqa: E402
-from img_core.prepare import (  # noqa: E402
+from img_core.mllm.converted import (  # noqa: E402
     COMPLETION_MARKER,
-    NotEnoughDiskError,
     check_prepared_folder,
+    is_prepared,
+    partial_folder,
+    prepared_folder,
+)
+from img_core.weights import prepare as prepare_module  # noqa: E402
+from img_core.weights.prepare import (  # noqa: E402
+    NotEnoughDiskError,
     conversion_disk_need,
     ensure_prepared,
     format_progress,
-    is_prepared,
     prepare,
-    prepared_folder,
     prepared_spec,
 )
 
@@ -82,7 +85,7 @@ def build_stand_in_repos(root: Path) -> dict[str, Path]:
     from transformers import CLIPVisionModel
 
     from img_core.aligner import AlignerConfig, ImplicitAligner
-    from img_core.tiny_mllm import tiny_clip_image_processor, tiny_clip_vision_config
+    from img_core.tiny.mllm import tiny_clip_image_processor, tiny_clip_vision_config
 
     img, tower = root / "hub" / "shi-labs-IMG", root / "hub" / "clip"
     (img / "llava").mkdir(parents=True)
@@ -198,7 +201,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_prepare import StandInHub
-from img_core import prepare as prepare_module
+from img_core.weights import prepare as prepare_module
 repos = {{k: Path(v) for k, v in {repos!r}.items()}}
 hub = StandInHub(repos, Path({hf_cache!r}))
 prepare_module._download_snapshot = hub.download
@@ -254,7 +257,7 @@ def test_low_disk_is_refused_before_anything_is_converted(hub, tmp_path, stand_i
 def test_one_preparation_at_a_time(tmp_path):
     import fcntl
 
-    from img_core.prepare import PreparationBusyError, _exclusive_lock
+    from img_core.weights.prepare import PreparationBusyError, _exclusive_lock
 
     lock = tmp_path / ".img-llava-13b-hf.lock"
     with open(lock, "a") as other_process:  # another open file description: what another process holds
@@ -325,7 +328,7 @@ def test_push_to_hub_is_refused_offline_or_with_a_bad_id(tmp_path, capsys):
 
 
 def test_shard_names_and_sizes_come_from_the_hub_listing_when_there_is_no_index(tmp_path):
-    from img_core.prepare import _shard_bytes, _shard_names
+    from img_core.weights.prepare import _shard_bytes, _shard_names
 
     listing = {"llava/config.json": 900, "llava/model-00001-of-00002.safetensors": 9_900_000_000,
                "llava/model-00002-of-00002.safetensors": 6_100_000_000, "llava/pytorch_model.bin": 1,

@@ -25,8 +25,8 @@ def test_report_renders_grid_images_and_plots(tiny_root, tmp_path):
     pytest.importorskip("playwright", reason="the browser test needs the playwright package (requirements-dev.txt)")
     from playwright.sync_api import sync_playwright
 
-    from img_core.evaluate import main
-    from img_core.prompt_sets import COMPOSITIONAL_PROMPTS
+    from img_core.cli.evaluate import main
+    from img_core.evaluation.prompt_sets import COMPOSITIONAL_PROMPTS
 
     out = tmp_path / "run"
     assert main(["--preset", "tiny-sdxl", "--prompts", str(COMPOSITIONAL_PROMPTS), "--limit", str(PROMPTS),

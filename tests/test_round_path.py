@@ -121,7 +121,7 @@ def test_stage_events_report_every_stage_steps_and_streamed_critique(fresh_sessi
 
 
 def test_the_ui_and_the_cli_make_the_same_round(tmp_path, tiny_root):
-    from img_core.cli import main as cli_main
+    from img_core.cli.main import main as cli_main
     from ui.handlers import Studio
     from ui.models import ModelHost
     from ui.state import RoundRequest, StudioState
@@ -161,7 +161,7 @@ def test_round_features_are_not_written_to_the_record(tmp_path, fresh_session):
 
 
 def test_cli_refine_records_each_rounds_scores(tmp_path, tiny_root, capsys):
-    from img_core.cli import main as cli_main
+    from img_core.cli.main import main as cli_main
 
     out = tmp_path / "scored"
     assert cli_main(["refine", "--preset", "tiny-sdxl", "--prompt", PROMPT, "--rounds", "1", "--steps", "1",

@@ -20,7 +20,7 @@ def images(count: int = 3, size: tuple[int, int] = (64, 64)) -> list[Image.Image
 
 @pytest.fixture(scope="module")
 def scorers_root(tiny_root):
-    from img_core.tiny_scorers import ensure_tiny_scorers
+    from img_core.tiny.scorers import ensure_tiny_scorers
 
     return ensure_tiny_scorers(tiny_root)
 
@@ -51,8 +51,8 @@ def clip_cosines(folder, processor_folder, pixel_values=None, pictures=None, pro
 
 
 def test_open_clip_layout_round_trips_exactly(scorers_root):
-    from img_core.scorers import open_clip_to_transformers
-    from img_core.tiny_scorers import tiny_clip_model, transformers_to_open_clip
+    from img_core.evaluation.scorers import open_clip_to_transformers
+    from img_core.tiny.scorers import tiny_clip_model, transformers_to_open_clip
 
     original = tiny_clip_model("gelu", seed=7).state_dict()
     open_clip = transformers_to_open_clip(original)
@@ -66,8 +66,8 @@ def test_open_clip_layout_round_trips_exactly(scorers_root):
 
 
 def test_hpsv2_loads_the_open_clip_checkpoint_and_scores_100_cos(scorers_root, tmp_path):
-    from img_core.scorers import hps_pixel_values, load_scorer
-    from img_core.tiny_scorers import TINY_SCORER_IMAGE_SIZE, tiny_clip_model
+    from img_core.evaluation.scorers import hps_pixel_values, load_scorer
+    from img_core.tiny.scorers import TINY_SCORER_IMAGE_SIZE, tiny_clip_model
 
     scorer = load_scorer("hpsv2", tiny_root=scorers_root.parent)
     pictures = images()
@@ -83,7 +83,7 @@ def test_hpsv2_loads_the_open_clip_checkpoint_and_scores_100_cos(scorers_root, t
 
 
 def test_hps_preprocessing_resizes_longest_side_and_pads_black():
-    from img_core.scorers import hps_pixel_values
+    from img_core.evaluation.scorers import hps_pixel_values
 
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     wide = Image.new("RGB", (64, 32), (255, 255, 255))
@@ -97,7 +97,7 @@ def test_hps_preprocessing_resizes_longest_side_and_pads_black():
 
 
 def test_pickscore_and_clipscore_follow_their_formulas(scorers_root):
-    from img_core.scorers import load_scorer
+    from img_core.evaluation.scorers import load_scorer
 
     pictures = images()
     pick = load_scorer("pickscore", tiny_root=scorers_root.parent).score(pictures, PROMPTS)
@@ -117,7 +117,13 @@ def test_pickscore_and_clipscore_follow_their_formulas(scorers_root):
 
 
 def test_vqascore_is_p_yes_over_yes_and_no(tiny_root, tiny_llava):
-    from img_core.scorers import NO_WORDS, VQA_QUESTION, YES_WORDS, answer_token_ids, load_scorer
+    from img_core.evaluation.scorers import (
+        NO_WORDS,
+        VQA_QUESTION,
+        YES_WORDS,
+        answer_token_ids,
+        load_scorer,
+    )
 
     pictures = images(2)
     shared = load_scorer("vqascore", critic=tiny_llava)
@@ -146,8 +152,14 @@ def test_vqascore_is_p_yes_over_yes_and_no(tiny_root, tiny_llava):
 
 def test_bad_input_and_missing_weights_are_user_errors(scorers_root):
     from img_core.errors import InvalidInputError, WeightsNotFoundError
-    from img_core.scorers import CLIP_SCORERS, CLIPScorer, NonFiniteScoreError, _checked_scores, check_scorer_names
-    from img_core.scorers import load_scorer
+    from img_core.evaluation.scorers import (
+        CLIP_SCORERS,
+        CLIPScorer,
+        NonFiniteScoreError,
+        _checked_scores,
+        check_scorer_names,
+        load_scorer,
+    )
 
     with pytest.raises(InvalidInputError, match="unknown scorer 'hps'"):
         check_scorer_names(["hps"])
@@ -172,7 +184,7 @@ def test_conversion_matches_open_clip_itself():
     open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is not installed (optional cross-check)")
     from transformers import CLIPConfig, CLIPModel
 
-    from img_core.scorers import open_clip_to_transformers
+    from img_core.evaluation.scorers import open_clip_to_transformers
 
     torch.manual_seed(0)
     vocab = 500

@@ -4,8 +4,8 @@ import hashlib
 
 from safetensors.torch import load_file
 
-from img_core.tiny import TINY_VERSION, ensure_tiny_models
-from img_core.tiny_diffusion import build_clip_tokenizer, build_tiny_sdxl
+from img_core.tiny.diffusion import build_clip_tokenizer, build_tiny_sdxl
+from img_core.tiny.models import TINY_VERSION, ensure_tiny_models
 
 
 def digest(folder) -> dict[str, str]:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from trainer import option, parse_config
-from trainer.data import PreferencePairs
 from img_core.errors import CorruptFileError
 from img_core.integrity import sha256_file
 from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, GUIDANCE_MODES
+from trainer import option, parse_config
+from trainer.data import PreferencePairs
 from trainer.store import (
     STORAGE_DTYPES,
     FeatureSample,

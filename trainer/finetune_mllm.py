@@ -90,7 +90,7 @@ def base_spec(base: str, tiny_root: str | Path | None = None):
     name = by_model_id.get(base, base)
     root = None
     if name in KNOWN_MLLMS and KNOWN_MLLMS[name].tiny:
-        from img_core.tiny import ensure_tiny_models
+        from img_core.tiny.models import ensure_tiny_models
 
         root = ensure_tiny_models(Path(tiny_root) if tiny_root else None)
     return resolve_spec(name, root)
@@ -165,9 +165,15 @@ def answer_loss(critic, triplets: EditTriplets, rows: list[int], seed: int = 0) 
 def finetune(cfg: FinetuneConfig, tiny_root: str | Path | None = None) -> Path:
     """Train LoRA adapters, merge them into the base and save the result to cfg.out; returns cfg.out."""
     from accelerate import Accelerator
-    from img_core.mllm import CONVERSION_RECORD, MLLMCritic
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import (
+        LoraConfig,
+        PeftModel,
+        get_peft_model,
+        prepare_model_for_kbit_training,
+    )
     from tqdm.auto import tqdm
+
+    from img_core.mllm import CONVERSION_RECORD, MLLMCritic
 
     cfg.check()
     out = Path(cfg.out)

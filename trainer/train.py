@@ -39,9 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from img_core.settings import GUIDANCE_MODES
 from img_core.errors import CorruptFileError
-from img_core.integrity import check_finite, nonfinite_tensors, verify_checksum, write_checksum
+from img_core.integrity import (
+    check_finite,
+    nonfinite_tensors,
+    verify_checksum,
+    write_checksum,
+)
+from img_core.settings import GUIDANCE_MODES
 from trainer import option, parse_config
 from trainer.objective import REDUCTIONS, ReferenceUpdater, iupo_loss, squared_distance
 from trainer.store import FeatureStore, collate_features
@@ -164,7 +169,12 @@ class StreamBatchSampler(torch.utils.data.Sampler):
 
 def build_aligner(cfg: TrainConfig, manifest: dict):
     """A fresh aligner shaped to the data (or the --init-from one), carrying the data's metadata."""
-    from img_core.aligner import FLUX_FEATURES, SDXL_FEATURES, AlignerConfig, ImplicitAligner
+    from img_core.aligner import (
+        FLUX_FEATURES,
+        SDXL_FEATURES,
+        AlignerConfig,
+        ImplicitAligner,
+    )
 
     kind = manifest.get("image_feature_kind") or (FLUX_FEATURES if manifest["image_dim"] == 4096 else SDXL_FEATURES)
     metadata = {

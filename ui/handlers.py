@@ -30,9 +30,9 @@ import gradio as gr
 from PIL import Image
 
 from img_core.errors import IMGError, InvalidInputError
+from img_core.evaluation.scorers import VQA_SCORER, check_scorer_names
 from img_core.images import load_image
 from img_core.record import Round, SessionRecord
-from img_core.scorers import VQA_SCORER, check_scorer_names
 from img_core.session import IMGSession, StageCallback, StageEvent
 from img_core.settings import LIMITS
 from ui.files import app_subfolder
@@ -60,7 +60,7 @@ def user_errors() -> Iterator[None]:
 
 class Studio:
     def __init__(self, host: ModelHost, scorer: str | None = VQA_SCORER):
-        """`scorer`: the name (img_core.scorers) that scores every round; None or "none": no scores."""
+        """`scorer`: the name (img_core.evaluation.scorers) that scores every round; None or "none": no scores."""
         self.host = host
         self.scorer_name = check_scorer_names([scorer])[0] if scorer and scorer != "none" else None
         self.generate = gpu_task(GENERATE_SECONDS)(self._generate)

@@ -25,10 +25,16 @@ from collections.abc import Callable, Iterable, Iterator
 import gradio as gr
 
 from img_core.errors import IMGError
+from img_core.evaluation.scorers import VQA_SCORER
 from img_core.presets import PRESETS
-from img_core.scorers import VQA_SCORER
 from img_core.session import IMGSession, StageCallback, StageEvent
-from img_core.settings import DEFAULT_AUTO_ROUNDS, GUIDANCE_MODES, LIMITS, MLLM_QUANTIZATIONS, check_prompt
+from img_core.settings import (
+    DEFAULT_AUTO_ROUNDS,
+    GUIDANCE_MODES,
+    LIMITS,
+    MLLM_QUANTIZATIONS,
+    check_prompt,
+)
 from ui import views
 from ui.examples import EXAMPLES
 from ui.gpu import on_zero_gpu
@@ -639,7 +645,7 @@ def build_demo(
 ) -> gr.Blocks:
     """The app for `session`. With `prepare_models` the models start loading in a background thread now
     (the page shows at once and says how far they are); otherwise the first page load starts them.
-    `scorer` scores every round (img_core.scorers; None or "none": no scores). Launch with
+    `scorer` scores every round (img_core.evaluation.scorers; None or "none": no scores). Launch with
     `launch_kwargs()` for the theme and CSS, which Gradio 6 takes in `launch()`."""
     host = ModelHost(session, allow_switch=allow_model_switch)
     ui = StudioUI(host, allow_model_switch=allow_model_switch, scorer=scorer, prepare_models=prepare_models)

@@ -17,8 +17,8 @@ from torch import nn
 from img_core.aligner import FLUX_FEATURES
 from img_core.backends.base import DiffusionBackend, DiffusionCall, StepCallback
 from img_core.backends.flux_sampling import sample_flux
-from img_core.hub import call_or_explain, from_pretrained_or_explain
 from img_core.clip_processing import pil_clip_image_processor
+from img_core.hub import call_or_explain, from_pretrained_or_explain
 
 T5_MAX_SEQUENCE_LENGTH = 512
 

@@ -34,7 +34,14 @@ from transformers.generation.streamers import BaseStreamer
 from img_core.clip_processing import pil_clip_image_processor
 from img_core.errors import InvalidInputError, OutOfMemoryError
 from img_core.mllm.chat import STOP_STRINGS, encode_conversation
-from img_core.mllm.quantization import QUANTIZATIONS, default_dtype, default_quantization, quantization_config, tensor_bytes
+from img_core.mllm.converted import check_prepared_folder
+from img_core.mllm.quantization import (
+    QUANTIZATIONS,
+    default_dtype,
+    default_quantization,
+    quantization_config,
+    tensor_bytes,
+)
 from img_core.mllm.specs import (
     MLLMSpec,
     looks_like_path,
@@ -105,9 +112,12 @@ class MLLMCritic:
         `spec` is an `MLLMSpec` (tiny ones resolved with `resolve_spec`), a known name or a local folder.
         dtype defaults to bfloat16 on CUDA and float32 on CPU (float16 with bnb-8bit); quantization to
         `default_quantization(device)`."""
-        from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+        from transformers import (
+            AutoProcessor,
+            LlavaForConditionalGeneration,
+            Qwen2_5_VLForConditionalGeneration,
+        )
 
-        from img_core.prepare import check_prepared_folder
 
         if isinstance(spec, str):
             spec = resolve_spec(spec)

@@ -88,7 +88,7 @@ KNOWN_MLLMS: dict[str, MLLMSpec] = {
         chat_template="llava-v0",
         hidden_size=64,
         tiny=True,
-        fetch_hint="Build it with `img_core.tiny_mllm.build_tiny_llava(<tiny root>/tiny-llava)`.",
+        fetch_hint="Build it with `img_core.tiny.mllm.build_tiny_llava(<tiny root>/tiny-llava)`.",
     ),
     "tiny-qwen": MLLMSpec(
         name="tiny-qwen",
@@ -98,7 +98,7 @@ KNOWN_MLLMS: dict[str, MLLMSpec] = {
         hidden_size=64,
         image_aspect="native",
         tiny=True,
-        fetch_hint="Build it with `img_core.tiny_mllm.build_tiny_qwen(<tiny root>/tiny-qwen)`.",
+        fetch_hint="Build it with `img_core.tiny.mllm.build_tiny_qwen(<tiny root>/tiny-qwen)`.",
     ),
 }
 

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from img_core.cli import OneLineErrorParser
 from img_core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -78,29 +77,6 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
 # ------------------------------------------------------------------------------------------- arguments
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from img_core.scorers import SCORER_NAMES
-    from img_core.settings import LIMITS, add_model_arguments, add_round_arguments
-
-    parser = OneLineErrorParser(prog="python -m img_core evaluate",
-                                     description="generate round 0 and N IMG rounds per prompt, score them, summarise")
-    parser.add_argument("--prompts", required=True,
-                        help=".txt (one per line), .json list, .csv/.tsv/.parquet with a prompt column, or a hub dataset id")
-    parser.add_argument("--prompt-column", default=None, help="column of a .csv/.tsv/.parquet/.json/dataset (default: prompt)")
-    parser.add_argument("--prompt-split", default=None, help="split of a hub dataset (default: test)")
-    parser.add_argument("--rounds", type=int, default=1, help=f"{LIMITS['rounds'].label} (default 1)")
-    parser.add_argument("--scorers", default=DEFAULT_SCORERS,
-                        help=f"comma-separated: {', '.join(SCORER_NAMES)}, vqascore:<mllm> (default {DEFAULT_SCORERS})")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of prompt 0; prompt i uses seed + i")
-    parser.add_argument("--limit", type=int, default=None, help="only the first K prompts")
-    add_round_arguments(parser)
-    add_model_arguments(parser)
-    parser.add_argument("--score-batch", type=int, default=DEFAULT_SCORE_BATCH, help="images per scorer call")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, no table")
-    return parser
-
-
 @dataclass
 class EvaluationResult:
     out_dir: Path
@@ -109,19 +85,9 @@ class EvaluationResult:
     summary: dict
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    result = run_evaluation(args)
-    if not args.quiet:
-        print(format_summary(result.summary))
-        print(f"generated {result.generated} images, scored {result.scored}; wrote {result.out_dir / SUMMARY_FILE} "
-              f"and {result.out_dir / REPORT_FILE}")
-    return 0
-
-
 def check_arguments(args: argparse.Namespace) -> list[str]:
     """Cheap checks before anything loads; returns the scorer names."""
-    from img_core.scorers import check_scorer_names
+    from img_core.evaluation.scorers import check_scorer_names
     from img_core.settings import check_rounds, check_seed
 
     if check_rounds(args.rounds) < 1:
@@ -138,8 +104,8 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
+    from img_core.evaluation.prompt_sets import load_prompt_set
     from img_core.presets import default_preset_name, get_preset
-    from img_core.prompt_sets import load_prompt_set
     from img_core.session import IMGSession
     from img_core.settings import model_options_from_args, round_settings_from_args
 
@@ -266,7 +232,7 @@ def session_critic(session):
 def _tiny_root(session) -> Path | None:
     if not session.base_preset.is_tiny:
         return None
-    from img_core.tiny import ensure_tiny_models
+    from img_core.tiny.models import ensure_tiny_models
 
     return ensure_tiny_models(session.tiny_root)
 
@@ -276,7 +242,11 @@ def score_missing(session, scorer_names: list[str], prompts: list[str], rounds: 
     """Score every (prompt, round) image a scorer has not scored yet; one scorer's weights resident at a time."""
     from tqdm.auto import tqdm
 
-    from img_core.scorers import VQA_SCORER, load_scorer, scorer_needs_own_weights
+    from img_core.evaluation.scorers import (
+        VQA_SCORER,
+        load_scorer,
+        scorer_needs_own_weights,
+    )
 
     keys = [(i, r) for i in range(len(prompts)) for r in range(rounds + 1)]
     # the session's own MLLM scores first, while it is loaded; then it goes too
@@ -457,8 +427,8 @@ def format_summary(summary: dict) -> str:
             rate = entry["win_rate"][k]
             interval = entry["ci95"][k]
             lines.append(
-                f"{name:<14}{k:>6}{_number(mean):>11}{_percent(rate):>10}  "
-                + (f"[{_percent(interval[0])}, {_percent(interval[1])}]" if interval else "")
+                f"{name:<14}{k:>6}{_number(mean):>11}{format_percent(rate):>10}  "
+                + (f"[{format_percent(interval[0])}, {format_percent(interval[1])}]" if interval else "")
             )
     return "\n".join(lines)
 
@@ -467,7 +437,7 @@ def _number(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _percent(value) -> str:
+def format_percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
@@ -507,8 +477,8 @@ def write_report(out_dir: Path, rows: dict, summary: dict, prompts: list[str]) -
             interval = entry["ci95"][k]
             table_rows.append(
                 f"<tr><td>{html.escape(name)}</td><td>{k}</td><td>{_number(entry['mean'][k])}</td>"
-                f"<td>{_percent(entry['win_rate'][k])}</td>"
-                f"<td>{'' if not interval else f'[{_percent(interval[0])}, {_percent(interval[1])}]'}</td></tr>"
+                f"<td>{format_percent(entry['win_rate'][k])}</td>"
+                f"<td>{'' if not interval else f'[{format_percent(interval[0])}, {format_percent(interval[1])}]'}</td></tr>"
             )
     plots = "".join(_mean_plot(name, entry["mean"]) for name, entry in summary["scorers"].items())
     described = ", ".join(f"{key} {html.escape(str(value))}" for key, value in settings.items()
@@ -589,14 +559,6 @@ def _mean_plot(name: str, means: list) -> str:
 # ------------------------------------------------------------------------------------------- compare
 
 
-def build_compare_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="python -m img_core evaluate-compare",
-                                     description="per-scorer means and win rates of run A over run B on shared prompts")
-    parser.add_argument("dir_a", type=Path)
-    parser.add_argument("dir_b", type=Path)
-    return parser
-
-
 def compare_runs(dir_a: Path, dir_b: Path) -> list[dict]:
     """One row per scorer and round both runs hold: n shared prompts, mean A, mean B, win rate of A over B.
     Prompts are matched by their text (the first occurrence of a repeated prompt)."""
@@ -628,15 +590,3 @@ def compare_runs(dir_a: Path, dir_b: Path) -> list[dict]:
             table.append({"scorer": scorer, "round": k, "n": len(pairs), "mean_a": float(values[:, 0].mean()),
                           "mean_b": float(values[:, 1].mean()), "win_rate_a": win_rate(values[:, 0], values[:, 1])})
     return table
-
-
-def compare_main(argv: list[str] | None = None) -> int:
-    args = build_compare_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    table = compare_runs(args.dir_a, args.dir_b)
-    print(f"A: {args.dir_a}\nB: {args.dir_b}")
-    print(f"{'scorer':<14}{'round':>6}{'n':>6}{'mean A':>11}{'mean B':>11}{'A wins':>9}")
-    for row in table:
-        print(f"{row['scorer']:<14}{row['round']:>6}{row['n']:>6}{row['mean_a']:>11.4f}{row['mean_b']:>11.4f}"
-              f"{_percent(row['win_rate_a']):>9}")
-    return 0
-

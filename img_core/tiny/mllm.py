@@ -149,8 +149,8 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
     """Build and save a tiny `LlavaForConditionalGeneration` + `LlavaProcessor` into `out_dir`."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from img_core.convert_llava import add_image_and_pad_tokens
     from img_core.mllm import LLAVA_IMAGE_TOKEN
+    from img_core.weights.convert_llava import add_image_and_pad_tokens
 
     out_dir = Path(out_dir)
     tokenizer = build_tiny_llama_tokenizer()

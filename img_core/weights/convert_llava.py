@@ -29,7 +29,7 @@ plain `from_pretrained`:
 Conversion runs shard by shard, so peak memory is one original shard and peak disk is the output plus one
 original shard when `delete_source_shards` is set. It writes into a temporary folder next to the output
 (`.<name>.partial`) with a journal of the shards done; a run that is killed resumes there, and the folder
-is renamed to the output only when complete, with a completion marker (`img_core.prepare`). Source
+is renamed to the output only when complete, with a completion marker (`img_core.weights.prepare`). Source
 folders with only a sentencepiece `tokenizer.model` (no tokenizer.json) need `sentencepiece` + `protobuf`.
 """
 
@@ -39,23 +39,26 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from img_core.cli import OneLineErrorParser
-from img_core.errors import IMGError, InvalidInputError, WeightsNotFoundError
-from img_core.mllm import CONVERSION_RECORD, LLAVA_IMAGE_TOKEN
+from img_core.errors import InvalidInputError, WeightsNotFoundError
+from img_core.mllm.chat import LLAVA_IMAGE_TOKEN
+from img_core.mllm.converted import (
+    JOURNAL,
+    check_prepared_folder,
+    partial_folder,
+    write_completion_marker,
+)
+from img_core.mllm.specs import CONVERSION_RECORD
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 PAD_TOKEN = "<pad>"
 CHAT_TEMPLATES = ("llava-v0", "llava-v1")
-PARTIAL_SUFFIX = ".partial"  # the temporary folder next to the output: `.<output name>.partial`
-JOURNAL = "conversion-progress.json"  # inside the partial folder: settings and the source shards done
 ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower."  # CLIPVisionTower.vision_tower (a CLIPVisionModel)
 # Llama settings carried from the original config.json into the transformers text config.
 LLAMA_CONFIG_KEYS = (
@@ -77,7 +80,7 @@ LLAMA_CONFIG_KEYS = (
 )
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-# progress(stage, done, total, unit), as in img_core.prepare
+# progress(stage, done, total, unit), as in img_core.weights.prepare
 ProgressCallback = Callable[[str, float, float, str | None], None]
 
 
@@ -177,12 +180,6 @@ def read_original_config(source: Path) -> dict:
     return config
 
 
-def partial_folder(output_dir: Path) -> Path:
-    """The temporary folder a conversion into `output_dir` writes to (next to it, same file system)."""
-    output_dir = Path(output_dir)
-    return output_dir.with_name(f".{output_dir.name}{PARTIAL_SUFFIX}")
-
-
 def convert_llava_checkpoint(
     source: str | Path,
     output_dir: Path,
@@ -211,8 +208,6 @@ def convert_llava_checkpoint(
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
-
-    from img_core.prepare import write_completion_marker
 
     report = progress or (lambda stage, done, total, unit: None)
 
@@ -357,7 +352,7 @@ def convert_llava_checkpoint(
         "vision_tower_weights": "checkpoint (unfreeze_mm_vision_tower)" if keep_tower and not missing_tower
         else str(vision_tower),
         "added_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in (LLAVA_IMAGE_TOKEN, PAD_TOKEN)},
-        "converted_by": "img_core.convert_llava",
+        "converted_by": "img_core.weights.convert_llava",
     }
     _write_json(partial / CONVERSION_RECORD, record)
     (partial / JOURNAL).unlink()
@@ -463,46 +458,31 @@ def _replace_folder(complete: Path, output_dir: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m img_core convert-llava --source DIR --out DIR [--vision-tower ID] [--chat-template T]
-    [--push-to-hub ID]`."""
-    parser = OneLineErrorParser(
-        prog="python -m img_core convert-llava",
-        description="Convert an original-layout LLaVA checkpoint (e.g. shi-labs/IMG llava/) to transformers.",
-    )
-    parser.add_argument("--source", help="folder in the original LLaVA code-base layout (optional with "
-                        "--push-to-hub when --out is already a converted folder)")
-    parser.add_argument("--out", required=True, help="output folder (transformers LlavaForConditionalGeneration)")
-    parser.add_argument("--vision-tower", default=DEFAULT_VISION_TOWER, help="CLIP vision tower hub id or folder")
-    parser.add_argument(
-        "--chat-template", default="llava-v0", choices=CHAT_TEMPLATES,
-        help="template the checkpoint was fine-tuned with (IMG's `llava` folder: llava-v0)",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's torch_dtype")
-    parser.add_argument("--push-to-hub", metavar="ID", help="then upload the converted folder to this hub repo "
-                        "(owner/name; needs `hf auth login`), so a Space can load it with --mllm ID")
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    args = parser.parse_args(argv)
-    from img_core.prepare import check_push_target, push_to_hub
+# --------------------------------------------------------------------------------------------- hub push
 
+
+def check_push_target(repo_id: str) -> None:
+    """Refuse a malformed hub repo id, or pushing while HF_HUB_OFFLINE is set, before any work is done."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise InvalidInputError(f"--push-to-hub needs a repo id of the form owner/name, got {repo_id!r}")
     try:
-        if args.push_to_hub:
-            check_push_target(args.push_to_hub)  # refuse a bad id or offline mode before converting
-        if args.source:
-            out = convert_llava_checkpoint(
-                args.source,
-                Path(args.out),
-                vision_tower=args.vision_tower,
-                chat_template=args.chat_template,
-                dtype=DTYPES[args.dtype] if args.dtype else None,
-            )
-            print(f"converted {args.source} -> {out}")
-        elif not args.push_to_hub:
-            raise InvalidInputError("--source is required (unless --push-to-hub uploads an existing --out folder)")
-        if args.push_to_hub:
-            url = push_to_hub(Path(args.out), args.push_to_hub, private=args.private)
-            print(f"uploaded {args.out} -> {url}")
-    except IMGError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise InvalidInputError(f"--push-to-hub: {repo_id!r} is not a valid hub repo id ({error})") from error
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise InvalidInputError("--push-to-hub needs the hub, but HF_HUB_OFFLINE is set: unset it and log in")
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload a complete converted folder to hub model repo `repo_id` (created if needed); returns its URL."""
+    check_push_target(repo_id)
+    check_prepared_folder(folder, is_conversion=True)
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                      commit_message="IMG LLaVA converted by img_core.weights.convert_llava")
+    return f"https://huggingface.co/{repo_id}"

@@ -47,9 +47,15 @@ def ensure_tiny_models(base: Path | None = None, seed: int = 0) -> Path:
 
 def build_all(root: Path, seed: int = 0) -> None:
     from img_core.aligner import FLUX_FEATURES, SDXL_FEATURES
-    from img_core.tiny_diffusion import FLUX_IP_TOKENS, FLUX_JOINT_ATTENTION_DIM, SDXL_CROSS_ATTENTION_DIM, SDXL_IP_TOKENS
-    from img_core.tiny_diffusion import build_tiny_flux, build_tiny_sdxl
-    from img_core.tiny_mllm import build_tiny_llava, build_tiny_qwen
+    from img_core.tiny.diffusion import (
+        FLUX_IP_TOKENS,
+        FLUX_JOINT_ATTENTION_DIM,
+        SDXL_CROSS_ATTENTION_DIM,
+        SDXL_IP_TOKENS,
+        build_tiny_flux,
+        build_tiny_sdxl,
+    )
+    from img_core.tiny.mllm import build_tiny_llava, build_tiny_qwen
 
     build_tiny_sdxl(root, seed)
     build_tiny_flux(root, seed)

@@ -28,11 +28,12 @@ P(yes) = sum p(yes variants) / (sum p(yes variants) + sum p(no variants)), where
 tokens of "Yes"/"yes"/"YES" (and "No"/"no"/"NO"), with and without a leading space. Real LLaVA and Qwen
 vocabularies hold these words as single tokens; the tiny character-level models use their first letter.
 
-Tiny random stand-ins for every CLIP scorer are built by img_core.tiny_scorers with the same classes.
+Tiny random stand-ins for every CLIP scorer are built by img_core.tiny.scorers with the same classes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from PIL import Image
 
 from img_core.errors import IMGError, InvalidInputError
 from img_core.hub import download_file, from_pretrained_or_explain
+from img_core.tiny.scorers import ensure_tiny_scorers, tiny_scorer_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +124,12 @@ def load_scorer(
     quantization: str | None = None,
 ) -> Scorer:
     """A scorer by name (weights load on first `score`). `tiny_root`: use the tiny random stand-ins built
-    under it by img_core.tiny_scorers (tiny presets). `critic`: the loaded MLLMCritic `vqascore` uses."""
+    under it by img_core.tiny.scorers (tiny presets). `critic`: the loaded MLLMCritic `vqascore` uses."""
     check_scorer_names([name])
     if name in CLIP_SCORERS:
         spec = CLIP_SCORERS[name]
         if tiny_root is not None:
-            from img_core.tiny_scorers import ensure_tiny_scorers, tiny_scorer_spec
-
-            spec = tiny_scorer_spec(name, ensure_tiny_scorers(tiny_root))
+            spec = dataclasses.replace(spec, **tiny_scorer_overrides(name, ensure_tiny_scorers(tiny_root)))
         return CLIPScorer(spec, device=device, dtype=dtype)
     judge = name.partition(":")[2]
     if not judge:

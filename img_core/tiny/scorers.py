@@ -1,7 +1,7 @@
 """Tiny random-weight stand-ins for the CLIP scorers (HPS v2.1, PickScore, CLIPScore), for CPU tests.
 
 Built from configs with transformers' `CLIPModel` / `CLIPProcessor`, saved in the layouts of the hub repos
-they stand in for, and loaded by img_core.scorers through the very same loaders as the real ids:
+they stand in for, and loaded by img_core.evaluation.scorers through the very same loaders as the real ids:
 
     <tiny_root>/scorers-v1/tiny-clip-h/       like laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, processor, weights)
     <tiny_root>/scorers-v1/tiny-pickscore/    like yuvalkirstain/PickScore_v1 (CLIPModel weights)
@@ -9,14 +9,13 @@ they stand in for, and loaded by img_core.scorers through the very same loaders 
     <tiny_root>/scorers-v1/tiny-clip-l/       like openai/clip-vit-large-patch14
 
 The HPS file is a CLIPModel's weights written back in open_clip's layout (`transformers_to_open_clip`,
-the inverse of `img_core.scorers.open_clip_to_transformers`), so loading it exercises the real conversion.
+the inverse of `img_core.evaluation.scorers.open_clip_to_transformers`), so loading it exercises the real conversion.
 Weights are seeded: the same seed gives the same files. The folder is built privately and renamed into
 place, so parallel test workers never see half-written weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -50,10 +49,9 @@ def ensure_tiny_scorers(tiny_root: str | Path, seed: int = 0) -> Path:
     return target
 
 
-def tiny_scorer_spec(name: str, scorers_root: Path):
-    """The spec of scorer `name` with its hub ids replaced by the tiny folders under `scorers_root`."""
-    from img_core.scorers import CLIP_SCORERS
-
+def tiny_scorer_overrides(name: str, scorers_root: Path) -> dict[str, object]:
+    """The fields of scorer `name`'s spec that point at hub ids, pointed at the tiny folders under
+    `scorers_root` instead (apply them with `dataclasses.replace`)."""
     clip_h, clip_l = str(scorers_root / TINY_SCORER_FOLDERS["clip_h"]), str(scorers_root / TINY_SCORER_FOLDERS["clip_l"])
     tiny = {
         "hpsv2": dict(model_id=clip_h, processor_id=clip_h,
@@ -61,14 +59,14 @@ def tiny_scorer_spec(name: str, scorers_root: Path):
         "pickscore": dict(model_id=str(scorers_root / TINY_SCORER_FOLDERS["pickscore"]), processor_id=clip_h),
         "clipscore": dict(model_id=clip_l, processor_id=clip_l),
     }
-    return dataclasses.replace(CLIP_SCORERS[name], **tiny[name])
+    return tiny[name]
 
 
 def tiny_clip_config(hidden_act: str):
     """A CLIP with 32-wide towers, 32 px images and 16-d embeddings (ViT-H uses gelu, OpenAI's ViT-L quick_gelu)."""
     from transformers import CLIPConfig
 
-    from img_core.tiny_diffusion import build_clip_tokenizer
+    from img_core.tiny.diffusion import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -83,7 +81,7 @@ def tiny_clip_config(hidden_act: str):
 def tiny_clip_processor():
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from img_core.tiny_diffusion import build_clip_tokenizer
+    from img_core.tiny.diffusion import build_clip_tokenizer
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": TINY_SCORER_IMAGE_SIZE},

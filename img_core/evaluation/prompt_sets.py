@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from img_core.errors import InvalidInputError
+from img_core.paths import ASSETS_DIR
 
 DEFAULT_PROMPT_COLUMN = "prompt"
 DEFAULT_DATASET_SPLIT = "test"
 CATEGORY_MARKER = "# category:"
-COMPOSITIONAL_PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "prompts" / "compositional.txt"
+COMPOSITIONAL_PROMPTS = ASSETS_DIR / "prompts" / "compositional.txt"
 FILE_SUFFIXES = (".txt", ".json", ".csv", ".tsv", ".parquet")
 
 

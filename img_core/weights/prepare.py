@@ -12,7 +12,7 @@ The real presets' MLLM, `img-llava-13b`, ships only in the original LLaVA code-b
 
 Everything downloaded goes through ONE function, `_download_snapshot`, so tests can point it at a local
 folder that stands in for the hub (the code after the download call is the same). A preparation that is
-killed resumes from the shards already converted (`img_core.convert_llava` keeps a journal); the target
+killed resumes from the shards already converted (`img_core.weights.convert_llava` keeps a journal); the target
 folder only ever appears complete, and `check_prepared_folder` (called by the MLLM loader) refuses a
 converted folder without the completion marker or with files whose sizes changed since.
 
@@ -24,7 +24,6 @@ Progress goes to a callback `progress(stage, done, total, unit)`, e.g. ("downloa
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,19 +36,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from img_core.cli import OneLineErrorParser
 from img_core.errors import IMGError, InvalidInputError, WeightsNotFoundError
-from img_core.mllm import CONVERSION_RECORD, KNOWN_MLLMS, MLLMSpec, resolve_spec, spec_from_folder
-from img_core.mllm.specs import missing_weights_error
-from img_core.paths import CACHE_ENV, DEFAULT_CACHE_DIR, cache_root
+from img_core.hub import weights_not_found
+from img_core.mllm.converted import (
+    JOURNAL,
+    check_prepared_folder,
+    is_prepared,
+    partial_folder,
+    prepared_folder,
+)
+from img_core.mllm.specs import (
+    KNOWN_MLLMS,
+    MLLMSpec,
+    missing_weights_error,
+    resolve_spec,
+    spec_from_folder,
+)
+from img_core.paths import CACHE_ENV
 from img_core.presets import IMG_HUB_REPO, PRESETS, Preset, get_preset
 from img_core.resampler import RESAMPLER_FILENAME
+from img_core.weights.convert_llava import convert_llava_checkpoint, source_shard_names
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, float, float, str | None], None]  # (stage, done, total, unit)
 
-COMPLETION_MARKER = "img_studio_complete.json"  # written last into a converted folder: its files and sizes
 GB = 1e9  # progress and messages count decimal gigabytes, as the hub shows file sizes
 DISK_MARGIN_BYTES = int(1 * GB)  # kept free on top of what preparation writes
 
@@ -141,96 +152,12 @@ def _hub_file_sizes(repo: str) -> dict[str, int] | None:
 # ------------------------------------------------------------------------------------- where things go
 
 
-def prepared_folder(mllm_name: str, cache_dir: str | Path | None = None) -> Path:
-    """Where the converted copy of a release MLLM lives (`<cache>/img-llava-13b-hf`)."""
-    return cache_root(cache_dir) / Path(KNOWN_MLLMS[mllm_name].model_id).name
-
-
 def prepared_spec(mllm_name: str, folder: str | Path) -> MLLMSpec:
     """The spec to load a prepared `folder` with: a known MLLM keeps its name and settings, anything else
     is read from the folder."""
     if mllm_name in KNOWN_MLLMS:
         return replace(KNOWN_MLLMS[mllm_name], model_id=str(folder))
     return spec_from_folder(folder)
-
-
-# ------------------------------------------------------------------------------- completion and checks
-
-
-def write_completion_marker(folder: Path) -> None:
-    """Record every file of `folder` with its size; written last, it says the folder is complete."""
-    folder = Path(folder)
-    files = {
-        str(path.relative_to(folder)): path.stat().st_size
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != COMPLETION_MARKER
-    }
-    temporary = folder / (COMPLETION_MARKER + ".tmp")
-    temporary.write_text(json.dumps({"files": files}, indent=2) + "\n")
-    os.replace(temporary, folder / COMPLETION_MARKER)
-
-
-def is_prepared(folder: str | Path) -> bool:
-    """True when `folder` holds a complete converted model (marker present, every file at its size)."""
-    if not Path(folder).expanduser().is_dir():
-        return False
-    try:
-        check_prepared_folder(folder, is_conversion=True)
-    except WeightsNotFoundError:
-        return False
-    return True
-
-
-def check_prepared_folder(folder: str | Path, is_conversion: bool | None = None) -> None:
-    """Raise WeightsNotFoundError when `folder` is a conversion output that is not complete.
-
-    The MLLM loader calls this for local folders. A folder needs the completion marker when it is a
-    conversion output (it has `img_studio_mllm.json`, a conversion journal, or the `.partial` name) or a
-    prepared target in the cache; other folders (hub downloads, tiny test models) pass. A folder from an
-    earlier converter (record written last, no marker) passes when every shard in its index exists.
-    `is_conversion` forces the decision whether `folder` is a conversion output."""
-    from img_core.convert_llava import JOURNAL, PARTIAL_SUFFIX
-
-    folder = Path(folder).expanduser()
-    marker = folder / COMPLETION_MARKER
-    if is_conversion is None:
-        targets = {prepared_folder(name).resolve() for name in RELEASE_MLLMS}
-        is_conversion = (
-            (folder / CONVERSION_RECORD).is_file()
-            or (folder / JOURNAL).is_file()
-            or folder.name.endswith(PARTIAL_SUFFIX)
-            or folder.resolve() in targets
-        )
-    if not is_conversion and not marker.is_file():
-        return
-    how = "run `python -m img_core prepare --preset sdxl` (or convert-llava) again to finish or redo it"
-    if not marker.is_file():
-        if _complete_without_marker(folder):
-            logger.info("%s has no completion marker but a complete index (earlier converter)", folder)
-            return
-        raise WeightsNotFoundError(f"{folder} is an incomplete conversion (no {COMPLETION_MARKER}): {how}")
-    try:
-        listed = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError) as error:
-        raise WeightsNotFoundError(f"{marker} is unreadable ({error}): {how}") from error
-    for name, size in listed.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            state = "missing" if not path.is_file() else f"{path.stat().st_size} bytes instead of {size}"
-            raise WeightsNotFoundError(f"{folder} is damaged: {name} is {state}. Delete the folder and {how}")
-
-
-def _complete_without_marker(folder: Path) -> bool:
-    """A folder the earlier (single-pass) converter finished: record present, every indexed shard there."""
-    from img_core.convert_llava import JOURNAL
-
-    if not (folder / CONVERSION_RECORD).is_file() or (folder / JOURNAL).exists():
-        return False
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-        return all((folder / shard).is_file() for shard in shards)
-    return (folder / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------------------- disk space
@@ -363,7 +290,7 @@ def prepare(
     preset = get_preset(preset) if isinstance(preset, str) else preset
     report = PrepareReport(preset=preset.name)
     if preset.is_tiny:
-        return report  # tiny presets are built locally by img_core.tiny
+        return report  # tiny presets are built locally by img_core.tiny.models
     reporter = ProgressReporter(progress, show_progress_bars)
     try:
         report.mllm_folder = _prepare_mllm(
@@ -467,7 +394,6 @@ def _convert_release_mllm(
     report: PrepareReport,
 ) -> Path:
     """Steps 1-5 of the module doc for `name`, into `target` (the caller holds the target's lock)."""
-    from img_core.convert_llava import JOURNAL, convert_llava_checkpoint, partial_folder, source_shard_names
 
     if target.exists():
         logger.warning("%s is incomplete (no completion marker): converting again; it is replaced when done", target)
@@ -603,7 +529,6 @@ def _fetch(
         detail = f"cannot download {repo} {' '.join(patterns or [])}: {type(error).__name__}: {reason}"
         if spec is not None:
             raise missing_weights_error(spec, detail) from error
-        from img_core.hub import weights_not_found
 
         raise weights_not_found(repo, detail) from error
     if stage and reporter is not None:
@@ -614,7 +539,6 @@ def _fetch(
 
 def _shard_names(source: Path, sizes: dict[str, int] | None, sub: str) -> list[str] | None:
     """Weight shard names from the index, else from the hub's listing; None when neither says."""
-    from img_core.convert_llava import source_shard_names
 
     try:
         return source_shard_names(source)
@@ -649,72 +573,3 @@ def _hf_cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
-
-
-# --------------------------------------------------------------------------------------------- hub push
-
-
-def check_push_target(repo_id: str) -> None:
-    """Refuse a malformed hub repo id, or pushing while HF_HUB_OFFLINE is set, before any work is done."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if repo_id.count("/") != 1:
-        raise InvalidInputError(f"--push-to-hub needs a repo id of the form owner/name, got {repo_id!r}")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise InvalidInputError(f"--push-to-hub: {repo_id!r} is not a valid hub repo id ({error})") from error
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise InvalidInputError("--push-to-hub needs the hub, but HF_HUB_OFFLINE is set: unset it and log in")
-
-
-def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Upload a complete converted folder to hub model repo `repo_id` (created if needed); returns its URL."""
-    check_push_target(repo_id)
-    check_prepared_folder(folder, is_conversion=True)
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                      commit_message="IMG LLaVA converted by img_core.convert_llava")
-    return f"https://huggingface.co/{repo_id}"
-
-
-# ---------------------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
-        prog="python -m img_core prepare",
-        description="Fetch and convert what a preset needs, ahead of time (Docker image, Space build step).",
-    )
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--mllm", default=None, help="MLLM name, converted folder, or hub id of a converted copy "
-                        "(made with `convert-llava --push-to-hub`; then only downloaded)")
-    parser.add_argument("--keep-original", action="store_true", help="keep the downloaded original LLaVA layout")
-    parser.add_argument("--cache-dir", default=None, help=f"converted models go here (default ${CACHE_ENV} or "
-                        f"{DEFAULT_CACHE_DIR})")
-    parser.add_argument("--no-aligner", action="store_true", help="do not fetch the aligner file")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m img_core prepare --preset NAME [--mllm HUB_ID_OR_DIR] [--keep-original]`."""
-    args = build_parser().parse_args(argv)
-    try:
-        report = prepare(
-            args.preset,
-            mllm=args.mllm,
-            cache_dir=args.cache_dir,
-            keep_original=args.keep_original,
-            with_aligner=not args.no_aligner,
-            show_progress_bars=not args.quiet,
-        )
-    except IMGError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for line in report.lines():
-        print(line)
-    return 0

@@ -13,22 +13,17 @@ import logging
 import sys
 from pathlib import Path
 
+from img_core.cli.parser import EXIT_BAD_INPUT, EXIT_FAILURE, OneLineErrorParser
 from img_core.errors import IMGError
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILURE = 1
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line with a pointer to --help (argparse prints the
-    whole usage, 14 lines for `refine`); its sub-command parsers are of the same class."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from img_core.settings import GUIDANCE_MODES, LIMITS, add_model_arguments, add_round_arguments
+    from img_core.settings import (
+        GUIDANCE_MODES,
+        LIMITS,
+        add_model_arguments,
+        add_round_arguments,
+    )
 
     parser = OneLineErrorParser(prog="python -m img_core", description="IMG: re-generate images that match their prompts")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
@@ -64,15 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert-llava":
-        from img_core.convert_llava import main as convert_llava_main
+        from img_core.cli.convert_llava import main as convert_llava_main
 
         return _guarded(lambda: convert_llava_main(argv[1:]), debug="--debug" in argv)
     if argv and argv[0] == "prepare":
-        from img_core.prepare import main as prepare_main
+        from img_core.cli.prepare import main as prepare_main
 
         return _guarded(lambda: prepare_main(argv[1:]), debug="--debug" in argv)
     if argv and argv[0] in ("evaluate", "evaluate-compare"):
-        from img_core.evaluate import compare_main, main as evaluate_main
+        from img_core.cli.evaluate import compare_main
+        from img_core.cli.evaluate import main as evaluate_main
 
         _configure_logging("--debug" in argv)
         command = evaluate_main if argv[0] == "evaluate" else compare_main
@@ -90,7 +86,13 @@ def refine(args: argparse.Namespace) -> int:
     from img_core.presets import default_preset_name
     from img_core.record import check_output_folder
     from img_core.session import IMGSession, StageEvent
-    from img_core.settings import check_prompt, check_rounds, check_seed, model_options_from_args, round_settings_from_args
+    from img_core.settings import (
+        check_prompt,
+        check_rounds,
+        check_seed,
+        model_options_from_args,
+        round_settings_from_args,
+    )
 
     # Every argument is checked before any model loads: a bad --out never costs the rounds.
     settings = round_settings_from_args(args)
@@ -99,7 +101,7 @@ def refine(args: argparse.Namespace) -> int:
     check_rounds(args.rounds)
     check_output_folder(args.out, "--out")
     if args.scorer:
-        from img_core.scorers import check_scorer_names
+        from img_core.evaluation.scorers import check_scorer_names
 
         check_scorer_names(args.scorer)
     if args.aligner is not None:

@@ -147,7 +147,11 @@ def _random_like(shape: tuple[int, ...], generator: torch.Generator, scale: floa
 
 def build_tiny_sdxl(root: Path, seed: int = 0) -> None:
     """Write `<root>/tiny-sdxl`, `<root>/tiny-ip-adapter` (plus, SDXL) and `<root>/tiny-sdxl-dpo-unet`."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -246,7 +250,11 @@ def build_tiny_sdxl(root: Path, seed: int = 0) -> None:
 
 def build_tiny_flux(root: Path, seed: int = 0) -> None:
     """Write `<root>/tiny-flux`, `<root>/tiny-flux-ip-adapter` (XLabs layout) and `<root>/tiny-clip-vit`."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
