@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7860
 PRESET ?=
 
-.PHONY: run test setup bench bench-gpu clean
+.PHONY: run test test-fast setup bench bench-gpu clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The same suite without the tests marked slow (browser, subprocess, multi-process).
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_core.py

@@ -59,3 +59,9 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: browser, subprocess or multi-process test (`make test` runs them, `make test-fast` skips them)"
+    )
