@@ -61,7 +61,26 @@ def one_thread():
 
 
 
+SLOW_MODULES = {"test_app_browser", "test_app_e2e", "test_report_browser"}  # Chromium or a served app throughout
+SLOW_FIXTURES = {"app"}  # a test that talks to app.py running as a subprocess
+SLOW_TESTS = {  # tests that start interpreters or several processes of their own
+    "test_refine_two_rounds_writes_images_and_session", "test_refine_from_users_image_quietly",
+    "test_killed_midway_then_rerun_gives_a_complete_loadable_folder",
+    "test_two_processes_split_the_shards_and_write_the_same_store",
+    "test_a_killed_run_resumes_to_the_same_weights", "test_two_process_run_resumes_bitwise",
+    "test_importing_app_loads_nothing_and_binds_localhost",
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: browser, subprocess or multi-process test (`make test` runs them, `make test-fast` skips them)"
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tests of the modules above; new slow tests carry `@pytest.mark.slow` themselves."""
+    for item in items:
+        if (item.module.__name__.rpartition(".")[2] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames)
+                or item.originalname in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
