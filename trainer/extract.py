@@ -84,7 +84,7 @@ class FeatureExtractor:
         session = IMGSession.from_preset(
             preset, device=device, mllm=mllm, quantization=quantization, tiny_root=tiny_root,
             show_progress_bars=False, questions=questions,
-        ).load(aligner=False)
+        ).load(["diffusion", "mllm"])
         self.preset = session.base_preset
         self.device = session.device
         self.backend = session.backend

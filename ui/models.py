@@ -67,7 +67,7 @@ class ModelHost:
             if not self._session.is_loaded:
                 progress(0.0, desc=f"Loading the {self.preset.name} models (once per process)")
                 start = time.perf_counter()
-                self._session.load(progress=lambda message: progress(0.0, desc=f"Loading models: {message}"))
+                self._session.load(on_stage=lambda event: progress(0.0, desc=f"Loading models: {event.message}"))
                 self.load_seconds = time.perf_counter() - start
             return self._session
 
@@ -93,28 +93,14 @@ class ModelHost:
             )
             if unchanged:
                 return False
-            kept = {  # process-wide settings from the command line that a switch keeps
-                "device": current.device,
-                "tiny_root": current.tiny_root,
-                "offload": current.offload_requested,  # not the automatic choice made for the old preset
-                "diffusion_quantization": current.diffusion_quantization,
-                "questions": current.questions_requested,
-            }
             same_preset = preset_name == current.base_preset.name
-            replacement = IMGSession.from_preset(
-                preset_name,
-                quantization=quantization,
-                mllm=mllm,
-                aligner=current.aligner_source if same_preset else None,  # an --aligner belongs to its preset
-                **kept,
+            # The other options (device, offload as asked, diffusion quantization, questions) are the process's
+            # command line and stay; an --aligner belongs to its preset.
+            replacement = current.with_options(
+                preset=preset_name, mllm=mllm, quantization=quantization,
+                aligner=current.options.aligner if same_preset else None,
             )
-            previous = {
-                "name": current.base_preset.name,
-                "quantization": current.quantization,
-                "mllm": current.mllm_name,
-                "aligner": current.aligner_source,
-                **kept,
-            }
+            previous = current.with_options()  # the old settings, unloaded: what a failed switch goes back to
             self._session = replacement
             self.load_seconds = None
             del current  # free the old models before loading the new ones
@@ -123,7 +109,7 @@ class ModelHost:
             try:
                 self.loaded_session(progress)
             except BaseException:
-                self._session = IMGSession.from_preset(**previous)  # back to the old settings, loaded lazily
+                self._session = previous  # back to the old settings, loaded lazily
                 raise
             return True
 

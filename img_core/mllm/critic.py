@@ -110,6 +110,8 @@ class MLLMCritic:
         """Load model and processor with `from_pretrained` (tiny folders and hub ids alike).
 
         `spec` is an `MLLMSpec` (tiny ones resolved with `resolve_spec`), a known name or a local folder.
+        This loads what is on disk; `img_core.mllm.loading.load_mllm` (what the session, evaluation, the
+        scorers, the trainer and the benchmarks call) also prepares the model and sets the question source.
         dtype defaults to bfloat16 on CUDA and float32 on CPU (float16 with bnb-8bit); quantization to
         `default_quantization(device)`."""
         from transformers import (
@@ -119,7 +121,7 @@ class MLLMCritic:
         )
 
 
-        if isinstance(spec, str):
+        if isinstance(spec, str) or spec.in_cache:  # a cached folder is found under the cache root as it is now
             spec = resolve_spec(spec)
         quantization = quantization or default_quantization(device)
         if quantization not in QUANTIZATIONS:
