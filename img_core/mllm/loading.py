@@ -40,8 +40,8 @@ def resolve_mllm(
     """The spec to load, its folder ready on disk: prepared into the cache first where needed (IMG LLaVA),
     tiny models built under `tiny_root` (default: `img_core.paths.tiny_models_root()`)."""
     if isinstance(name_or_spec, MLLMSpec):
-        root = ensure_tiny_models(tiny_root) if name_or_spec.tiny else None
-        return resolve_spec(name_or_spec, root)
+        unbuilt = name_or_spec.tiny and not Path(name_or_spec.model_id).is_absolute()  # a name, not yet a folder
+        return resolve_spec(name_or_spec, ensure_tiny_models(tiny_root) if unbuilt else None)
     name = known_name(name_or_spec) or name_or_spec
     root = ensure_tiny_models(tiny_root) if is_tiny_mllm(name) else None
     return resolve_prepared_spec(name, root, progress=on_progress)

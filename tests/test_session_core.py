@@ -1,0 +1,88 @@
+"""The session's core contracts: one cache rule for every MLLM and tiny-model path, the kept Critique
+reading, edits that steer by default, loading reported as stages, and one prompt check per click.
+
+Every model here is a real tiny model loaded through the same loaders as the real ones."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from img_core.mllm import resolve_spec
+from img_core.mllm.converted import write_completion_marker
+from img_core.paths import CACHE_ENV, TINY_DIR_ENV, cache_root, tiny_models_root
+from img_core.session import IMGSession
+from img_core.settings import ModelOptions
+from img_core.tiny.models import TINY_VERSION
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------- one cache rule, read at call time
+
+
+@pytest.fixture
+def cache_with_img_llava(tmp_path, monkeypatch, tiny_root) -> Path:
+    """$IMG_STUDIO_CACHE set to a fresh folder (and no $IMG_TINY_DIR) holding, where the IMG LLaVA goes, a
+    complete converted LLaVA checkpoint (the tiny one, with its completion marker), and the tiny models
+    (linked to the ones this test run built, so nothing is rebuilt)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_root / "tiny-llava", cache / "img-llava-13b-hf")
+    write_completion_marker(cache / "img-llava-13b-hf")
+    (cache / "tiny").mkdir()
+    (cache / "tiny" / TINY_VERSION).symlink_to(tiny_root, target_is_directory=True)
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    monkeypatch.delenv(TINY_DIR_ENV, raising=False)
+    return cache
+
+
+def test_the_cache_rule_is_read_when_called_not_at_import(tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.delenv(TINY_DIR_ENV, raising=False)
+    home_cache = Path("~/.cache/img-studio").expanduser()
+    assert resolve_spec("img-llava-13b").model_id == str(home_cache / "img-llava-13b-hf")
+    assert tiny_models_root() == home_cache / "tiny"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert cache_root() == tmp_path
+    assert resolve_spec("img-llava-13b").model_id == str(tmp_path / "img-llava-13b-hf")
+    assert tiny_models_root() == tmp_path / "tiny"
+    monkeypatch.setenv(TINY_DIR_ENV, str(tmp_path / "elsewhere"))  # an explicit tiny folder still wins
+    assert tiny_models_root() == tmp_path / "elsewhere"
+
+
+def test_every_path_naming_the_img_llava_resolves_under_the_cache(cache_with_img_llava):
+    from PIL import Image
+
+    from img_core.evaluation.scorers import load_scorer
+    from trainer.finetune_mllm import base_spec
+
+    cache = cache_with_img_llava
+    # the session (and evaluate, which loads the session's MLLM alone for vqascore the same way)
+    session = IMGSession(ModelOptions(preset="tiny-sdxl", mllm="img-llava-13b", device="cpu"),
+                         show_progress_bars=False)
+    session.load(["mllm"])
+    assert session.loaded_parts == ("mllm",)
+    assert Path(session.critic.spec.model_id) == cache / "img-llava-13b-hf"
+    assert Path(session.tiny_root).parent == cache / "tiny"  # the tiny models too, with no $IMG_TINY_DIR
+    # evaluate's and the app's separate judge: vqascore:<mllm>
+    judge = load_scorer("vqascore:img-llava-13b", device="cpu", tiny_root=session.tiny_root)
+    value = judge.score([Image.new("RGB", (32, 32), (200, 30, 30))], ["a red square"])[0]
+    assert 0.0 <= value <= 1.0
+    assert Path(judge.critic.spec.model_id) == cache / "img-llava-13b-hf"
+    # fine-tuning's base model
+    assert Path(base_spec("img-llava-13b").model_id) == cache / "img-llava-13b-hf"
+    assert Path(base_spec("tiny-llava").model_id).parent.parent == cache / "tiny"
+
+
+def test_an_unprepared_img_llava_is_looked_for_in_the_cache_it_names(tmp_path, monkeypatch):
+    from img_core.errors import WeightsNotFoundError
+    from img_core.mllm.loading import load_mllm
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as raised:
+        load_mllm(resolve_spec("img-llava-13b"))
+    assert str(tmp_path / "img-llava-13b-hf") in str(raised.value)
