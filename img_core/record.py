@@ -17,8 +17,22 @@ import torch
 from PIL import Image
 
 SESSION_FORMAT = "img-session/1"
-# Round fields that are not written to session.json (the image is its own file; features are a cache).
-NOT_RECORDED = ("image", "image_features")
+# Round fields that are not written to session.json (the image is its own file; features and the kept
+# reading are caches).
+NOT_RECORDED = ("image", "image_features", "reading")
+
+
+@dataclass(frozen=True)
+class KeptReading:
+    """What Critique read from a round, kept with it: in question mode ONE prefill of the MLLM gives the
+    question, the critique and the guidance (`MLLMCritic.read`). A Refine from that round under the same
+    `conditions` (MLLM, question source, prompt, seed, critique length) reuses the guidance instead of
+    running the MLLM again; `critique` is the text the MLLM wrote, what an edit is told apart from."""
+
+    question: str
+    critique: str
+    guidance: torch.Tensor  # (1, Sg, Dg) float32 on CPU
+    conditions: tuple
 
 
 @dataclass
@@ -42,6 +56,8 @@ class Round:
     # Post-projection IP-Adapter tokens of `image` (1, Si, D), kept once computed: refining from this round
     # again does not re-encode it. A cache, not part of the record.
     image_features: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # What `IMGSession.critique` read from this round (see KeptReading). A cache, not part of the record.
+    reading: KeptReading | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_RECORDED}

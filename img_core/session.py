@@ -41,11 +41,11 @@ from img_core.errors import (
 )
 from img_core.hub import download_file
 from img_core.images import load_image
-from img_core.mllm.critic import MLLMCritic
+from img_core.mllm.critic import MLLMCritic, MLLMReading
 from img_core.mllm.loading import load_mllm, resolve_mllm
 from img_core.mllm.quantization import default_quantization
 from img_core.presets import Preset, default_preset_name, get_preset, needs_offload
-from img_core.record import Round, SessionRecord
+from img_core.record import KeptReading, Round, SessionRecord
 from img_core.settings import (
     ModelOptions,
     RoundSettings,
@@ -361,17 +361,21 @@ class IMGSession:
 
     def critique(
         self,
-        image,
+        image: Round | Image.Image | str | Path,
         prompt: str,
         max_new_tokens: int | None = None,
         seed: int = 0,
         on_stage: StageCallback | None = None,
     ) -> str:
         """The MLLM's analysis of how `image` misses `prompt`, asked the question the seed draws (the same
-        question a round with this seed asks)."""
+        question a round with this seed asks).
+
+        Question-mode guidance comes from the same prefill; for a `Round` the whole reading is kept with it
+        (`Round.reading`), so a Refine from that round with the unedited critique does not run the MLLM again."""
         settings = RoundSettings() if max_new_tokens is None else RoundSettings(max_critique_tokens=max_new_tokens)
         settings.check()
-        image = load_image(image)
+        base = image if isinstance(image, Round) else None
+        image = load_image(base.image if base is not None else image)
         seed = check_seed(seed)
         prompt_check = check_prompt(prompt)
         report = on_stage or _ignore
@@ -379,10 +383,17 @@ class IMGSession:
         with self._lock, self._stage("critique", {}):
             prompt_check = self.backend.check_prompt(prompt_check.prompt)
             report(StageEvent(Stage.CRITIQUE))
-            return self.critic.critique(
-                image, prompt_check.prompt, max_new_tokens=settings.max_critique_tokens, seed=seed,
+            reading = self.critic.read(
+                image, prompt_check.prompt, seed=seed, mode="question", write_critique=True,
+                max_new_tokens=settings.max_critique_tokens,
                 on_text=lambda text: report(StageEvent(Stage.CRITIQUE, text=text)),
             )
+            if base is not None:
+                base.reading = KeptReading(
+                    reading.question, reading.critique, reading.guidance,
+                    self._reading_conditions(prompt_check.prompt, seed, settings.max_critique_tokens),
+                )
+        return reading.critique
 
     def refine(
         self,
@@ -395,11 +406,13 @@ class IMGSession:
         base_index: int | None = None,
         on_stage: StageCallback | None = None,
     ) -> Round:
-        """One IMG round from `image` (a `Round` keeps its IP features for the next time).
+        """One IMG round from `image` (a `Round` keeps its IP features and its Critique reading for the next time).
 
         Without a critique the MLLM writes one (recorded; in dialogue mode it steers the guidance; in
         question mode it comes from the same prefill as the guidance, or is skipped with
-        `settings.critique=False`). With one, dialogue mode is guided by it as given; question mode records it."""
+        `settings.critique=False`). With one, dialogue mode is guided by it as given; question mode records
+        it. Question mode from a `Round` that Critique read under the same prompt, seed and MLLM reuses that
+        reading's guidance: the MLLM does not run again."""
         values = (settings or RoundSettings()).resolve(self.base_preset)
         seed = check_seed(seed)
         base = image if isinstance(image, Round) else None
@@ -411,21 +424,28 @@ class IMGSession:
         with self._lock:
             prompt_check = self.backend.check_prompt(prompt_check.prompt)
             seconds: dict[str, float] = {}
-            guided_by_text = values.guidance_mode == "dialogue"
-            writes = critique is None and (guided_by_text or values.critique)
-            stage = Stage.CRITIQUE if writes else Stage.GUIDANCE
-            with self._stage(stage, seconds):
-                report(StageEvent(stage, index))
-                reading = self.critic.read(
-                    image,
-                    prompt_check.prompt,
-                    seed=seed,
-                    mode=values.guidance_mode,
-                    critique=critique,
-                    write_critique=writes,
-                    max_new_tokens=values.max_critique_tokens,
-                    on_text=lambda text: report(StageEvent(Stage.CRITIQUE, index, text=text)),
-                )
+            mode = values.guidance_mode
+            kept = base.reading if base is not None else None
+            conditions = self._reading_conditions(prompt_check.prompt, seed, values.max_critique_tokens)
+            if mode == "question" and kept is not None and kept.conditions == conditions:
+                with self._stage("guidance", seconds):  # Critique read this round already: nothing to run
+                    report(StageEvent(Stage.GUIDANCE, index, message="kept from the critique"))
+                    reading = MLLMReading(kept.question, kept.critique, kept.guidance)
+            else:
+                writes = critique is None and (mode == "dialogue" or values.critique)
+                stage = Stage.CRITIQUE if writes else Stage.GUIDANCE
+                with self._stage(stage, seconds):
+                    report(StageEvent(stage, index))
+                    reading = self.critic.read(
+                        image,
+                        prompt_check.prompt,
+                        seed=seed,
+                        mode=mode,
+                        critique=critique,
+                        write_critique=writes,
+                        max_new_tokens=values.max_critique_tokens,
+                        on_text=lambda text: report(StageEvent(Stage.CRITIQUE, index, text=text)),
+                    )
             with self._stage("image_features", seconds):
                 report(StageEvent(Stage.IMAGE_FEATURES, index))
                 image_features = base.image_features if base is not None else None
@@ -453,7 +473,7 @@ class IMGSession:
             seed,
             "refined",
             critique=critique if critique is not None else reading.critique,
-            guidance_mode=values.guidance_mode,
+            guidance_mode=mode,
             question=reading.question,
             question_source=self.critic.questions.name,
             base_index=base_index if base_index is not None else (base.index if base is not None else index - 1),
@@ -461,6 +481,13 @@ class IMGSession:
             seconds=seconds,
             warnings=list(prompt_check.warnings),
         )
+
+    def _reading_conditions(self, prompt: str, seed: int, max_new_tokens: int) -> tuple:
+        """What an MLLM reading of an image depends on besides the image: a kept reading is reused only
+        under equal conditions."""
+        critic = self.critic
+        return (critic.spec.name, critic.spec.model_id, critic.quantization, critic.questions.name,
+                prompt, seed, max_new_tokens)
 
     def score(self, made: Round, scorers: list[str] | tuple[str, ...]) -> dict[str, float]:
         """Alignment scores of a round against its prompt (img_core.evaluation.scorers: `vqascore` asks this session's

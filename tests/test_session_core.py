@@ -15,7 +15,7 @@ from img_core.mllm import resolve_spec
 from img_core.mllm.converted import write_completion_marker
 from img_core.paths import CACHE_ENV, TINY_DIR_ENV, cache_root, tiny_models_root
 from img_core.session import IMGSession
-from img_core.settings import ModelOptions
+from img_core.settings import ModelOptions, RoundSettings
 from img_core.tiny.models import TINY_VERSION
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,3 +86,56 @@ def test_an_unprepared_img_llava_is_looked_for_in_the_cache_it_names(tmp_path, m
     with pytest.raises(WeightsNotFoundError) as raised:
         load_mllm(resolve_spec("img-llava-13b"))
     assert str(tmp_path / "img-llava-13b-hf") in str(raised.value)
+
+
+# ------------------------------------------------------------------------- Critique keeps its reading
+
+PROMPT = "A green banana and a brown horse."
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int64)
+
+
+def new_session() -> IMGSession:
+    """A session of its own: caches start empty, forward hooks do not leak into other tests."""
+    return IMGSession(ModelOptions(preset="tiny-sdxl", device="cpu"), show_progress_bars=False).load()
+
+
+def count_vision_tower_calls(session: IMGSession) -> list[int]:
+    """A counter of forward calls of the session MLLM's vision tower (one per look at an image)."""
+    calls = [0]
+
+    def count(module, args, output) -> None:
+        calls[0] += 1
+
+    session.critic.model.model.vision_tower.register_forward_hook(count)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def question_mode_image():
+    """What Refine in question mode makes from round 0 without a prior Critique (the release's path)."""
+    session = new_session()
+    base = session.generate(PROMPT, 0, RoundSettings(steps=2))
+    refined = session.refine(base, PROMPT, 0, None, RoundSettings(steps=2, guidance_mode="question"))
+    return base, refined
+
+
+def test_critique_then_refine_runs_the_vision_tower_once_and_makes_the_same_image(question_mode_image):
+    expected_base, expected = question_mode_image
+    session = new_session()
+    base = session.generate(PROMPT, 0, RoundSettings(steps=2))
+    assert np.abs(pixels(base.image) - pixels(expected_base.image)).max() == 0
+    calls = count_vision_tower_calls(session)
+    critique = session.critique(base, PROMPT, seed=0)
+    assert calls[0] == 1 and base.reading is not None and base.reading.critique == critique
+    refined = session.refine(base, PROMPT, 0, critique, RoundSettings(steps=2, guidance_mode="question"))
+    assert calls[0] == 1  # the guidance came from the critique's prefill
+    assert refined.critique == expected.critique == critique
+    assert refined.question == expected.question
+    assert np.abs(pixels(refined.image) - pixels(expected.image)).max() == 0
+    # other conditions (another seed draws another question) read again
+    session.refine(base, PROMPT, 1, critique, RoundSettings(steps=2, guidance_mode="question"))
+    assert calls[0] == 2
+    assert "reading" not in refined.to_dict()

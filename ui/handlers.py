@@ -109,8 +109,8 @@ class Studio:
         base = state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
-        return session.critique(
-            base.image, request.prompt, request.settings.max_critique_tokens, seed=request.seed, on_stage=report
+        return session.critique(  # the Round: its reading is kept for the next Refine
+            base, request.prompt, request.settings.max_critique_tokens, seed=request.seed, on_stage=report
         )
 
     def _refine(
