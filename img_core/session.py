@@ -45,7 +45,13 @@ from img_core.mllm.critic import MLLMCritic, MLLMReading
 from img_core.mllm.loading import load_mllm, resolve_mllm
 from img_core.mllm.quantization import default_quantization
 from img_core.presets import Preset, default_preset_name, get_preset, needs_offload
-from img_core.record import KeptReading, Round, SessionRecord
+from img_core.record import (
+    GUIDED_BY_EDIT,
+    GUIDED_BY_MLLM,
+    KeptReading,
+    Round,
+    SessionRecord,
+)
 from img_core.settings import (
     ModelOptions,
     RoundSettings,
@@ -408,11 +414,15 @@ class IMGSession:
     ) -> Round:
         """One IMG round from `image` (a `Round` keeps its IP features and its Critique reading for the next time).
 
+        The guidance mode (`settings.guidance_mode`): "auto" (default) is dialogue when `critique` is an edit
+        - any text other than what the MLLM wrote for this base (`Round.reading`) - so the edit steers the
+        round, else question mode, the release's guidance. "question" and "dialogue" force either.
         Without a critique the MLLM writes one (recorded; in dialogue mode it steers the guidance; in
         question mode it comes from the same prefill as the guidance, or is skipped with
         `settings.critique=False`). With one, dialogue mode is guided by it as given; question mode records
         it. Question mode from a `Round` that Critique read under the same prompt, seed and MLLM reuses that
-        reading's guidance: the MLLM does not run again."""
+        reading's guidance: the MLLM does not run again. The Round records the mode used and
+        `guidance_source` (the MLLM's own reading or the edited critique)."""
         values = (settings or RoundSettings()).resolve(self.base_preset)
         seed = check_seed(seed)
         base = image if isinstance(image, Round) else None
@@ -424,9 +434,13 @@ class IMGSession:
         with self._lock:
             prompt_check = self.backend.check_prompt(prompt_check.prompt)
             seconds: dict[str, float] = {}
-            mode = values.guidance_mode
             kept = base.reading if base is not None else None
             conditions = self._reading_conditions(prompt_check.prompt, seed, values.max_critique_tokens)
+            # An edit: a critique other than the one the MLLM wrote for this base (typed, or changed).
+            edited = critique is not None and (kept is None or critique != kept.critique)
+            mode = values.guidance_mode
+            if mode == "auto":
+                mode = "dialogue" if edited else "question"
             if mode == "question" and kept is not None and kept.conditions == conditions:
                 with self._stage("guidance", seconds):  # Critique read this round already: nothing to run
                     report(StageEvent(Stage.GUIDANCE, index, message="kept from the critique"))
@@ -474,6 +488,7 @@ class IMGSession:
             "refined",
             critique=critique if critique is not None else reading.critique,
             guidance_mode=mode,
+            guidance_source=GUIDED_BY_EDIT if mode == "dialogue" and edited else GUIDED_BY_MLLM,
             question=reading.question,
             question_source=self.critic.questions.name,
             base_index=base_index if base_index is not None else (base.index if base is not None else index - 1),

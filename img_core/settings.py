@@ -27,7 +27,13 @@ from img_core.errors import InvalidInputError
 if TYPE_CHECKING:
     from img_core.presets import Preset
 
-GUIDANCE_MODES = ("question", "dialogue")  # question: as released; dialogue: the critique steers the guidance
+# How the MLLM computes guidance features (`MLLMCritic.read`, aligner training, feature extraction):
+# question: over image + question, as released; dialogue: the critique teacher-forced after the question.
+MLLM_GUIDANCE_MODES = ("question", "dialogue")
+# The round setting: "auto" picks per round - dialogue over the critique when the user edited it (or typed
+# one), else question mode (the released aligners' training condition: default results stay the paper's).
+GUIDANCE_MODES = ("auto", *MLLM_GUIDANCE_MODES)
+DEFAULT_GUIDANCE_MODE = "auto"
 MLLM_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-8bit", "quanto-int8", "quanto-int4")
 DIFFUSION_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-8bit")
 MAX_PROMPT_CHARS = 2000  # longer prompts are cut here, with a warning (the text encoders take far less)
@@ -132,7 +138,7 @@ class RoundSettings:
     guidance_scale: float | None = None
     ip_scale: float | None = None  # preset default 0.2 (REFERENCE §4)
     aligner_passes: int | None = None  # preset default 3 (REFERENCE §1)
-    guidance_mode: str = "question"
+    guidance_mode: str = DEFAULT_GUIDANCE_MODE
     max_critique_tokens: int = DEFAULT_MAX_CRITIQUE_TOKENS
     # Question mode only: False skips the critique text (the release's path; guidance needs no text).
     critique: bool = True
@@ -189,9 +195,10 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ip-scale", type=float, default=None,
                         help=f"{LIMITS['ip_scale'].label} (default: the preset's, 0.2)")
     parser.add_argument("--passes", type=int, default=None, help=f"{LIMITS['aligner_passes'].label} (default 3)")
-    parser.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default="question",
+    parser.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default=DEFAULT_GUIDANCE_MODE,
                         help="question: guidance over image + question, as released; dialogue: the critique is "
-                        "teacher-forced as the MLLM's answer, so it steers the guidance")
+                        "teacher-forced as the MLLM's answer, so it steers the guidance; auto (default): dialogue "
+                        "when a critique you wrote or edited is given, else question")
     parser.add_argument("--max-critique-tokens", type=int, default=DEFAULT_MAX_CRITIQUE_TOKENS,
                         help=f"{LIMITS['max_critique_tokens'].label} (default {DEFAULT_MAX_CRITIQUE_TOKENS})")
     parser.add_argument("--no-critique", action="store_true",

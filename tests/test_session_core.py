@@ -5,6 +5,7 @@ Every model here is a real tiny model loaded through the same loaders as the rea
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -139,3 +140,39 @@ def test_critique_then_refine_runs_the_vision_tower_once_and_makes_the_same_imag
     session.refine(base, PROMPT, 1, critique, RoundSettings(steps=2, guidance_mode="question"))
     assert calls[0] == 2
     assert "reading" not in refined.to_dict()
+
+
+# ------------------------------------------------------------------------- edits steer by default
+
+
+def test_with_default_settings_edits_steer_and_an_untouched_critique_keeps_question_mode(
+    question_mode_image, tmp_path
+):
+    from img_core.record import GUIDED_BY_EDIT, GUIDED_BY_MLLM, SessionRecord
+    from img_core.settings import DEFAULT_GUIDANCE_MODE
+
+    assert RoundSettings().guidance_mode == DEFAULT_GUIDANCE_MODE == "auto"
+    expected_base, expected = question_mode_image
+    session = new_session()
+    defaults = RoundSettings(steps=2)
+    base = session.generate(PROMPT, 0, defaults)
+    critique = session.critique(base, PROMPT, seed=0)
+    untouched = session.refine(base, PROMPT, 0, critique, defaults)
+    assert (untouched.guidance_mode, untouched.guidance_source) == ("question", GUIDED_BY_MLLM)
+    assert np.abs(pixels(untouched.image) - pixels(expected.image)).max() == 0
+    first = session.refine(base, PROMPT, 0, "The banana should be bright yellow and much larger.", defaults)
+    second = session.refine(base, PROMPT, 0, "Put a red saddle on the horse; make the sky stormy.", defaults)
+    for edited in (first, second):
+        assert (edited.guidance_mode, edited.guidance_source) == ("dialogue", GUIDED_BY_EDIT)
+        assert edited.guided_by_edit and not untouched.guided_by_edit
+    assert np.abs(pixels(first.image) - pixels(second.image)).max() > 0
+    assert np.abs(pixels(first.image) - pixels(untouched.image)).max() > 0
+    # "question" still forces the release's guidance: the edit is recorded but does not steer
+    forced = session.refine(base, PROMPT, 0, first.critique, RoundSettings(steps=2, guidance_mode="question"))
+    assert forced.guidance_source == GUIDED_BY_MLLM and forced.critique == first.critique
+    assert np.abs(pixels(forced.image) - pixels(expected.image)).max() == 0
+    # the record says which reading guided each round
+    SessionRecord(PROMPT, 0, "tiny-sdxl", [base, untouched, first]).save(tmp_path)
+    saved = json.loads((tmp_path / "session.json").read_text())
+    assert [r["guidance_source"] for r in saved["rounds"]] == [None, GUIDED_BY_MLLM, GUIDED_BY_EDIT]
+    assert saved["rounds"][2]["settings"]["guidance_mode"] == "auto" and saved["rounds"][2]["guidance_mode"] == "dialogue"

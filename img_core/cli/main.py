@@ -19,8 +19,8 @@ from img_core.errors import IMGError
 
 def build_parser() -> argparse.ArgumentParser:
     from img_core.settings import (
-        GUIDANCE_MODES,
         LIMITS,
+        MLLM_GUIDANCE_MODES,
         add_model_arguments,
         add_round_arguments,
     )
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, type=Path)
     convert.add_argument("--mllm", default="img-llava-13b", help="MLLM the aligner was trained with (metadata)")
     convert.add_argument("--chat-template", default="llava-v0", help="chat template of that MLLM (metadata)")
-    convert.add_argument("--guidance-mode", default="question", choices=GUIDANCE_MODES)
+    convert.add_argument("--guidance-mode", default="question", choices=MLLM_GUIDANCE_MODES)
 
     commands.add_parser("convert-llava", help="convert the released IMG LLaVA folder to transformers format", add_help=False)
     commands.add_parser("prepare", help="fetch and convert what a preset needs, ahead of time", add_help=False)

@@ -50,7 +50,7 @@ from img_core.mllm.specs import (
     resolve_spec,
 )
 from img_core.questions import QuestionSource, ours_question_source
-from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, GUIDANCE_MODES
+from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, MLLM_GUIDANCE_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ class MLLMCritic:
         the same prefill (the vision tower and the prompt run once). mode "dialogue": `critique` (or, when it
         is None, one the MLLM writes first) is teacher-forced after the question and the guidance covers both.
         `question` overrides the seeded draw from `self.questions`."""
-        if mode not in GUIDANCE_MODES:
-            raise InvalidInputError(f"guidance mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+        if mode not in MLLM_GUIDANCE_MODES:
+            raise InvalidInputError(f"guidance mode must be one of {MLLM_GUIDANCE_MODES}, got {mode!r}")
         critique = critique.strip() if critique and critique.strip() else None
         if mode == "question":
             if not write_critique:
@@ -240,8 +240,8 @@ class MLLMCritic:
 
         mode "question": the conversation up to the assistant's turn (critique ignored), as released.
         mode "dialogue": the critique is teacher-forced as the assistant's answer after the question."""
-        if mode not in GUIDANCE_MODES:
-            raise InvalidInputError(f"guidance mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+        if mode not in MLLM_GUIDANCE_MODES:
+            raise InvalidInputError(f"guidance mode must be one of {MLLM_GUIDANCE_MODES}, got {mode!r}")
         if mode == "dialogue" and not (critique and critique.strip()):
             raise InvalidInputError("dialogue guidance needs a critique: generate one with critique() or type one")
         answer = critique.strip() if mode == "dialogue" else None
