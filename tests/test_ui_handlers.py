@@ -55,7 +55,7 @@ def test_request_reads_widget_values_and_refuses_bad_ones():
     made = RoundRequest.from_values(prompt="  a cat ", seed=3.0, steps=4.0, guidance_scale=5, aligner_passes=2.0)
     settings = made.settings
     assert (made.prompt, made.seed, settings.steps, settings.aligner_passes) == ("a cat", 3, 4, 2)
-    assert (settings.guidance_scale, settings.guidance_mode) == (5, "question")
+    assert (settings.guidance_scale, settings.guidance_mode) == (5, "auto")  # settings.DEFAULT_GUIDANCE_MODE
     long = RoundRequest.from_values(prompt="fox " * 1000, seed=0)  # cut with a warning, never refused
     assert len(long.prompt) <= 2000 and "were cut" in long.warnings[0]
     for values, message in [
