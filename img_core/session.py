@@ -121,6 +121,9 @@ def _checked_parts(parts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 
 SESSION_PARTS = ("diffusion", "mllm", "aligner")  # what `load` and `unload` take, in loading order
+# The steps of loading everything (Stage.LOAD events count k of n over these): the MLLM's preparation
+# (tiny build, or download and conversion on first use), then each part.
+LOAD_STEPS = ("prepare", *SESSION_PARTS)
 
 
 class IMGSession:
@@ -225,7 +228,7 @@ class IMGSession:
             missing = [part for part in wanted if part not in self.loaded_parts]
             if not missing:
                 return self
-            steps = (["prepare"] if "mllm" in missing else []) + missing
+            steps = [step for step in LOAD_STEPS if step in missing or (step == "prepare" and "mllm" in missing)]
             report = _logging(on_stage)
 
             def begin(part: str, message: str) -> None:
@@ -599,7 +602,8 @@ class IMGSession:
 
 
 # Re-exported for callers that import them from here.
-__all__ = ["IMGSession", "Round", "RoundSettings", "SessionRecord", "Stage", "StageEvent", "StageCallback"]
+__all__ = ["LOAD_STEPS", "SESSION_PARTS", "IMGSession", "Round", "RoundSettings", "SessionRecord", "Stage", "StageEvent",
+           "StageCallback"]
 
 
 ALIGNER_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")

@@ -232,17 +232,6 @@ class ModelOptions:
     offload: bool | None = None
     questions: str | None = None
 
-    def session_kwargs(self) -> dict:
-        """Keyword arguments of `IMGSession.from_preset` (the preset name excluded)."""
-        return {
-            "device": self.device,
-            "quantization": self.quantization,
-            "diffusion_quantization": self.diffusion_quantization,
-            "mllm": self.mllm,
-            "aligner": self.aligner,
-            "offload": self.offload,
-            "questions": self.questions,
-        }
 
 
 # Environment variables that set the defaults of --preset, --mllm and --quantization (a Hugging Face Space

@@ -176,3 +176,30 @@ def test_with_default_settings_edits_steer_and_an_untouched_critique_keeps_quest
     saved = json.loads((tmp_path / "session.json").read_text())
     assert [r["guidance_source"] for r in saved["rounds"]] == [None, GUIDED_BY_MLLM, GUIDED_BY_EDIT]
     assert saved["rounds"][2]["settings"]["guidance_mode"] == "auto" and saved["rounds"][2]["guidance_mode"] == "dialogue"
+
+
+# ------------------------------------------------------------------------- loading reports its own stages
+
+
+def test_load_reports_step_k_of_n_over_the_parts_it_loads_and_unload_frees_them(tiny_root):
+    from img_core.session import LOAD_STEPS, Stage
+
+    session = IMGSession(ModelOptions(preset="tiny-sdxl", device="cpu"), show_progress_bars=False)
+    events = []
+    session.load(["mllm"], on_stage=events.append)
+    assert session.loaded_parts == ("mllm",) and not session.is_loaded
+    assert [(e.stage, e.step, e.total) for e in events] == [(Stage.LOAD, 1, 2), (Stage.LOAD, 2, 2), (Stage.LOAD, 2, 2)]
+    events.clear()
+    session.load(on_stage=events.append)  # the rest: the pipeline and the aligner
+    assert session.is_loaded and [(e.step, e.total) for e in events] == [(1, 2), (2, 2), (2, 2)]
+    assert "pipeline" in events[0].message and "Aligner" in events[1].message
+    assert LOAD_STEPS == ("prepare", "diffusion", "mllm", "aligner")
+    events.clear()
+    session.load(on_stage=events.append)
+    assert events == []  # nothing left to load
+    session.unload(["diffusion", "aligner"])
+    assert session.loaded_parts == ("mllm",) and session.backend is None and session.aligner is None
+    with pytest.raises(Exception, match="session parts"):
+        session.unload(["everything"])
+    assert {stage.value for stage in Stage} >= {"load", "generate", "critique", "guidance", "image_features",
+                                                "align", "regenerate", "score", "stopping", "queued", "done"}

@@ -33,7 +33,7 @@ from img_core.errors import IMGError, InvalidInputError
 from img_core.evaluation.scorers import VQA_SCORER, check_scorer_names
 from img_core.images import load_image
 from img_core.record import Round, SessionRecord
-from img_core.session import IMGSession, StageCallback, StageEvent
+from img_core.session import LOAD_STEPS, IMGSession, StageCallback, StageEvent
 from img_core.settings import LIMITS
 from ui.files import app_subfolder
 from ui.gpu import gpu_task
@@ -179,7 +179,7 @@ class Studio:
     def _loaded(self, report: StageCallback) -> IMGSession:
         """The loaded session; a load here (the first click, or a retry after a failed preparation) is
         reported as "load" events."""
-        return self.host.loaded_session(lambda *_, desc="", **__: report(StageEvent("load", message=desc)))
+        return self.host.loaded_session(report)
 
     def _scored(self, session: IMGSession, made: Round, report: StageCallback) -> Round:
         """`made` with its score under `self.scorer_name` (the session's own scorers, loaded once). A
@@ -385,19 +385,7 @@ def run_in_worker(
 
 # --- models prepared in the background -----------------------------------------------------------------
 
-PREPARATION_STEPS = 4  # get the MLLM (tiny build, download, conversion), diffusion pipeline, MLLM, aligner
-
-
-def preparation_step(message: str) -> int:
-    """Which of the PREPARATION_STEPS a loading message of `IMGSession.load` belongs to."""
-    text = message.lower()
-    if "aligner" in text or "models loaded" in text:
-        return 4
-    if "loading the mllm" in text:
-        return 3
-    if "pipeline" in text:
-        return 2
-    return 1
+PREPARATION_STEPS = len(LOAD_STEPS)  # a first load: the MLLM's preparation, pipeline, MLLM, aligner
 
 
 class ModelPreparation:
@@ -410,6 +398,7 @@ class ModelPreparation:
     def __init__(self, host: ModelHost):
         self.host = host
         self.step = 0
+        self.total = PREPARATION_STEPS
         self.message = ""
         self.error: str | None = None
         self._thread: threading.Thread | None = None
@@ -428,13 +417,13 @@ class ModelPreparation:
         """'k/n' while models are being prepared, else None."""
         if self.ready or not self.running:
             return None
-        return f"{self.step}/{PREPARATION_STEPS}"
+        return f"{self.step}/{self.total}"
 
     def start(self) -> None:
         with self._lock:
             if self.ready or self.running:
                 return
-            self.step, self.message, self.error = 0, "starting", None
+            self.step, self.total, self.message, self.error = 0, PREPARATION_STEPS, "starting", None
             self._thread = threading.Thread(target=self._prepare, name="img-studio-prepare", daemon=True)
             self._thread.start()
 
@@ -445,14 +434,15 @@ class ModelPreparation:
             thread.join(timeout)
         return self.ready
 
-    def note(self, message: str) -> None:
-        """Record a loading message (also called for loads that a click starts)."""
-        self.step = max(self.step, preparation_step(message))
-        self.message = message
+    def note(self, event: StageEvent) -> None:
+        """Record a `Stage.LOAD` event of `IMGSession.load` (also called for loads that a click starts)."""
+        if event.step is not None and event.total:
+            self.step, self.total = event.step, event.total
+        self.message = event.message or self.message
 
     def _prepare(self) -> None:
         try:
-            self.host.loaded_session(lambda *_, desc="", **__: self.note(desc))
+            self.host.loaded_session(self.note)
         except IMGError as error:
             logger.warning("preparing the models failed: %s", error)
             self.error = str(error)

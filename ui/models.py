@@ -12,18 +12,11 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Callable
 
 from img_core.errors import InvalidInputError
 from img_core.mllm import KNOWN_MLLMS, default_quantization
 from img_core.presets import get_preset
-from img_core.session import IMGSession
-
-Progress = Callable[..., object]
-
-
-def no_progress(*args: object, **kwargs: object) -> None:
-    """Stands in for gr.Progress outside Gradio (tests, benchmarks)."""
+from img_core.session import IMGSession, StageCallback
 
 
 def compatible_mllms(preset_name: str) -> list[str]:
@@ -61,18 +54,18 @@ class ModelHost:
     def is_loaded(self) -> bool:
         return self._session.is_loaded
 
-    def loaded_session(self, progress: Progress = no_progress) -> IMGSession:
-        """The session with every model loaded; loads them on the first call in this process."""
+    def loaded_session(self, on_stage: StageCallback | None = None) -> IMGSession:
+        """The session with every model loaded; loads them on the first call in this process, reporting
+        `Stage.LOAD` events (step k of n) to `on_stage`."""
         with self._lock:
             if not self._session.is_loaded:
-                progress(0.0, desc=f"Loading the {self.preset.name} models (once per process)")
                 start = time.perf_counter()
-                self._session.load(on_stage=lambda event: progress(0.0, desc=f"Loading models: {event.message}"))
+                self._session.load(on_stage=on_stage)
                 self.load_seconds = time.perf_counter() - start
             return self._session
 
     def switch(
-        self, preset_name: str, mllm: str | None, quantization: str | None, progress: Progress = no_progress
+        self, preset_name: str, mllm: str | None, quantization: str | None, on_stage: StageCallback | None = None
     ) -> bool:
         """Replace the session with one for these settings and load it. Returns False (and loads
         nothing) when they are the current ones; on failure the current session stays and the error
@@ -107,7 +100,7 @@ class ModelHost:
             gc.collect()
             _empty_accelerator_cache()
             try:
-                self.loaded_session(progress)
+                self.loaded_session(on_stage)
             except BaseException:
                 self._session = previous  # back to the old settings, loaded lazily
                 raise

@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 def refine(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from img_core.presets import default_preset_name
     from img_core.record import check_output_folder
-    from img_core.session import IMGSession, StageEvent
+    from img_core.session import IMGSession, Stage, StageEvent
     from img_core.settings import (
         check_prompt,
         check_rounds,
@@ -112,16 +111,14 @@ def refine(args: argparse.Namespace) -> int:
         from img_core.images import load_image
 
         load_image(args.image)
-    options = model_options_from_args(args)
-    session = IMGSession.from_preset(options.preset or default_preset_name(), show_progress_bars=False,
-                                     **options.session_kwargs())
+    session = IMGSession(model_options_from_args(args), show_progress_bars=False)
     bar = tqdm(total=args.rounds + 1, desc="IMG", unit="image", disable=args.quiet, file=sys.stderr)
 
     def on_stage(event: StageEvent) -> None:
-        if event.stage == "done":
+        if event.stage == Stage.DONE:
             bar.update(1)
-        elif event.stage == "load":
-            bar.set_postfix_str(event.message or "loading")
+        elif event.stage == Stage.LOAD:
+            bar.set_postfix_str(f"loading {event.step}/{event.total}: {event.message}")
         elif event.step is not None and event.total:
             bar.set_postfix_str(f"round {event.round_index} {event.stage} {event.step}/{event.total}")
         elif event.text is None:

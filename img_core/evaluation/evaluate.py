@@ -136,7 +136,7 @@ def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
     rows = read_results(out_dir)
 
     # 3. generation
-    session = IMGSession.from_preset(preset_name, show_progress_bars=False, **options.session_kwargs())
+    session = IMGSession(options, show_progress_bars=False)
     generated = generate_missing(session, prompts, args.seed, args.rounds, settings, out_dir, rows, quiet=args.quiet)
 
     # 4. scoring, one model set at a time
