@@ -53,6 +53,7 @@ from img_core.record import (
     SessionRecord,
 )
 from img_core.settings import (
+    CheckedPrompt,
     ModelOptions,
     RoundSettings,
     check_prompt,
@@ -339,8 +340,23 @@ class IMGSession:
 
     # ------------------------------------------------------------------ rounds
 
+    def check_prompt(self, prompt: str | CheckedPrompt) -> CheckedPrompt:
+        """The prompt checked for this session, once: its characters (`settings.check_prompt`) and the
+        token limits of this preset's text encoders (one tokenizer pass; loads the pipeline if needed).
+        Pass the result to the round methods, which then check nothing again."""
+        checked = check_prompt(prompt)
+        if checked.encoders == self.base_preset.name:
+            return checked
+        self.load(["diffusion"])
+        with self._lock:
+            return self.backend.check_prompt(checked)
+
     def generate(
-        self, prompt: str, seed: int, settings: RoundSettings | None = None, on_stage: StageCallback | None = None
+        self,
+        prompt: str | CheckedPrompt,
+        seed: int,
+        settings: RoundSettings | None = None,
+        on_stage: StageCallback | None = None,
     ) -> Round:
         """Round 0: the base model's image for `prompt` and `seed`."""
         values = (settings or RoundSettings()).resolve(self.base_preset)
@@ -349,7 +365,7 @@ class IMGSession:
         report = on_stage or _ignore
         self._load_reporting(report)
         with self._lock:
-            prompt_check = self.backend.check_prompt(prompt_check.prompt)
+            prompt_check = self.check_prompt(prompt_check)
             call = self._call(prompt_check.prompt, seed, values)
             seconds: dict[str, float] = {}
             with self._stage("generate", seconds):
@@ -359,19 +375,19 @@ class IMGSession:
         return Round(0, image, prompt_check.prompt, seed, "generated", settings=values.to_dict(), seconds=seconds,
                      warnings=list(prompt_check.warnings))
 
-    def start_from_image(self, image, prompt: str, seed: int = 0) -> Round:
+    def start_from_image(self, image, prompt: str | CheckedPrompt, seed: int = 0) -> Round:
         """Round 0 from the user's own image (any size/mode; converted to RGB, huge images resized)."""
         image = load_image(image)
         seed = check_seed(seed)
         prompt_check = check_prompt(prompt)
         self.load()
-        prompt_check = self.backend.check_prompt(prompt_check.prompt)
+        prompt_check = self.check_prompt(prompt_check)
         return Round(0, image, prompt_check.prompt, seed, "uploaded", warnings=list(prompt_check.warnings))
 
     def critique(
         self,
         image: Round | Image.Image | str | Path,
-        prompt: str,
+        prompt: str | CheckedPrompt,
         max_new_tokens: int | None = None,
         seed: int = 0,
         on_stage: StageCallback | None = None,
@@ -390,7 +406,7 @@ class IMGSession:
         report = on_stage or _ignore
         self._load_reporting(report)
         with self._lock, self._stage("critique", {}):
-            prompt_check = self.backend.check_prompt(prompt_check.prompt)
+            prompt_check = self.check_prompt(prompt_check)
             report(StageEvent(Stage.CRITIQUE))
             reading = self.critic.read(
                 image, prompt_check.prompt, seed=seed, mode="question", write_critique=True,
@@ -407,7 +423,7 @@ class IMGSession:
     def refine(
         self,
         image: Round | Image.Image | str | Path,
-        prompt: str,
+        prompt: str | CheckedPrompt,
         seed: int,
         critique: str | None = None,
         settings: RoundSettings | None = None,
@@ -435,7 +451,7 @@ class IMGSession:
         report = on_stage or _ignore
         self._load_reporting(report, index)
         with self._lock:
-            prompt_check = self.backend.check_prompt(prompt_check.prompt)
+            prompt_check = self.check_prompt(prompt_check)
             seconds: dict[str, float] = {}
             kept = base.reading if base is not None else None
             conditions = self._reading_conditions(prompt_check.prompt, seed, values.max_critique_tokens)
@@ -524,7 +540,7 @@ class IMGSession:
 
     def run(
         self,
-        prompt: str,
+        prompt: str | CheckedPrompt,
         seed: int,
         rounds: int = 1,
         settings: RoundSettings | None = None,
@@ -542,9 +558,11 @@ class IMGSession:
         settings = settings or RoundSettings()
         settings.resolve(self.base_preset)
         check_seed(seed)
-        check_prompt(prompt)
+        prompt = check_prompt(prompt)  # the characters, before any model loads
         if image is not None:
             image = load_image(image)
+        self._load_reporting(on_stage or _ignore)
+        prompt = self.check_prompt(prompt)  # the token limits: once for every round
         first = (
             self.start_from_image(image, prompt, seed)
             if image is not None
@@ -554,7 +572,7 @@ class IMGSession:
         if scorers:
             self.score(first, scorers)
         for index in range(1, rounds + 1):
-            made = self.refine(record.rounds[-1], first.prompt, first.seed, None, settings, index=index, on_stage=on_stage)
+            made = self.refine(record.rounds[-1], prompt, first.seed, None, settings, index=index, on_stage=on_stage)
             if scorers:
                 self.score(made, scorers)
             record.rounds.append(made)

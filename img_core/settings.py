@@ -87,15 +87,21 @@ def check_rounds(rounds: Any) -> int:
 
 
 @dataclass(frozen=True)
-class PromptCheck:
-    """A prompt ready to use, and the warnings to show the user about it."""
+class CheckedPrompt:
+    """A prompt ready to use, and the warnings to show the user about it. Checked once per click: every
+    round method takes a CheckedPrompt as it is. `encoders` names the preset whose text encoders' token
+    limits were checked too (`IMGSession.check_prompt`); None when only the characters were."""
 
     prompt: str
     warnings: tuple[str, ...] = ()
+    encoders: str | None = None
 
 
-def check_prompt(prompt: Any) -> PromptCheck:
-    """Strip the prompt; refuse a missing, non-text or blank one; cut one over `MAX_PROMPT_CHARS` with a warning."""
+def check_prompt(prompt: Any) -> CheckedPrompt:
+    """Strip the prompt; refuse a missing, non-text or blank one; cut one over `MAX_PROMPT_CHARS` with a
+    warning. A `CheckedPrompt` is returned as it is (it was checked already)."""
+    if isinstance(prompt, CheckedPrompt):
+        return prompt
     if prompt is None:
         raise InvalidInputError("the prompt is empty: describe the image you want")
     if not isinstance(prompt, str):
@@ -105,11 +111,11 @@ def check_prompt(prompt: Any) -> PromptCheck:
         raise InvalidInputError("the prompt is empty: describe the image you want")
     if len(prompt) > MAX_PROMPT_CHARS:
         cut = len(prompt) - MAX_PROMPT_CHARS
-        return PromptCheck(
+        return CheckedPrompt(
             prompt[:MAX_PROMPT_CHARS].rstrip(),
             (f"the prompt has {len(prompt)} characters; its last {cut} were cut (the limit is {MAX_PROMPT_CHARS})",),
         )
-    return PromptCheck(prompt)
+    return CheckedPrompt(prompt)
 
 
 @dataclass(frozen=True)

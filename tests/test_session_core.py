@@ -203,3 +203,49 @@ def test_load_reports_step_k_of_n_over_the_parts_it_loads_and_unload_frees_them(
         session.unload(["everything"])
     assert {stage.value for stage in Stage} >= {"load", "generate", "critique", "guidance", "image_features",
                                                 "align", "regenerate", "score", "stopping", "queued", "done"}
+
+
+# ------------------------------------------------------------------------- the prompt is checked once per click
+
+
+def test_a_click_checks_the_prompt_once(monkeypatch):
+    import img_core.backends.base
+    import img_core.session
+    import ui.state
+    from img_core.settings import CheckedPrompt, check_prompt
+    from ui.handlers import Studio
+    from ui.models import ModelHost
+    from ui.state import RoundRequest, StudioState
+
+    session = new_session()
+    counts = {"characters": 0, "tokens": 0}
+
+    def counting_check_prompt(prompt):
+        counts["characters"] += not isinstance(prompt, CheckedPrompt)  # a CheckedPrompt passes unchecked
+        return check_prompt(prompt)
+
+    for module in (ui.state, img_core.session, img_core.backends.base):
+        monkeypatch.setattr(module, "check_prompt", counting_check_prompt)
+    token_check = session.backend.check_prompt  # the real one: a tokenizer pass per text encoder
+
+    def counting_token_check(prompt):
+        counts["tokens"] += 1
+        return token_check(prompt)
+
+    monkeypatch.setattr(session.backend, "check_prompt", counting_token_check)
+    studio = Studio(ModelHost(session), scorer=None)
+
+    def click(action):
+        counts.update(characters=0, tokens=0)
+        result = action(RoundRequest.from_values(prompt="  " + PROMPT, seed=0, steps=2))
+        return result, dict(counts)
+
+    state, checks = click(lambda request: studio.generate(request, StudioState()))
+    assert checks == {"characters": 1, "tokens": 1}
+    state, checks = click(lambda request: studio.refine(request, state, ""))
+    assert checks == {"characters": 1, "tokens": 1} and len(state.rounds) == 2
+    states, checks = click(lambda request: list(studio.auto_refine(request, state, "", 3, False)))
+    assert checks == {"characters": 1, "tokens": 1} and len(states[-1][0].rounds) == 5
+    counts.update(characters=0, tokens=0)
+    record = session.run(PROMPT, 0, rounds=2, settings=RoundSettings(steps=2))
+    assert counts == {"characters": 1, "tokens": 1} and len(record.rounds) == 3

@@ -34,7 +34,7 @@ from img_core.evaluation.scorers import VQA_SCORER, check_scorer_names
 from img_core.images import load_image
 from img_core.record import Round, SessionRecord
 from img_core.session import LOAD_STEPS, IMGSession, StageCallback, StageEvent
-from img_core.settings import LIMITS
+from img_core.settings import LIMITS, CheckedPrompt
 from ui.files import app_subfolder
 from ui.gpu import gpu_task
 from ui.models import ModelHost
@@ -82,7 +82,8 @@ class Studio:
         """A new session: round 0 generated from the prompt and seed (earlier rounds are dropped)."""
         report = on_stage or _ignore
         session = self._loaded(report)
-        first = session.generate(request.prompt, request.seed, request.settings, on_stage=report)
+        prompt = session.check_prompt(request.checked_prompt)  # once per click
+        first = session.generate(prompt, request.seed, request.settings, on_stage=report)
         first = self._scored(session, _with_warnings(first, request.warnings), report)
         return state.started(first)
 
@@ -99,7 +100,7 @@ class Studio:
         image = load_image(image)
         report = on_stage or _ignore
         session = self._loaded(report)
-        first = session.start_from_image(image, request.prompt, request.seed)
+        first = session.start_from_image(image, session.check_prompt(request.checked_prompt), request.seed)
         first = self._scored(session, _with_warnings(first, request.warnings), report)
         return state.started(first)
 
@@ -110,7 +111,8 @@ class Studio:
         report = on_stage or _ignore
         session = self._loaded(report)
         return session.critique(  # the Round: its reading is kept for the next Refine
-            base, request.prompt, request.settings.max_critique_tokens, seed=request.seed, on_stage=report
+            base, session.check_prompt(request.checked_prompt), request.settings.max_critique_tokens, seed=request.seed,
+            on_stage=report,
         )
 
     def _refine(
@@ -121,7 +123,8 @@ class Studio:
         state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
-        return self._next_round(session, request, state, critique, report)
+        prompt = session.check_prompt(request.checked_prompt)  # once per click
+        return self._next_round(session, request, prompt, state, critique, report)
 
     def _auto_refine(
         self,
@@ -139,8 +142,9 @@ class Studio:
         state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
+        prompt = session.check_prompt(request.checked_prompt)  # once per click, for every round
         for step in range(rounds):
-            state = self._next_round(session, request, state, critique if step == 0 else None, report)
+            state = self._next_round(session, request, prompt, state, critique if step == 0 else None, report)
             stalled = self.score_stalled(state) if stop_when_flat and step < rounds - 1 else None
             yield state, stalled
             if stalled:
@@ -161,12 +165,18 @@ class Studio:
         )
 
     def _next_round(
-        self, session: IMGSession, request: RoundRequest, state: StudioState, critique: str | None, report
+        self,
+        session: IMGSession,
+        request: RoundRequest,
+        prompt: CheckedPrompt,
+        state: StudioState,
+        critique: str | None,
+        report,
     ) -> StudioState:
         """One IMG round from the base of `state`, through the session's one round path, then scored."""
         refined = session.refine(
             state.base_round(),
-            request.prompt,
+            prompt,
             request.seed,
             critique=critique,
             settings=request.settings,
@@ -228,7 +238,7 @@ class Studio:
         with user_errors():
             request = RoundRequest.from_values(prompt=prompt, seed=seed)
             session = self.host.loaded_session()
-            made = session.generate(request.prompt, request.seed, request.settings)
+            made = session.generate(request.checked_prompt, request.seed, request.settings)
             _api_warn(request.warnings, made.warnings)
             return made.image
 
@@ -237,7 +247,7 @@ class Studio:
         with user_errors():
             request = RoundRequest.from_values(prompt=prompt, seed=0)
             image = load_image(_api_image(image))
-            text = self.host.loaded_session().critique(image, request.prompt, seed=request.seed)
+            text = self.host.loaded_session().critique(image, request.checked_prompt, seed=request.seed)
             _api_warn(request.warnings)
             return text
 
@@ -254,7 +264,7 @@ class Studio:
             request = RoundRequest.from_values(prompt=prompt, seed=seed, guidance_mode=mode)
             image = load_image(_api_image(image))
             session = self.host.loaded_session()
-            made = session.refine(image, request.prompt, request.seed, critique=critique, settings=request.settings)
+            made = session.refine(image, request.checked_prompt, request.seed, critique=critique, settings=request.settings)
             _api_warn(request.warnings, made.warnings)
             return made.image
 
