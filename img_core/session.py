@@ -1,17 +1,24 @@
 """An IMG session: one loaded stack (diffusion backend + MLLM critic + Implicit Aligner) and the rounds
 it makes. This is the one round path: the CLI, the app, `evaluate` and the trainer call these methods.
 
+A session is built from the one frozen `ModelOptions` the flags produce (`IMGSession(options)`); its parts
+load and unload through its own methods (`load(parts)`, `unload(parts)`), never by setting attributes.
+
 One round of IMG (REFERENCE §1), from a base image and its prompt:
     1. critique       the MLLM's misalignment analysis as text (shown, editable, recorded)
     2. guidance       MLLM last-layer hidden states over the conversation      (1, Sg, Dg)
        In question mode 1 and 2 come from ONE prefill of the MLLM; `critique=False` skips the text.
+       `critique(round)` keeps that reading with the round: Refine with the unedited critique reuses it.
+       Guidance mode "auto" (default): dialogue over the critique when the user edited it, else question.
     3. image features IP-Adapter tokens of the base image (kept with its Round) (1, Si, D)
     4. align          the Implicit Aligner applied `aligner_passes` times      (1, Si, D)
     5. regenerate     same prompt and seed, aligned tokens at `ip_scale`; the prompt's text embeddings
                       are encoded once per prompt and reused
 Round 0 is the base model's own image (or the user's). Same inputs and seed give the same images.
 
-Progress goes to an optional `on_stage` callback as `StageEvent`s (stage, step i/n, critique so far).
+Progress goes to an optional `on_stage` callback as `StageEvent`s of one closed set of `Stage`s (stage,
+step i/n - loading too: part k of n -, critique so far). The prompt is checked once per click
+(`check_prompt` -> `CheckedPrompt`, which every round method takes as it is).
 """
 
 from __future__ import annotations

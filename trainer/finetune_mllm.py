@@ -15,7 +15,7 @@ cross-entropy on the answer tokens only. LoRA adapters (peft) go on the language
 `--quantization bnb-nf4` loads the frozen base in 4 bits (QLoRA) so LLaVA-13B fits a 24 GB GPU. After
 training (1 epoch by default) the adapter is saved to DIR/adapter/, merged into an unquantized copy of the
 base, and the merged model is saved to DIR with its processor and `img_studio_mllm.json` (chat template,
-image aspect), so `MLLMCritic.load(resolve_spec(DIR))` and `IMGSession(mllm=DIR)` load it.
+image aspect), so `load_mllm(DIR)` (img_core.mllm.loading) and `IMGSession(ModelOptions(mllm=DIR))` load it.
 """
 
 from __future__ import annotations
