@@ -223,7 +223,9 @@ class IMGSession:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, parts: tuple[str, ...] | list[str] = SESSION_PARTS, on_stage: StageCallback | None = None) -> IMGSession:
+    def load(
+        self, parts: tuple[str, ...] | list[str] = SESSION_PARTS, on_stage: StageCallback | None = None
+    ) -> IMGSession:
         """Load the missing `parts` (each once), then check that the aligner fits the other two.
 
         Reports a "load" `StageEvent` with step k of n as each part starts (n counts the parts this call
@@ -627,8 +629,10 @@ class IMGSession:
 
 
 # Re-exported for callers that import them from here.
-__all__ = ["LOAD_STEPS", "SESSION_PARTS", "IMGSession", "Round", "RoundSettings", "SessionRecord", "Stage", "StageEvent",
-           "StageCallback"]
+__all__ = [
+    "LOAD_STEPS", "SESSION_PARTS", "IMGSession", "Round", "RoundSettings", "SessionRecord", "Stage", "StageEvent",
+    "StageCallback",
+]
 
 
 ALIGNER_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")

@@ -264,7 +264,9 @@ class Studio:
             request = RoundRequest.from_values(prompt=prompt, seed=seed, guidance_mode=mode)
             image = load_image(_api_image(image))
             session = self.host.loaded_session()
-            made = session.refine(image, request.checked_prompt, request.seed, critique=critique, settings=request.settings)
+            made = session.refine(
+                image, request.checked_prompt, request.seed, critique=critique, settings=request.settings
+            )
             _api_warn(request.warnings, made.warnings)
             return made.image
 
