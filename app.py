@@ -18,7 +18,6 @@ import ui
 from img_core.cli.parser import OneLineErrorParser
 from img_core.errors import IMGError
 from img_core.evaluation.scorers import SCORER_NAMES, VQA_SCORER, check_scorer_names
-from img_core.presets import default_preset_name
 from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
 from ui.api_inputs import MalformedValuesAsNone
@@ -91,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for warning in exposure_warnings(args):
         print(warning, file=sys.stderr)
-    options = model_options_from_args(args)
-    session = IMGSession.from_preset(options.preset or default_preset_name(), **options.session_kwargs())
+    session = IMGSession(model_options_from_args(args))
     zero_gpu = ui.gpu.on_zero_gpu()
     if zero_gpu:  # ZeroGPU forks a worker per GPU call: models must exist before the first fork
         session.load()

@@ -541,18 +541,18 @@ def run_row(row: Row, scale: Scale, device: torch.device, offload: bool = False)
 
     torch.manual_seed(SEED)  # the same random weights on every run
     preset = benchmark_preset(row.preset, scale)
-    session = IMGSession(preset, device=device, show_progress_bars=False)
+    dtype = getattr(torch, preset.dtype) if device.type == "cuda" else torch.float32  # as IMGSession.dtype
     seconds: dict[str, float] = {}
     reset_peak_memory(device)
     with timed("build_diffusion", seconds, device):
-        backend = build_backend(preset, row.diffusion_quantization, scale, device, session.dtype)
+        backend = build_backend(preset, row.diffusion_quantization, scale, device, dtype)
         if offload:
             backend.pipeline.enable_model_cpu_offload(device=device)
     with timed("build_mllm", seconds, device):
         critic = build_critic(row.mllm, row.mllm_quantization, scale, device)
     with timed("build_aligner", seconds, device):
         aligner = build_aligner(backend, critic, scale, device)
-    session.backend, session.critic, session.aligner = backend, critic, aligner
+    session = IMGSession.from_parts(preset, backend, critic, aligner, device)
     build_memory = peak_memory(device)
 
     reset_peak_memory(device)

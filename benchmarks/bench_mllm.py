@@ -19,7 +19,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from img_core.mllm import QUANTIZATIONS, MLLMCritic, resolve_spec
+from img_core.mllm import QUANTIZATIONS, resolve_spec
+from img_core.mllm.loading import load_mllm
 from img_core.tiny.mllm import (
     TINY_LLAVA_NAME,
     TINY_QWEN_NAME,
@@ -45,7 +46,7 @@ def main() -> None:
             BUILDERS[name](root / name)
         for quantization in QUANTIZATIONS:
             start = time.perf_counter()
-            critic = MLLMCritic.load(resolve_spec(name, root), device=args.device, quantization=quantization)
+            critic = load_mllm(resolve_spec(name, root), device=args.device, quantization=quantization)
             loaded = time.perf_counter()
             guidance = critic.guidance(image, "a purple square on a white table")
             done = time.perf_counter()

@@ -17,8 +17,27 @@ import torch
 from PIL import Image
 
 SESSION_FORMAT = "img-session/1"
-# Round fields that are not written to session.json (the image is its own file; features are a cache).
-NOT_RECORDED = ("image", "image_features")
+# Round fields that are not written to session.json (the image is its own file; features and the kept
+# reading are caches).
+NOT_RECORDED = ("image", "image_features", "reading")
+# Whose reading guided a refined round (`Round.guidance_source`): the MLLM's own (question mode, or dialogue
+# over the critique it wrote) or the critique the user typed or edited (dialogue over that text).
+GUIDED_BY_MLLM = "MLLM's own reading"
+GUIDED_BY_EDIT = "edited critique"
+GUIDANCE_SOURCES = (GUIDED_BY_MLLM, GUIDED_BY_EDIT)
+
+
+@dataclass(frozen=True)
+class KeptReading:
+    """What Critique read from a round, kept with it: in question mode ONE prefill of the MLLM gives the
+    question, the critique and the guidance (`MLLMCritic.read`). A Refine from that round under the same
+    `conditions` (MLLM, question source, prompt, seed, critique length) reuses the guidance instead of
+    running the MLLM again; `critique` is the text the MLLM wrote, what an edit is told apart from."""
+
+    question: str
+    critique: str
+    guidance: torch.Tensor  # (1, Sg, Dg) float32 on CPU
+    conditions: tuple
 
 
 @dataclass
@@ -31,7 +50,8 @@ class Round:
     seed: int
     source: str  # "generated" | "uploaded" | "refined"
     critique: str | None = None  # the critique this round was re-generated from
-    guidance_mode: str | None = None
+    guidance_mode: str | None = None  # how the MLLM computed its guidance: "question" | "dialogue"
+    guidance_source: str | None = None  # GUIDANCE_SOURCES: whose text steered it (refined rounds)
     question: str | None = None
     base_index: int | None = None  # the round it was refined from
     settings: dict = field(default_factory=dict)
@@ -42,6 +62,13 @@ class Round:
     # Post-projection IP-Adapter tokens of `image` (1, Si, D), kept once computed: refining from this round
     # again does not re-encode it. A cache, not part of the record.
     image_features: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # What `IMGSession.critique` read from this round (see KeptReading). A cache, not part of the record.
+    reading: KeptReading | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def guided_by_edit(self) -> bool:
+        """This round was steered by a critique the user typed or edited (what a card says)."""
+        return self.guidance_source == GUIDED_BY_EDIT
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_RECORDED}

@@ -1,22 +1,32 @@
 """An IMG session: one loaded stack (diffusion backend + MLLM critic + Implicit Aligner) and the rounds
 it makes. This is the one round path: the CLI, the app, `evaluate` and the trainer call these methods.
 
+A session is built from the one frozen `ModelOptions` the flags produce (`IMGSession(options)`); its parts
+load and unload through its own methods (`load(parts)`, `unload(parts)`), never by setting attributes.
+
 One round of IMG (REFERENCE §1), from a base image and its prompt:
     1. critique       the MLLM's misalignment analysis as text (shown, editable, recorded)
     2. guidance       MLLM last-layer hidden states over the conversation      (1, Sg, Dg)
        In question mode 1 and 2 come from ONE prefill of the MLLM; `critique=False` skips the text.
+       `critique(round)` keeps that reading with the round: Refine with the unedited critique reuses it.
+       Guidance mode "auto" (default): dialogue over the critique when the user edited it, else question.
     3. image features IP-Adapter tokens of the base image (kept with its Round) (1, Si, D)
     4. align          the Implicit Aligner applied `aligner_passes` times      (1, Si, D)
     5. regenerate     same prompt and seed, aligned tokens at `ip_scale`; the prompt's text embeddings
                       are encoded once per prompt and reused
 Round 0 is the base model's own image (or the user's). Same inputs and seed give the same images.
 
-Progress goes to an optional `on_stage` callback as `StageEvent`s (stage, step i/n, critique so far).
+Progress goes to an optional `on_stage` callback as `StageEvent`s of one closed set of `Stage`s (stage,
+step i/n - loading too: part k of n -, critique so far). The prompt is checked once per click
+(`check_prompt` -> `CheckedPrompt`, which every round method takes as it is).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import gc
 import logging
 import re
 import threading
@@ -29,28 +39,63 @@ import torch
 from PIL import Image
 
 from img_core.aligner import ImplicitAligner
+from img_core.backends import backend_class
 from img_core.backends.base import DiffusionCall
 from img_core.errors import (
     IncompatibleAlignerError,
     InvalidInputError,
     OutOfMemoryError,
 )
+from img_core.hub import download_file
 from img_core.images import load_image
-from img_core.presets import Preset, get_preset
-from img_core.record import Round, SessionRecord
-from img_core.settings import RoundSettings, check_prompt, check_rounds, check_seed
+from img_core.mllm.critic import MLLMCritic, MLLMReading
+from img_core.mllm.loading import load_mllm, resolve_mllm
+from img_core.mllm.quantization import default_quantization
+from img_core.presets import Preset, default_preset_name, get_preset, needs_offload
+from img_core.record import (
+    GUIDED_BY_EDIT,
+    GUIDED_BY_MLLM,
+    KeptReading,
+    Round,
+    SessionRecord,
+)
+from img_core.settings import (
+    CheckedPrompt,
+    ModelOptions,
+    RoundSettings,
+    check_prompt,
+    check_rounds,
+    check_seed,
+)
+from img_core.tiny.models import ensure_tiny_models
+from img_core.weights.prepare import format_progress
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str], None]  # loading messages
+
+class Stage(enum.StrEnum):
+    """Every state a job of the session (and of the app around it) reports: one closed set, defined here
+    and imported by the CLI and the UI."""
+
+    QUEUED = "queued"  # waiting for the models or for another job (the app's queue)
+    LOAD = "load"  # loading the models: step k of n parts
+    GENERATE = "generate"  # round 0: diffusion steps
+    CRITIQUE = "critique"  # the MLLM writes its critique (text streams)
+    GUIDANCE = "guidance"  # the MLLM's guidance features, without writing text
+    IMAGE_FEATURES = "image_features"  # IP-Adapter tokens of the base image
+    ALIGN = "align"  # the Implicit Aligner
+    REGENERATE = "regenerate"  # the refined image: diffusion steps
+    SCORE = "score"  # an alignment score of the new round
+    STOPPING = "stopping"  # Stop was asked: the job ends at its next stage; finished rounds are kept
+    DONE = "done"
 
 
 @dataclass(frozen=True)
 class StageEvent:
-    """Where a round is: `stage` is one of load, generate, critique, guidance, image_features, align,
-    regenerate, done; `step`/`total` count diffusion steps; `text` is the critique streamed so far."""
+    """Where a job is: `stage` is a `Stage`; `step`/`total` count diffusion steps (LOAD: the part being
+    loaded, k of n); `text` is the critique streamed so far; `message` says what is being loaded or scored."""
 
-    stage: str
+    stage: Stage
     round_index: int = 0
     step: int | None = None
     total: int | None = None
@@ -65,50 +110,110 @@ def _ignore(event: StageEvent) -> None:
     pass
 
 
+def _logging(report: StageCallback | None) -> StageCallback:
+    """`report`, with every loading event also logged (the CLI and servers see loading in their logs)."""
+
+    def log_and_report(event: StageEvent) -> None:
+        logger.info("loading %s/%s: %s", event.step, event.total, event.message)
+        if report is not None:
+            report(event)
+
+    return log_and_report
+
+
+def _checked_parts(parts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    unknown = [part for part in parts if part not in SESSION_PARTS]
+    if unknown or isinstance(parts, str):
+        raise InvalidInputError(f"session parts must be a list of {SESSION_PARTS}, got {parts!r}")
+    return tuple(part for part in SESSION_PARTS if part in parts)
+
+
+SESSION_PARTS = ("diffusion", "mllm", "aligner")  # what `load` and `unload` take, in loading order
+# The steps of loading everything (Stage.LOAD events count k of n over these): the MLLM's preparation
+# (tiny build, or download and conversion on first use), then each part.
+LOAD_STEPS = ("prepare", *SESSION_PARTS)
+
+
 class IMGSession:
-    """Owns the loaded models of one preset. Loads lazily, once; every public call is serialised."""
+    """Owns the loaded models of one `ModelOptions` (the frozen options the flags produce). Loads lazily,
+    each part once; every public call is serialised.
+
+    Parts (`SESSION_PARTS`): "diffusion" (the backend), "mllm" (the critic), "aligner". `load(parts)` loads
+    the missing ones (the aligner needs the other two: it is checked against them), `unload(parts)` frees
+    them (a later round loads them again). Options never change after construction: `with_options` gives a
+    new, unloaded session."""
 
     def __init__(
         self,
-        preset: Preset,
-        device: str | torch.device | None = None,
-        quantization: str | None = None,
-        mllm: str | None = None,
-        aligner: str | Path | None = None,
-        offload: bool | None = None,
-        diffusion_quantization: str | None = None,
+        options: ModelOptions | None = None,
+        *,
         tiny_root: str | Path | None = None,
         show_progress_bars: bool = True,
-        questions: str | None = None,
     ):
-        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.base_preset = preset
-        self.quantization = quantization
-        self.mllm_name = mllm or preset.mllm
-        self.aligner_source = aligner
-        self.offload_requested = offload  # what the user asked for (None: automatic)
-        self.offload = offload  # what is in effect once loaded
-        self.diffusion_quantization = diffusion_quantization
-        self.tiny_root = Path(tiny_root) if tiny_root else None
+        self.options = options or ModelOptions()
+        self.base_preset = get_preset(self.options.preset or default_preset_name())
+        self.device = torch.device(self.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tiny_root = Path(tiny_root) if tiny_root else None  # None: img_core.paths.tiny_models_root()
         self.show_progress_bars = show_progress_bars
-        self.questions_requested = questions  # None: the preset's question source
-        self.questions_spec = questions or preset.questions
-        self.preset = preset  # resolved to absolute tiny paths on load
+        self.offload = self.options.offload  # what is in effect once the pipeline is loaded
+        self.preset = self.base_preset  # resolved to absolute tiny paths on load
         self.backend = None
-        self.critic = None
+        self.critic: MLLMCritic | None = None
         self.aligner: ImplicitAligner | None = None
         self.load_seconds: dict[str, float] = {}
         self.scorers: dict = {}  # name -> loaded scorer (img_core.evaluation.scorers), on first use
         self._lock = threading.RLock()
 
     @classmethod
-    def from_preset(cls, name: str, **kwargs) -> IMGSession:
-        """A session for a preset name (`sdxl`, `sdxl-dpo`, `flux-dev`, `tiny-sdxl`, `tiny-flux`). Loads nothing."""
-        return cls(get_preset(name), **kwargs)
+    def from_preset(
+        cls, name: str, *, tiny_root: str | Path | None = None, show_progress_bars: bool = True, **options
+    ) -> IMGSession:
+        """`IMGSession(ModelOptions(preset=name, **options))`: a session for a preset name (`sdxl`,
+        `sdxl-dpo`, `flux-dev`, `tiny-sdxl`, `tiny-flux`). Loads nothing."""
+        values = {key: str(value) if key in ("device", "aligner") and value is not None else value
+                  for key, value in options.items()}
+        return cls(ModelOptions(preset=name, **values), tiny_root=tiny_root, show_progress_bars=show_progress_bars)
+
+    @classmethod
+    def from_parts(cls, preset: Preset, backend, critic: MLLMCritic, aligner: ImplicitAligner,
+                   device: str | torch.device) -> IMGSession:
+        """A session around models built elsewhere (the GPU benchmark's random-weight stacks of a `preset`
+        changed in size or steps); the aligner is checked against the other two. Nothing loads."""
+        session = cls(ModelOptions(preset=preset.name, device=str(device)), show_progress_bars=False)
+        session.base_preset = session.preset = preset
+        session.backend, session.critic = backend, critic
+        session._check_compatible(aligner)
+        session.aligner = aligner
+        return session
+
+    def with_options(self, **changes) -> IMGSession:
+        """A new, unloaded session whose options are these with `changes` (field names of `ModelOptions`);
+        the tiny models root and progress-bar setting are kept."""
+        return IMGSession(dataclasses.replace(self.options, **changes), tiny_root=self.tiny_root,
+                          show_progress_bars=self.show_progress_bars)
+
+    # What the options ask for, by the names the app and the CLI show.
+    @property
+    def mllm_name(self) -> str:
+        return self.options.mllm or self.base_preset.mllm
+
+    @property
+    def quantization(self) -> str | None:
+        """The MLLM quantization asked for (None: the device's default)."""
+        return self.options.quantization
+
+    @property
+    def questions_spec(self) -> str:
+        return self.options.questions or self.base_preset.questions
+
+    @property
+    def loaded_parts(self) -> tuple[str, ...]:
+        held = {"diffusion": self.backend, "mllm": self.critic, "aligner": self.aligner}
+        return tuple(part for part in SESSION_PARTS if held[part] is not None)
 
     @property
     def is_loaded(self) -> bool:
-        return self.backend is not None and self.critic is not None and self.aligner is not None
+        return self.loaded_parts == SESSION_PARTS
 
     @property
     def dtype(self) -> torch.dtype:
@@ -118,67 +223,86 @@ class IMGSession:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, progress: ProgressCallback | None = None, aligner: bool = True) -> IMGSession:
-        """Load the diffusion backend, the MLLM critic and the aligner (each once), then check they fit.
+    def load(
+        self, parts: tuple[str, ...] | list[str] = SESSION_PARTS, on_stage: StageCallback | None = None
+    ) -> IMGSession:
+        """Load the missing `parts` (each once), then check that the aligner fits the other two.
 
-        `aligner=False` loads only the backend and the critic (feature extraction needs no aligner)."""
+        Reports a "load" `StageEvent` with step k of n as each part starts (n counts the parts this call
+        loads, plus the MLLM's preparation: tiny build, or download and conversion on first use), and a
+        last one (step n of n) when all are loaded."""
+        wanted = _checked_parts(parts)
+        if "aligner" in wanted:  # checked against the backend's features and the MLLM's width
+            wanted = SESSION_PARTS
         with self._lock:
-            if self.is_loaded or (not aligner and self.backend is not None and self.critic is not None):
+            missing = [part for part in wanted if part not in self.loaded_parts]
+            if not missing:
                 return self
-            say = progress or (lambda message: logger.info(message))
-            if self.base_preset.is_tiny and self.preset is self.base_preset:
-                from img_core.tiny.models import ensure_tiny_models
+            steps = [step for step in LOAD_STEPS if step in missing or (step == "prepare" and "mllm" in missing)]
+            report = _logging(on_stage)
 
-                say("building/loading the tiny random-weight models")
+            def begin(part: str, message: str) -> None:
+                report(StageEvent(Stage.LOAD, step=steps.index(part) + 1, total=len(steps), message=message))
+
+            if self.base_preset.is_tiny and self.preset is self.base_preset:
                 self.tiny_root = ensure_tiny_models(self.tiny_root)
                 self.preset = self.base_preset.resolved(self.tiny_root)
-            preset = self.preset
-
-            from img_core.backends import backend_class
-            from img_core.mllm import MLLMCritic, default_quantization
-            from img_core.questions import load_question_source
-
-            if self.critic is None:  # first: a real MLLM may need downloading and converting (once, cached)
-                from img_core.weights.prepare import (
-                    format_progress,
-                    resolve_prepared_spec,
-                )
-
+            if "prepare" in steps:  # first: a real MLLM may need downloading and converting (once, cached)
+                begin("prepare", f"getting the MLLM {self.mllm_name} ready")
                 with self._stage("prepare_mllm", self.load_seconds):
-                    spec = resolve_prepared_spec(
-                        self.mllm_name, self.tiny_root, progress=lambda *event: say(format_progress(*event))
+                    spec = resolve_mllm(
+                        self.mllm_name, self.tiny_root,
+                        on_progress=lambda *event: begin("prepare", format_progress(*event)),
                     )
-            if self.backend is None:
-                self.offload = self.offload_requested if self.offload_requested is not None else self._auto_offload(say)
-                with self._stage("load_diffusion", self.load_seconds):
-                    quantization = self.diffusion_quantization or (
-                        preset.diffusion_quantization if self.device.type == "cuda" else "none"
-                    )
-                    say(f"loading the {preset.family} pipeline {preset.pipeline_id} (quantization: {quantization})")
-                    self.backend = backend_class(preset.family).load(
-                        preset, self.device, self.dtype, offload=self.offload, quantization=quantization
-                    )
-                    self.backend.pipeline.set_progress_bar_config(disable=not self.show_progress_bars)
-            if self.critic is None:
+            if "diffusion" in missing:
+                self._load_backend(lambda message: begin("diffusion", message))
+            if "mllm" in missing:
+                quantization = self.quantization or default_quantization(self.device)
+                begin("mllm", f"loading the MLLM {spec.name} (quantization: {quantization})")
                 with self._stage("load_mllm", self.load_seconds):
-                    quantization = self.quantization or default_quantization(self.device)
-                    say(f"loading the MLLM {spec.model_id} (quantization: {quantization})")
-                    critic = MLLMCritic.load(spec, device=self.device, quantization=quantization)
-                    critic.questions = load_question_source(self.questions_spec)
-                    self.critic = critic
-            if aligner and self.aligner is None:
+                    self.critic = load_mllm(spec, device=self.device, quantization=quantization,
+                                            questions=self.questions_spec)
+            if "aligner" in missing:
+                begin("aligner", "loading the Implicit Aligner")
                 with self._stage("load_aligner", self.load_seconds):
-                    say("loading the Implicit Aligner")
                     loaded = self._load_aligner().to(self.device, dtype=torch.float32).eval()
                 self._check_compatible(loaded)
                 self.aligner = loaded
-            say("models loaded")
+            report(StageEvent(Stage.LOAD, step=len(steps), total=len(steps), message="models loaded"))
             return self
 
-    def _auto_offload(self, say: ProgressCallback) -> bool:
-        """CPU-offload the pipeline when the GPU is smaller than the preset's estimate."""
-        from img_core.presets import needs_offload
+    def unload(self, parts: tuple[str, ...] | list[str] = SESSION_PARTS) -> None:
+        """Free `parts` (and the scorers that use the MLLM with it) so that other models fit in their
+        memory; a later round loads them again."""
+        with self._lock:
+            for part in _checked_parts(parts):
+                if part == "diffusion":
+                    self.backend = None
+                elif part == "mllm":
+                    self.critic = None
+                    self.scorers = {name: scorer for name, scorer in self.scorers.items()
+                                    if getattr(scorer, "owns_critic", True)}
+                else:
+                    self.aligner = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
+    def _load_backend(self, say: Callable[[str], None]) -> None:
+        preset = self.preset
+        self.offload = self.options.offload if self.options.offload is not None else self._auto_offload(say)
+        quantization = self.options.diffusion_quantization or (
+            preset.diffusion_quantization if self.device.type == "cuda" else "none"
+        )
+        say(f"loading the {preset.family} pipeline {self.base_preset.pipeline_id} (quantization: {quantization})")
+        with self._stage("load_diffusion", self.load_seconds):
+            self.backend = backend_class(preset.family).load(
+                preset, self.device, self.dtype, offload=self.offload, quantization=quantization
+            )
+            self.backend.pipeline.set_progress_bar_config(disable=not self.show_progress_bars)
+
+    def _auto_offload(self, say: Callable[[str], None]) -> bool:
+        """CPU-offload the pipeline when the GPU is smaller than the preset's estimate."""
         if self.device.type != "cuda":
             return False
         total_gib = torch.cuda.get_device_properties(self.device).total_memory / 1024**3
@@ -189,9 +313,7 @@ class IMGSession:
         return False
 
     def _load_aligner(self) -> ImplicitAligner:
-        from img_core.hub import download_file
-
-        source = self.aligner_source
+        source = self.options.aligner
         if source is not None:
             check_aligner_source(source)
             path = Path(source)
@@ -227,8 +349,23 @@ class IMGSession:
 
     # ------------------------------------------------------------------ rounds
 
+    def check_prompt(self, prompt: str | CheckedPrompt) -> CheckedPrompt:
+        """The prompt checked for this session, once: its characters (`settings.check_prompt`) and the
+        token limits of this preset's text encoders (one tokenizer pass; loads the pipeline if needed).
+        Pass the result to the round methods, which then check nothing again."""
+        checked = check_prompt(prompt)
+        if checked.encoders == self.base_preset.name:
+            return checked
+        self.load(["diffusion"])
+        with self._lock:
+            return self.backend.check_prompt(checked)
+
     def generate(
-        self, prompt: str, seed: int, settings: RoundSettings | None = None, on_stage: StageCallback | None = None
+        self,
+        prompt: str | CheckedPrompt,
+        seed: int,
+        settings: RoundSettings | None = None,
+        on_stage: StageCallback | None = None,
     ) -> Round:
         """Round 0: the base model's image for `prompt` and `seed`."""
         values = (settings or RoundSettings()).resolve(self.base_preset)
@@ -237,54 +374,65 @@ class IMGSession:
         report = on_stage or _ignore
         self._load_reporting(report)
         with self._lock:
-            prompt_check = self.backend.check_prompt(prompt_check.prompt)
+            prompt_check = self.check_prompt(prompt_check)
             call = self._call(prompt_check.prompt, seed, values)
             seconds: dict[str, float] = {}
             with self._stage("generate", seconds):
-                report(StageEvent("generate", 0, 0, values.steps))
-                image = self.backend.generate(call, self._step_reporter(report, "generate", 0))
-        report(StageEvent("done", 0))
+                report(StageEvent(Stage.GENERATE, 0, 0, values.steps))
+                image = self.backend.generate(call, self._step_reporter(report, Stage.GENERATE, 0))
+        report(StageEvent(Stage.DONE, 0))
         return Round(0, image, prompt_check.prompt, seed, "generated", settings=values.to_dict(), seconds=seconds,
                      warnings=list(prompt_check.warnings))
 
-    def start_from_image(self, image, prompt: str, seed: int = 0) -> Round:
+    def start_from_image(self, image, prompt: str | CheckedPrompt, seed: int = 0) -> Round:
         """Round 0 from the user's own image (any size/mode; converted to RGB, huge images resized)."""
         image = load_image(image)
         seed = check_seed(seed)
         prompt_check = check_prompt(prompt)
         self.load()
-        prompt_check = self.backend.check_prompt(prompt_check.prompt)
+        prompt_check = self.check_prompt(prompt_check)
         return Round(0, image, prompt_check.prompt, seed, "uploaded", warnings=list(prompt_check.warnings))
 
     def critique(
         self,
-        image,
-        prompt: str,
+        image: Round | Image.Image | str | Path,
+        prompt: str | CheckedPrompt,
         max_new_tokens: int | None = None,
         seed: int = 0,
         on_stage: StageCallback | None = None,
     ) -> str:
         """The MLLM's analysis of how `image` misses `prompt`, asked the question the seed draws (the same
-        question a round with this seed asks)."""
+        question a round with this seed asks).
+
+        Question-mode guidance comes from the same prefill; for a `Round` the whole reading is kept with it
+        (`Round.reading`), so a Refine from that round with the unedited critique does not run the MLLM again."""
         settings = RoundSettings() if max_new_tokens is None else RoundSettings(max_critique_tokens=max_new_tokens)
         settings.check()
-        image = load_image(image)
+        base = image if isinstance(image, Round) else None
+        image = load_image(base.image if base is not None else image)
         seed = check_seed(seed)
         prompt_check = check_prompt(prompt)
         report = on_stage or _ignore
         self._load_reporting(report)
         with self._lock, self._stage("critique", {}):
-            prompt_check = self.backend.check_prompt(prompt_check.prompt)
-            report(StageEvent("critique"))
-            return self.critic.critique(
-                image, prompt_check.prompt, max_new_tokens=settings.max_critique_tokens, seed=seed,
-                on_text=lambda text: report(StageEvent("critique", text=text)),
+            prompt_check = self.check_prompt(prompt_check)
+            report(StageEvent(Stage.CRITIQUE))
+            reading = self.critic.read(
+                image, prompt_check.prompt, seed=seed, mode="question", write_critique=True,
+                max_new_tokens=settings.max_critique_tokens,
+                on_text=lambda text: report(StageEvent(Stage.CRITIQUE, text=text)),
             )
+            if base is not None:
+                base.reading = KeptReading(
+                    reading.question, reading.critique, reading.guidance,
+                    self._reading_conditions(prompt_check.prompt, seed, settings.max_critique_tokens),
+                )
+        return reading.critique
 
     def refine(
         self,
         image: Round | Image.Image | str | Path,
-        prompt: str,
+        prompt: str | CheckedPrompt,
         seed: int,
         critique: str | None = None,
         settings: RoundSettings | None = None,
@@ -292,11 +440,17 @@ class IMGSession:
         base_index: int | None = None,
         on_stage: StageCallback | None = None,
     ) -> Round:
-        """One IMG round from `image` (a `Round` keeps its IP features for the next time).
+        """One IMG round from `image` (a `Round` keeps its IP features and its Critique reading for the next time).
 
+        The guidance mode (`settings.guidance_mode`): "auto" (default) is dialogue when `critique` is an edit
+        - any text other than what the MLLM wrote for this base (`Round.reading`) - so the edit steers the
+        round, else question mode, the release's guidance. "question" and "dialogue" force either.
         Without a critique the MLLM writes one (recorded; in dialogue mode it steers the guidance; in
         question mode it comes from the same prefill as the guidance, or is skipped with
-        `settings.critique=False`). With one, dialogue mode is guided by it as given; question mode records it."""
+        `settings.critique=False`). With one, dialogue mode is guided by it as given; question mode records
+        it. Question mode from a `Round` that Critique read under the same prompt, seed and MLLM reuses that
+        reading's guidance: the MLLM does not run again. The Round records the mode used and
+        `guidance_source` (the MLLM's own reading or the edited critique)."""
         values = (settings or RoundSettings()).resolve(self.base_preset)
         seed = check_seed(seed)
         base = image if isinstance(image, Round) else None
@@ -306,43 +460,54 @@ class IMGSession:
         report = on_stage or _ignore
         self._load_reporting(report, index)
         with self._lock:
-            prompt_check = self.backend.check_prompt(prompt_check.prompt)
+            prompt_check = self.check_prompt(prompt_check)
             seconds: dict[str, float] = {}
-            guided_by_text = values.guidance_mode == "dialogue"
-            writes = critique is None and (guided_by_text or values.critique)
-            stage = "critique" if writes else "guidance"
-            with self._stage(stage, seconds):
-                report(StageEvent(stage, index))
-                reading = self.critic.read(
-                    image,
-                    prompt_check.prompt,
-                    seed=seed,
-                    mode=values.guidance_mode,
-                    critique=critique,
-                    write_critique=writes,
-                    max_new_tokens=values.max_critique_tokens,
-                    on_text=lambda text: report(StageEvent("critique", index, text=text)),
-                )
+            kept = base.reading if base is not None else None
+            conditions = self._reading_conditions(prompt_check.prompt, seed, values.max_critique_tokens)
+            # An edit: a critique other than the one the MLLM wrote for this base (typed, or changed).
+            edited = critique is not None and (kept is None or critique != kept.critique)
+            mode = values.guidance_mode
+            if mode == "auto":
+                mode = "dialogue" if edited else "question"
+            if mode == "question" and kept is not None and kept.conditions == conditions:
+                with self._stage("guidance", seconds):  # Critique read this round already: nothing to run
+                    report(StageEvent(Stage.GUIDANCE, index, message="kept from the critique"))
+                    reading = MLLMReading(kept.question, kept.critique, kept.guidance)
+            else:
+                writes = critique is None and (mode == "dialogue" or values.critique)
+                stage = Stage.CRITIQUE if writes else Stage.GUIDANCE
+                with self._stage(stage, seconds):
+                    report(StageEvent(stage, index))
+                    reading = self.critic.read(
+                        image,
+                        prompt_check.prompt,
+                        seed=seed,
+                        mode=mode,
+                        critique=critique,
+                        write_critique=writes,
+                        max_new_tokens=values.max_critique_tokens,
+                        on_text=lambda text: report(StageEvent(Stage.CRITIQUE, index, text=text)),
+                    )
             with self._stage("image_features", seconds):
-                report(StageEvent("image_features", index))
+                report(StageEvent(Stage.IMAGE_FEATURES, index))
                 image_features = base.image_features if base is not None else None
                 if image_features is None:
                     image_features = self.backend.image_features(image)
                     if base is not None:
                         base.image_features = image_features
             with self._stage("align", seconds):
-                report(StageEvent("align", index))
+                report(StageEvent(Stage.ALIGN, index))
                 with torch.no_grad():
                     aligned_features = self.aligner.align(
                         image_features.to(self.device), reading.guidance.to(self.device), passes=values.aligner_passes
                     ).float().cpu()
             with self._stage("regenerate", seconds):
-                report(StageEvent("regenerate", index, 0, values.steps))
+                report(StageEvent(Stage.REGENERATE, index, 0, values.steps))
                 call = self._call(prompt_check.prompt, seed, values)
                 new_image = self.backend.regenerate(
-                    call, aligned_features, self._step_reporter(report, "regenerate", index)
+                    call, aligned_features, self._step_reporter(report, Stage.REGENERATE, index)
                 )
-        report(StageEvent("done", index))
+        report(StageEvent(Stage.DONE, index))
         return Round(
             index,
             new_image,
@@ -350,7 +515,8 @@ class IMGSession:
             seed,
             "refined",
             critique=critique if critique is not None else reading.critique,
-            guidance_mode=values.guidance_mode,
+            guidance_mode=mode,
+            guidance_source=GUIDED_BY_EDIT if mode == "dialogue" and edited else GUIDED_BY_MLLM,
             question=reading.question,
             question_source=self.critic.questions.name,
             base_index=base_index if base_index is not None else (base.index if base is not None else index - 1),
@@ -358,6 +524,13 @@ class IMGSession:
             seconds=seconds,
             warnings=list(prompt_check.warnings),
         )
+
+    def _reading_conditions(self, prompt: str, seed: int, max_new_tokens: int) -> tuple:
+        """What an MLLM reading of an image depends on besides the image: a kept reading is reused only
+        under equal conditions."""
+        critic = self.critic
+        return (critic.spec.name, critic.spec.model_id, critic.quantization, critic.questions.name,
+                prompt, seed, max_new_tokens)
 
     def score(self, made: Round, scorers: list[str] | tuple[str, ...]) -> dict[str, float]:
         """Alignment scores of a round against its prompt (img_core.evaluation.scorers: `vqascore` asks this session's
@@ -376,7 +549,7 @@ class IMGSession:
 
     def run(
         self,
-        prompt: str,
+        prompt: str | CheckedPrompt,
         seed: int,
         rounds: int = 1,
         settings: RoundSettings | None = None,
@@ -394,9 +567,11 @@ class IMGSession:
         settings = settings or RoundSettings()
         settings.resolve(self.base_preset)
         check_seed(seed)
-        check_prompt(prompt)
+        prompt = check_prompt(prompt)  # the characters, before any model loads
         if image is not None:
             image = load_image(image)
+        self._load_reporting(on_stage or _ignore)
+        prompt = self.check_prompt(prompt)  # the token limits: once for every round
         first = (
             self.start_from_image(image, prompt, seed)
             if image is not None
@@ -406,7 +581,7 @@ class IMGSession:
         if scorers:
             self.score(first, scorers)
         for index in range(1, rounds + 1):
-            made = self.refine(record.rounds[-1], first.prompt, first.seed, None, settings, index=index, on_stage=on_stage)
+            made = self.refine(record.rounds[-1], prompt, first.seed, None, settings, index=index, on_stage=on_stage)
             if scorers:
                 self.score(made, scorers)
             record.rounds.append(made)
@@ -426,12 +601,12 @@ class IMGSession:
         )
 
     def _load_reporting(self, report: StageCallback, round_index: int = 0) -> None:
-        """Load the models (once), passing loading messages on as "load" stage events."""
+        """Load the models (once), passing the "load" stage events on with this round's index."""
         if not self.is_loaded:
-            self.load(progress=lambda message: report(StageEvent("load", round_index, message=message)))
+            self.load(on_stage=lambda event: report(dataclasses.replace(event, round_index=round_index)))
 
     @staticmethod
-    def _step_reporter(report: StageCallback, stage: str, round_index: int):
+    def _step_reporter(report: StageCallback, stage: Stage, round_index: int):
         if report is _ignore:
             return None
         return lambda step, total: report(StageEvent(stage, round_index, step, total))
@@ -454,7 +629,10 @@ class IMGSession:
 
 
 # Re-exported for callers that import them from here.
-__all__ = ["IMGSession", "Round", "RoundSettings", "SessionRecord", "StageEvent", "StageCallback"]
+__all__ = [
+    "LOAD_STEPS", "SESSION_PARTS", "IMGSession", "Round", "RoundSettings", "SessionRecord", "Stage", "StageEvent",
+    "StageCallback",
+]
 
 
 ALIGNER_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")

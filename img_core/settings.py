@@ -27,7 +27,13 @@ from img_core.errors import InvalidInputError
 if TYPE_CHECKING:
     from img_core.presets import Preset
 
-GUIDANCE_MODES = ("question", "dialogue")  # question: as released; dialogue: the critique steers the guidance
+# How the MLLM computes guidance features (`MLLMCritic.read`, aligner training, feature extraction):
+# question: over image + question, as released; dialogue: the critique teacher-forced after the question.
+MLLM_GUIDANCE_MODES = ("question", "dialogue")
+# The round setting: "auto" picks per round - dialogue over the critique when the user edited it (or typed
+# one), else question mode (the released aligners' training condition: default results stay the paper's).
+GUIDANCE_MODES = ("auto", *MLLM_GUIDANCE_MODES)
+DEFAULT_GUIDANCE_MODE = "auto"
 MLLM_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-8bit", "quanto-int8", "quanto-int4")
 DIFFUSION_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-8bit")
 MAX_PROMPT_CHARS = 2000  # longer prompts are cut here, with a warning (the text encoders take far less)
@@ -81,15 +87,21 @@ def check_rounds(rounds: Any) -> int:
 
 
 @dataclass(frozen=True)
-class PromptCheck:
-    """A prompt ready to use, and the warnings to show the user about it."""
+class CheckedPrompt:
+    """A prompt ready to use, and the warnings to show the user about it. Checked once per click: every
+    round method takes a CheckedPrompt as it is. `encoders` names the preset whose text encoders' token
+    limits were checked too (`IMGSession.check_prompt`); None when only the characters were."""
 
     prompt: str
     warnings: tuple[str, ...] = ()
+    encoders: str | None = None
 
 
-def check_prompt(prompt: Any) -> PromptCheck:
-    """Strip the prompt; refuse a missing, non-text or blank one; cut one over `MAX_PROMPT_CHARS` with a warning."""
+def check_prompt(prompt: Any) -> CheckedPrompt:
+    """Strip the prompt; refuse a missing, non-text or blank one; cut one over `MAX_PROMPT_CHARS` with a
+    warning. A `CheckedPrompt` is returned as it is (it was checked already)."""
+    if isinstance(prompt, CheckedPrompt):
+        return prompt
     if prompt is None:
         raise InvalidInputError("the prompt is empty: describe the image you want")
     if not isinstance(prompt, str):
@@ -99,11 +111,11 @@ def check_prompt(prompt: Any) -> PromptCheck:
         raise InvalidInputError("the prompt is empty: describe the image you want")
     if len(prompt) > MAX_PROMPT_CHARS:
         cut = len(prompt) - MAX_PROMPT_CHARS
-        return PromptCheck(
+        return CheckedPrompt(
             prompt[:MAX_PROMPT_CHARS].rstrip(),
             (f"the prompt has {len(prompt)} characters; its last {cut} were cut (the limit is {MAX_PROMPT_CHARS})",),
         )
-    return PromptCheck(prompt)
+    return CheckedPrompt(prompt)
 
 
 @dataclass(frozen=True)
@@ -132,7 +144,7 @@ class RoundSettings:
     guidance_scale: float | None = None
     ip_scale: float | None = None  # preset default 0.2 (REFERENCE §4)
     aligner_passes: int | None = None  # preset default 3 (REFERENCE §1)
-    guidance_mode: str = "question"
+    guidance_mode: str = DEFAULT_GUIDANCE_MODE
     max_critique_tokens: int = DEFAULT_MAX_CRITIQUE_TOKENS
     # Question mode only: False skips the critique text (the release's path; guidance needs no text).
     critique: bool = True
@@ -189,9 +201,10 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ip-scale", type=float, default=None,
                         help=f"{LIMITS['ip_scale'].label} (default: the preset's, 0.2)")
     parser.add_argument("--passes", type=int, default=None, help=f"{LIMITS['aligner_passes'].label} (default 3)")
-    parser.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default="question",
+    parser.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default=DEFAULT_GUIDANCE_MODE,
                         help="question: guidance over image + question, as released; dialogue: the critique is "
-                        "teacher-forced as the MLLM's answer, so it steers the guidance")
+                        "teacher-forced as the MLLM's answer, so it steers the guidance; auto (default): dialogue "
+                        "when a critique you wrote or edited is given, else question")
     parser.add_argument("--max-critique-tokens", type=int, default=DEFAULT_MAX_CRITIQUE_TOKENS,
                         help=f"{LIMITS['max_critique_tokens'].label} (default {DEFAULT_MAX_CRITIQUE_TOKENS})")
     parser.add_argument("--no-critique", action="store_true",
@@ -225,17 +238,6 @@ class ModelOptions:
     offload: bool | None = None
     questions: str | None = None
 
-    def session_kwargs(self) -> dict:
-        """Keyword arguments of `IMGSession.from_preset` (the preset name excluded)."""
-        return {
-            "device": self.device,
-            "quantization": self.quantization,
-            "diffusion_quantization": self.diffusion_quantization,
-            "mllm": self.mllm,
-            "aligner": self.aligner,
-            "offload": self.offload,
-            "questions": self.questions,
-        }
 
 
 # Environment variables that set the defaults of --preset, --mllm and --quantization (a Hugging Face Space

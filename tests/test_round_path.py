@@ -149,7 +149,7 @@ def test_a_model_switch_does_not_carry_the_automatic_offload_choice(tiny_root):
     session.offload = True  # as if the automatic rule had chosen offload for this preset's size
     host = ModelHost(session, allow_switch=True)
     host.switch("tiny-sdxl-dpo", None, None)
-    assert host.session.offload_requested is None  # the next preset decides for itself
+    assert host.session.options.offload is None  # the next preset decides for itself
 
 
 def test_round_features_are_not_written_to_the_record(tmp_path, fresh_session):

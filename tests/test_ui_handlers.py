@@ -22,7 +22,6 @@ from ui.handlers import (
     Produced,
     StopRequested,
     Studio,
-    preparation_step,
     run_in_worker,
 )
 from ui.models import ModelHost, compatible_mllms
@@ -55,7 +54,7 @@ def test_request_reads_widget_values_and_refuses_bad_ones():
     made = RoundRequest.from_values(prompt="  a cat ", seed=3.0, steps=4.0, guidance_scale=5, aligner_passes=2.0)
     settings = made.settings
     assert (made.prompt, made.seed, settings.steps, settings.aligner_passes) == ("a cat", 3, 4, 2)
-    assert (settings.guidance_scale, settings.guidance_mode) == (5, "question")
+    assert (settings.guidance_scale, settings.guidance_mode) == (5, "auto")  # settings.DEFAULT_GUIDANCE_MODE
     long = RoundRequest.from_values(prompt="fox " * 1000, seed=0)  # cut with a warning, never refused
     assert len(long.prompt) <= 2000 and "were cut" in long.warnings[0]
     for values, message in [
@@ -89,10 +88,12 @@ def test_buttons_that_cannot_run_are_disabled(generated):
 def test_models_load_once_per_process(tiny_root):
     host = ModelHost(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False))
     assert not host.is_loaded and "not loaded yet" in host.status_line()
-    messages = []
-    session = host.loaded_session(lambda value, desc="": messages.append(desc))
+    events = []
+    session = host.loaded_session(events.append)  # the session's own Stage.LOAD events, step k of n
     backend, seconds = session.backend, host.load_seconds
-    assert host.is_loaded and "loaded in" in host.status_line() and messages[0].startswith("Loading the tiny-sdxl")
+    assert host.is_loaded and "loaded in" in host.status_line()
+    assert [(event.stage, event.step, event.total) for event in events] == [("load", k, 4) for k in (1, 2, 3, 4, 4)]
+    assert "tiny-llava" in events[0].message and events[-1].message == "models loaded"
     assert host.loaded_session() is session and session.backend is backend and host.load_seconds == seconds
 
 
@@ -273,8 +274,6 @@ def test_jobs_run_beside_the_page_stream_their_stages_and_stop(studio, generated
 
 
 def test_models_prepare_in_the_background_and_a_failure_is_kept_as_a_message(tiny_root, tmp_path):
-    assert [preparation_step(m) for m in ("downloading IMG LLaVA 7.1/26 GB", "loading the sdxl pipeline x",
-                                          "loading the MLLM m", "loading the Implicit Aligner")] == [1, 2, 3, 4]
     from ui import build_demo
 
     broken = IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False,

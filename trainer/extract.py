@@ -28,7 +28,7 @@ import torch
 
 from img_core.errors import CorruptFileError
 from img_core.integrity import sha256_file
-from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, GUIDANCE_MODES
+from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, MLLM_GUIDANCE_MODES
 from trainer import option, parse_config
 from trainer.data import PreferencePairs
 from trainer.store import (
@@ -54,7 +54,7 @@ class ExtractConfig:
     dataset: str = option("", "folder of Pick-a-Pic-style parquet files, one parquet file, or a hub dataset id")
     out: str = option("", "store folder to write (shards + manifest.json)")
     preset: str = option("sdxl", "img_core preset whose IP-Adapter and MLLM make the features")
-    guidance_mode: str = option("question", "MLLM guidance mode", choices=list(GUIDANCE_MODES))
+    guidance_mode: str = option("question", "MLLM guidance mode", choices=list(MLLM_GUIDANCE_MODES))
     questions: str | None = option(None, "question source: ours, release or a JSON file (default: the preset's)")
     mllm: str | None = option(None, "MLLM name or folder instead of the preset's (e.g. a fine-tuned one)")
     quantization: str | None = option(None, "MLLM quantization (default: nf4 on CUDA, none on CPU)")
@@ -84,7 +84,7 @@ class FeatureExtractor:
         session = IMGSession.from_preset(
             preset, device=device, mllm=mllm, quantization=quantization, tiny_root=tiny_root,
             show_progress_bars=False, questions=questions,
-        ).load(aligner=False)
+        ).load(["diffusion", "mllm"])
         self.preset = session.base_preset
         self.device = session.device
         self.backend = session.backend

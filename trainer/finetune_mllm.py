@@ -15,7 +15,7 @@ cross-entropy on the answer tokens only. LoRA adapters (peft) go on the language
 `--quantization bnb-nf4` loads the frozen base in 4 bits (QLoRA) so LLaVA-13B fits a 24 GB GPU. After
 training (1 epoch by default) the adapter is saved to DIR/adapter/, merged into an unquantized copy of the
 base, and the merged model is saved to DIR with its processor and `img_studio_mllm.json` (chat template,
-image aspect), so `MLLMCritic.load(resolve_spec(DIR))` and `IMGSession(mllm=DIR)` load it.
+image aspect), so `load_mllm(DIR)` (img_core.mllm.loading) and `IMGSession(ModelOptions(mllm=DIR))` load it.
 """
 
 from __future__ import annotations
@@ -83,17 +83,11 @@ class FinetuneConfig:
 
 
 def base_spec(base: str, tiny_root: str | Path | None = None):
-    """MLLMSpec for a known name, a known hub id (e.g. llava-hf/llava-1.5-13b-hf) or a local folder."""
-    from img_core.mllm import KNOWN_MLLMS, resolve_spec
+    """MLLMSpec for a known name, a known hub id (e.g. llava-hf/llava-1.5-13b-hf) or a local folder, its
+    folder ready (img_core's one MLLM loader: prepared into the cache, tiny models built)."""
+    from img_core.mllm.loading import resolve_mllm
 
-    by_model_id = {spec.model_id: name for name, spec in KNOWN_MLLMS.items()}
-    name = by_model_id.get(base, base)
-    root = None
-    if name in KNOWN_MLLMS and KNOWN_MLLMS[name].tiny:
-        from img_core.tiny.models import ensure_tiny_models
-
-        root = ensure_tiny_models(Path(tiny_root) if tiny_root else None)
-    return resolve_spec(name, root)
+    return resolve_mllm(base, tiny_root)
 
 
 def conversation(critic, image, edited_prompt: str, edit_prompt: str, seed: int) -> dict[str, torch.Tensor]:
@@ -173,7 +167,8 @@ def finetune(cfg: FinetuneConfig, tiny_root: str | Path | None = None) -> Path:
     )
     from tqdm.auto import tqdm
 
-    from img_core.mllm import CONVERSION_RECORD, MLLMCritic
+    from img_core.mllm import CONVERSION_RECORD
+    from img_core.mllm.loading import load_mllm
 
     cfg.check()
     out = Path(cfg.out)
@@ -193,7 +188,7 @@ def finetune(cfg: FinetuneConfig, tiny_root: str | Path | None = None) -> Path:
     if cfg.chat_template:
         spec = dataclasses.replace(spec, chat_template=cfg.chat_template)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    critic = MLLMCritic.load(spec, device=str(accelerator.device), dtype=dtype, quantization=cfg.quantization)
+    critic = load_mllm(spec, device=accelerator.device, dtype=dtype, quantization=cfg.quantization)
 
     # 2. LoRA on the language model
     model = critic.model
@@ -271,7 +266,7 @@ def finetune(cfg: FinetuneConfig, tiny_root: str | Path | None = None) -> Path:
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out / "adapter")
         del model, critic
-        merged = MLLMCritic.load(spec, device="cpu", dtype=getattr(torch, cfg.save_dtype), quantization="none")
+        merged = load_mllm(spec, device="cpu", dtype=getattr(torch, cfg.save_dtype), quantization="none")
         merged_model = PeftModel.from_pretrained(merged.model, out / "adapter").merge_and_unload()
         merged_model.save_pretrained(out)
         merged.processor.save_pretrained(out)

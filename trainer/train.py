@@ -46,7 +46,7 @@ from img_core.integrity import (
     verify_checksum,
     write_checksum,
 )
-from img_core.settings import GUIDANCE_MODES
+from img_core.settings import MLLM_GUIDANCE_MODES
 from trainer import option, parse_config
 from trainer.objective import REDUCTIONS, ReferenceUpdater, iupo_loss, squared_distance
 from trainer.store import FeatureStore, collate_features
@@ -71,7 +71,7 @@ class TrainConfig:
     online: bool = option(False, "compute features inside the loop from --dataset with --preset instead of a store")
     dataset: str | None = option(None, "--online: folder of Pick-a-Pic-style parquet files or a hub dataset id")
     preset: str | None = option(None, "--online: img_core preset whose IP-Adapter and MLLM make the features")
-    guidance_mode: str = option("question", "--online: MLLM guidance mode", choices=list(GUIDANCE_MODES))
+    guidance_mode: str = option("question", "--online: MLLM guidance mode", choices=list(MLLM_GUIDANCE_MODES))
     questions: str | None = option(None, "--online: question source (ours, release or a JSON file; default: the preset's)")
     device: str | None = option(None, "--online: device for the preset's models (default: the accelerator's)")
     val_samples: int = option(500, "held-out samples for validation (0 = none; the paper's ablations use 500 prompts)")

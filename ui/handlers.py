@@ -33,8 +33,8 @@ from img_core.errors import IMGError, InvalidInputError
 from img_core.evaluation.scorers import VQA_SCORER, check_scorer_names
 from img_core.images import load_image
 from img_core.record import Round, SessionRecord
-from img_core.session import IMGSession, StageCallback, StageEvent
-from img_core.settings import LIMITS
+from img_core.session import LOAD_STEPS, IMGSession, StageCallback, StageEvent
+from img_core.settings import LIMITS, CheckedPrompt
 from ui.files import app_subfolder
 from ui.gpu import gpu_task
 from ui.models import ModelHost
@@ -82,7 +82,8 @@ class Studio:
         """A new session: round 0 generated from the prompt and seed (earlier rounds are dropped)."""
         report = on_stage or _ignore
         session = self._loaded(report)
-        first = session.generate(request.prompt, request.seed, request.settings, on_stage=report)
+        prompt = session.check_prompt(request.checked_prompt)  # once per click
+        first = session.generate(prompt, request.seed, request.settings, on_stage=report)
         first = self._scored(session, _with_warnings(first, request.warnings), report)
         return state.started(first)
 
@@ -99,7 +100,7 @@ class Studio:
         image = load_image(image)
         report = on_stage or _ignore
         session = self._loaded(report)
-        first = session.start_from_image(image, request.prompt, request.seed)
+        first = session.start_from_image(image, session.check_prompt(request.checked_prompt), request.seed)
         first = self._scored(session, _with_warnings(first, request.warnings), report)
         return state.started(first)
 
@@ -109,8 +110,9 @@ class Studio:
         base = state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
-        return session.critique(
-            base.image, request.prompt, request.settings.max_critique_tokens, seed=request.seed, on_stage=report
+        return session.critique(  # the Round: its reading is kept for the next Refine
+            base, session.check_prompt(request.checked_prompt), request.settings.max_critique_tokens, seed=request.seed,
+            on_stage=report,
         )
 
     def _refine(
@@ -121,7 +123,8 @@ class Studio:
         state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
-        return self._next_round(session, request, state, critique, report)
+        prompt = session.check_prompt(request.checked_prompt)  # once per click
+        return self._next_round(session, request, prompt, state, critique, report)
 
     def _auto_refine(
         self,
@@ -139,8 +142,9 @@ class Studio:
         state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
+        prompt = session.check_prompt(request.checked_prompt)  # once per click, for every round
         for step in range(rounds):
-            state = self._next_round(session, request, state, critique if step == 0 else None, report)
+            state = self._next_round(session, request, prompt, state, critique if step == 0 else None, report)
             stalled = self.score_stalled(state) if stop_when_flat and step < rounds - 1 else None
             yield state, stalled
             if stalled:
@@ -161,12 +165,18 @@ class Studio:
         )
 
     def _next_round(
-        self, session: IMGSession, request: RoundRequest, state: StudioState, critique: str | None, report
+        self,
+        session: IMGSession,
+        request: RoundRequest,
+        prompt: CheckedPrompt,
+        state: StudioState,
+        critique: str | None,
+        report,
     ) -> StudioState:
         """One IMG round from the base of `state`, through the session's one round path, then scored."""
         refined = session.refine(
             state.base_round(),
-            request.prompt,
+            prompt,
             request.seed,
             critique=critique,
             settings=request.settings,
@@ -179,7 +189,7 @@ class Studio:
     def _loaded(self, report: StageCallback) -> IMGSession:
         """The loaded session; a load here (the first click, or a retry after a failed preparation) is
         reported as "load" events."""
-        return self.host.loaded_session(lambda *_, desc="", **__: report(StageEvent("load", message=desc)))
+        return self.host.loaded_session(report)
 
     def _scored(self, session: IMGSession, made: Round, report: StageCallback) -> Round:
         """`made` with its score under `self.scorer_name` (the session's own scorers, loaded once). A
@@ -228,7 +238,7 @@ class Studio:
         with user_errors():
             request = RoundRequest.from_values(prompt=prompt, seed=seed)
             session = self.host.loaded_session()
-            made = session.generate(request.prompt, request.seed, request.settings)
+            made = session.generate(request.checked_prompt, request.seed, request.settings)
             _api_warn(request.warnings, made.warnings)
             return made.image
 
@@ -237,7 +247,7 @@ class Studio:
         with user_errors():
             request = RoundRequest.from_values(prompt=prompt, seed=0)
             image = load_image(_api_image(image))
-            text = self.host.loaded_session().critique(image, request.prompt, seed=request.seed)
+            text = self.host.loaded_session().critique(image, request.checked_prompt, seed=request.seed)
             _api_warn(request.warnings)
             return text
 
@@ -254,7 +264,9 @@ class Studio:
             request = RoundRequest.from_values(prompt=prompt, seed=seed, guidance_mode=mode)
             image = load_image(_api_image(image))
             session = self.host.loaded_session()
-            made = session.refine(image, request.prompt, request.seed, critique=critique, settings=request.settings)
+            made = session.refine(
+                image, request.checked_prompt, request.seed, critique=critique, settings=request.settings
+            )
             _api_warn(request.warnings, made.warnings)
             return made.image
 
@@ -385,19 +397,7 @@ def run_in_worker(
 
 # --- models prepared in the background -----------------------------------------------------------------
 
-PREPARATION_STEPS = 4  # get the MLLM (tiny build, download, conversion), diffusion pipeline, MLLM, aligner
-
-
-def preparation_step(message: str) -> int:
-    """Which of the PREPARATION_STEPS a loading message of `IMGSession.load` belongs to."""
-    text = message.lower()
-    if "aligner" in text or "models loaded" in text:
-        return 4
-    if "loading the mllm" in text:
-        return 3
-    if "pipeline" in text:
-        return 2
-    return 1
+PREPARATION_STEPS = len(LOAD_STEPS)  # a first load: the MLLM's preparation, pipeline, MLLM, aligner
 
 
 class ModelPreparation:
@@ -410,6 +410,7 @@ class ModelPreparation:
     def __init__(self, host: ModelHost):
         self.host = host
         self.step = 0
+        self.total = PREPARATION_STEPS
         self.message = ""
         self.error: str | None = None
         self._thread: threading.Thread | None = None
@@ -428,13 +429,13 @@ class ModelPreparation:
         """'k/n' while models are being prepared, else None."""
         if self.ready or not self.running:
             return None
-        return f"{self.step}/{PREPARATION_STEPS}"
+        return f"{self.step}/{self.total}"
 
     def start(self) -> None:
         with self._lock:
             if self.ready or self.running:
                 return
-            self.step, self.message, self.error = 0, "starting", None
+            self.step, self.total, self.message, self.error = 0, PREPARATION_STEPS, "starting", None
             self._thread = threading.Thread(target=self._prepare, name="img-studio-prepare", daemon=True)
             self._thread.start()
 
@@ -445,14 +446,15 @@ class ModelPreparation:
             thread.join(timeout)
         return self.ready
 
-    def note(self, message: str) -> None:
-        """Record a loading message (also called for loads that a click starts)."""
-        self.step = max(self.step, preparation_step(message))
-        self.message = message
+    def note(self, event: StageEvent) -> None:
+        """Record a `Stage.LOAD` event of `IMGSession.load` (also called for loads that a click starts)."""
+        if event.step is not None and event.total:
+            self.step, self.total = event.step, event.total
+        self.message = event.message or self.message
 
     def _prepare(self) -> None:
         try:
-            self.host.loaded_session(lambda *_, desc="", **__: self.note(desc))
+            self.host.loaded_session(self.note)
         except IMGError as error:
             logger.warning("preparing the models failed: %s", error)
             self.error = str(error)

@@ -27,7 +27,7 @@ import gradio as gr
 from img_core.errors import IMGError
 from img_core.evaluation.scorers import VQA_SCORER
 from img_core.presets import PRESETS
-from img_core.session import IMGSession, StageCallback, StageEvent
+from img_core.session import IMGSession, Stage, StageCallback, StageEvent
 from img_core.settings import (
     DEFAULT_AUTO_ROUNDS,
     GUIDANCE_MODES,
@@ -461,8 +461,8 @@ class StudioUI:
                 update: dict = {}
                 for item in batch:
                     if isinstance(item, StageEvent):
-                        if item.stage == "load" and item.message:
-                            self.preparation.note(item.message)
+                        if item.stage == Stage.LOAD:
+                            self.preparation.note(item)
                         update[self.status] = self._status_text(
                             views.stage_line(item, self.preparation.step_text or None, auto)
                         )

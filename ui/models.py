@@ -12,18 +12,11 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Callable
 
 from img_core.errors import InvalidInputError
 from img_core.mllm import KNOWN_MLLMS, default_quantization
 from img_core.presets import get_preset
-from img_core.session import IMGSession
-
-Progress = Callable[..., object]
-
-
-def no_progress(*args: object, **kwargs: object) -> None:
-    """Stands in for gr.Progress outside Gradio (tests, benchmarks)."""
+from img_core.session import IMGSession, StageCallback
 
 
 def compatible_mllms(preset_name: str) -> list[str]:
@@ -61,18 +54,18 @@ class ModelHost:
     def is_loaded(self) -> bool:
         return self._session.is_loaded
 
-    def loaded_session(self, progress: Progress = no_progress) -> IMGSession:
-        """The session with every model loaded; loads them on the first call in this process."""
+    def loaded_session(self, on_stage: StageCallback | None = None) -> IMGSession:
+        """The session with every model loaded; loads them on the first call in this process, reporting
+        `Stage.LOAD` events (step k of n) to `on_stage`."""
         with self._lock:
             if not self._session.is_loaded:
-                progress(0.0, desc=f"Loading the {self.preset.name} models (once per process)")
                 start = time.perf_counter()
-                self._session.load(progress=lambda message: progress(0.0, desc=f"Loading models: {message}"))
+                self._session.load(on_stage=on_stage)
                 self.load_seconds = time.perf_counter() - start
             return self._session
 
     def switch(
-        self, preset_name: str, mllm: str | None, quantization: str | None, progress: Progress = no_progress
+        self, preset_name: str, mllm: str | None, quantization: str | None, on_stage: StageCallback | None = None
     ) -> bool:
         """Replace the session with one for these settings and load it. Returns False (and loads
         nothing) when they are the current ones; on failure the current session stays and the error
@@ -93,37 +86,23 @@ class ModelHost:
             )
             if unchanged:
                 return False
-            kept = {  # process-wide settings from the command line that a switch keeps
-                "device": current.device,
-                "tiny_root": current.tiny_root,
-                "offload": current.offload_requested,  # not the automatic choice made for the old preset
-                "diffusion_quantization": current.diffusion_quantization,
-                "questions": current.questions_requested,
-            }
             same_preset = preset_name == current.base_preset.name
-            replacement = IMGSession.from_preset(
-                preset_name,
-                quantization=quantization,
-                mllm=mllm,
-                aligner=current.aligner_source if same_preset else None,  # an --aligner belongs to its preset
-                **kept,
+            # The other options (device, offload as asked, diffusion quantization, questions) are the process's
+            # command line and stay; an --aligner belongs to its preset.
+            replacement = current.with_options(
+                preset=preset_name, mllm=mllm, quantization=quantization,
+                aligner=current.options.aligner if same_preset else None,
             )
-            previous = {
-                "name": current.base_preset.name,
-                "quantization": current.quantization,
-                "mllm": current.mllm_name,
-                "aligner": current.aligner_source,
-                **kept,
-            }
+            previous = current.with_options()  # the old settings, unloaded: what a failed switch goes back to
             self._session = replacement
             self.load_seconds = None
             del current  # free the old models before loading the new ones
             gc.collect()
             _empty_accelerator_cache()
             try:
-                self.loaded_session(progress)
+                self.loaded_session(on_stage)
             except BaseException:
-                self._session = IMGSession.from_preset(**previous)  # back to the old settings, loaded lazily
+                self._session = previous  # back to the old settings, loaded lazily
                 raise
             return True
 

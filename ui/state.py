@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from img_core.errors import InvalidInputError
-from img_core.settings import RoundSettings, check_prompt, check_seed
+from img_core.settings import CheckedPrompt, RoundSettings, check_prompt, check_seed
 
 if TYPE_CHECKING:
     from img_core.record import Round
@@ -38,6 +38,13 @@ class RoundRequest:
             seed = int(seed)  # Gradio's Number sends floats
         values = {name: _whole_if_float(value) for name, value in settings.items() if value is not None}
         return cls(checked.prompt, check_seed(seed), RoundSettings.from_values(values), checked.warnings)
+
+
+    @property
+    def checked_prompt(self) -> CheckedPrompt:
+        """The prompt as `from_values` checked it (its characters): `IMGSession.check_prompt` adds the token
+        check once per click and no round method checks it again."""
+        return CheckedPrompt(self.prompt, self.warnings)
 
 
 def _whole_if_float(value: Any) -> Any:

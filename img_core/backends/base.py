@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from img_core.errors import InvalidInputError
-from img_core.settings import DIFFUSION_QUANTIZATIONS, PromptCheck, check_prompt
+from img_core.settings import DIFFUSION_QUANTIZATIONS, CheckedPrompt, check_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,9 @@ class DiffusionBackend(ABC):
     def image_features_shape(self) -> tuple[int, int]:
         return tuple(self.negative_features().shape[1:])  # type: ignore[return-value]
 
-    def check_prompt(self, prompt: str) -> PromptCheck:
-        """Reject empty prompts; warn (do not fail) when a text encoder will truncate the prompt."""
+    def check_prompt(self, prompt: str | CheckedPrompt) -> CheckedPrompt:
+        """Reject empty prompts; warn (do not fail) when a text encoder will truncate the prompt (one
+        tokenizer pass per text encoder). The result names this preset in `encoders`."""
         check = check_prompt(prompt)
         warnings = list(check.warnings)
         for name, tokenizer, limit in self.prompt_token_limits():
@@ -165,7 +166,7 @@ class DiffusionBackend(ABC):
                 )
                 logger.warning(message)
                 warnings.append(message)
-        return PromptCheck(check.prompt, tuple(warnings))
+        return CheckedPrompt(check.prompt, tuple(warnings), encoders=self.preset.name)
 
     @torch.no_grad()
     def image_features(self, image: Image.Image) -> torch.Tensor:

@@ -19,8 +19,8 @@ from img_core.errors import IMGError
 
 def build_parser() -> argparse.ArgumentParser:
     from img_core.settings import (
-        GUIDANCE_MODES,
         LIMITS,
+        MLLM_GUIDANCE_MODES,
         add_model_arguments,
         add_round_arguments,
     )
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, type=Path)
     convert.add_argument("--mllm", default="img-llava-13b", help="MLLM the aligner was trained with (metadata)")
     convert.add_argument("--chat-template", default="llava-v0", help="chat template of that MLLM (metadata)")
-    convert.add_argument("--guidance-mode", default="question", choices=GUIDANCE_MODES)
+    convert.add_argument("--guidance-mode", default="question", choices=MLLM_GUIDANCE_MODES)
 
     commands.add_parser("convert-llava", help="convert the released IMG LLaVA folder to transformers format", add_help=False)
     commands.add_parser("prepare", help="fetch and convert what a preset needs, ahead of time", add_help=False)
@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 def refine(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from img_core.presets import default_preset_name
     from img_core.record import check_output_folder
-    from img_core.session import IMGSession, StageEvent
+    from img_core.session import IMGSession, Stage, StageEvent
     from img_core.settings import (
         check_prompt,
         check_rounds,
@@ -112,16 +111,14 @@ def refine(args: argparse.Namespace) -> int:
         from img_core.images import load_image
 
         load_image(args.image)
-    options = model_options_from_args(args)
-    session = IMGSession.from_preset(options.preset or default_preset_name(), show_progress_bars=False,
-                                     **options.session_kwargs())
+    session = IMGSession(model_options_from_args(args), show_progress_bars=False)
     bar = tqdm(total=args.rounds + 1, desc="IMG", unit="image", disable=args.quiet, file=sys.stderr)
 
     def on_stage(event: StageEvent) -> None:
-        if event.stage == "done":
+        if event.stage == Stage.DONE:
             bar.update(1)
-        elif event.stage == "load":
-            bar.set_postfix_str(event.message or "loading")
+        elif event.stage == Stage.LOAD:
+            bar.set_postfix_str(f"loading {event.step}/{event.total}: {event.message}")
         elif event.step is not None and event.total:
             bar.set_postfix_str(f"round {event.round_index} {event.stage} {event.step}/{event.total}")
         elif event.text is None:

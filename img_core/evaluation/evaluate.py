@@ -28,7 +28,6 @@ Steps, as the code runs them:
 from __future__ import annotations
 
 import argparse
-import gc
 import html
 import json
 import logging
@@ -40,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from img_core.errors import InvalidInputError
+from img_core.session import SESSION_PARTS
+from img_core.tiny.models import ensure_tiny_models
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
     rows = read_results(out_dir)
 
     # 3. generation
-    session = IMGSession.from_preset(preset_name, show_progress_bars=False, **options.session_kwargs())
+    session = IMGSession(options, show_progress_bars=False)
     generated = generate_missing(session, prompts, args.seed, args.rounds, settings, out_dir, rows, quiet=args.quiet)
 
     # 4. scoring, one model set at a time
@@ -205,36 +205,9 @@ def generate_missing(session, prompts: list[str], seed: int, rounds: int, settin
     return generated
 
 
-def release_generation_models(session, keep_critic: bool) -> None:
-    """Free the session's diffusion pipeline and aligner (and its MLLM unless `keep_critic`) so that a
-    scorer loads into the memory they held. A later generate/refine loads them again."""
-    session.backend = None
-    session.aligner = None
-    if not keep_critic:
-        session.critic = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def session_critic(session):
-    """The session's MLLM critic; loaded alone (without the diffusion models) if the session has none."""
-    if session.critic is None:
-        from img_core.mllm import MLLMCritic, default_quantization, resolve_spec
-
-        tiny_root = _tiny_root(session)
-        quantization = session.quantization or default_quantization(session.device)
-        session.critic = MLLMCritic.load(resolve_spec(session.mllm_name, tiny_root), device=str(session.device),
-                                         quantization=quantization)
-    return session.critic
-
-
 def _tiny_root(session) -> Path | None:
-    if not session.base_preset.is_tiny:
-        return None
-    from img_core.tiny.models import ensure_tiny_models
-
-    return ensure_tiny_models(session.tiny_root)
+    """The tiny models folder the session uses (tiny presets), for the tiny stand-ins of the scorers."""
+    return ensure_tiny_models(session.tiny_root) if session.base_preset.is_tiny else None
 
 
 def score_missing(session, scorer_names: list[str], prompts: list[str], rounds: int, out_dir: Path, rows: dict,
@@ -257,9 +230,12 @@ def score_missing(session, scorer_names: list[str], prompts: list[str], rounds: 
         if not pending:
             continue
         uses_critic = not scorer_needs_own_weights(name)
-        release_generation_models(session, keep_critic=uses_critic)
+        # free what this scorer does not use, so its weights load into that memory
+        session.unload(["diffusion", "aligner"] if uses_critic else list(SESSION_PARTS))
+        if uses_critic:
+            session.load(["mllm"])
         scorer = load_scorer(name, device=session.device, tiny_root=_tiny_root(session),
-                             critic=session_critic(session) if uses_critic else None,
+                             critic=session.critic if uses_critic else None,
                              quantization=session.quantization)
         bar = tqdm(total=len(pending), desc=f"scoring {name}", unit="image", disable=quiet, file=sys.stderr)
         last_save = time.monotonic()

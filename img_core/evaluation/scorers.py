@@ -45,6 +45,7 @@ from PIL import Image
 
 from img_core.errors import IMGError, InvalidInputError
 from img_core.hub import download_file, from_pretrained_or_explain
+from img_core.mllm.loading import load_mllm
 from img_core.tiny.scorers import ensure_tiny_scorers, tiny_scorer_overrides
 
 logger = logging.getLogger(__name__)
@@ -351,10 +352,7 @@ class VQAScorer:
         scorer = cls(None, name=name or f"{VQA_SCORER}:{mllm}", owns_critic=True)
 
         def load_judge():
-            from img_core.mllm import MLLMCritic, resolve_spec
-
-            return MLLMCritic.load(resolve_spec(mllm, Path(tiny_root) if tiny_root else None),
-                                   device=str(device), quantization=quantization)
+            return load_mllm(mllm, device=device, quantization=quantization, tiny_root=tiny_root)
 
         scorer._judge_loader = load_judge
         return scorer

@@ -38,11 +38,11 @@ from img_core.mllm.specs import (
     resolve_spec,
     spec_from_folder,
 )
-from img_core.settings import GUIDANCE_MODES
+from img_core.settings import MLLM_GUIDANCE_MODES
 
 __all__ = [
     "CHAT_TEMPLATES", "LLAVA_IMAGE_TOKEN", "LLAVA_SYSTEM", "LLAVA_V0_ANSWER", "LLAVA_V0_PROMPT", "LLAVA_V1_ANSWER",
-    "LLAVA_V1_PROMPT", "CONVERSION_RECORD", "DEFAULT_CACHE_DIR", "FAMILIES", "GUIDANCE_MODES", "IMAGE_ASPECTS",
+    "LLAVA_V1_PROMPT", "CONVERSION_RECORD", "DEFAULT_CACHE_DIR", "FAMILIES", "IMAGE_ASPECTS", "MLLM_GUIDANCE_MODES",
     "KNOWN_MLLMS", "MIN_CRITIQUE_TOKENS", "MLLMCritic", "MLLMReading", "MLLMSpec", "QUANTIZATIONS", "STOP_STRINGS",
     "UNQUANTIZED_MODULES", "default_dtype", "default_quantization", "encode_conversation", "expand_to_square",
     "quantization_config", "read_conversion_record", "resolve_spec", "spec_from_folder", "tensor_bytes",

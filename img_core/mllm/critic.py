@@ -50,7 +50,7 @@ from img_core.mllm.specs import (
     resolve_spec,
 )
 from img_core.questions import QuestionSource, ours_question_source
-from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, GUIDANCE_MODES
+from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, MLLM_GUIDANCE_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class MLLMCritic:
         """Load model and processor with `from_pretrained` (tiny folders and hub ids alike).
 
         `spec` is an `MLLMSpec` (tiny ones resolved with `resolve_spec`), a known name or a local folder.
+        This loads what is on disk; `img_core.mllm.loading.load_mllm` (what the session, evaluation, the
+        scorers, the trainer and the benchmarks call) also prepares the model and sets the question source.
         dtype defaults to bfloat16 on CUDA and float32 on CPU (float16 with bnb-8bit); quantization to
         `default_quantization(device)`."""
         from transformers import (
@@ -119,7 +121,7 @@ class MLLMCritic:
         )
 
 
-        if isinstance(spec, str):
+        if isinstance(spec, str) or spec.in_cache:  # a cached folder is found under the cache root as it is now
             spec = resolve_spec(spec)
         quantization = quantization or default_quantization(device)
         if quantization not in QUANTIZATIONS:
@@ -194,8 +196,8 @@ class MLLMCritic:
         the same prefill (the vision tower and the prompt run once). mode "dialogue": `critique` (or, when it
         is None, one the MLLM writes first) is teacher-forced after the question and the guidance covers both.
         `question` overrides the seeded draw from `self.questions`."""
-        if mode not in GUIDANCE_MODES:
-            raise InvalidInputError(f"guidance mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+        if mode not in MLLM_GUIDANCE_MODES:
+            raise InvalidInputError(f"guidance mode must be one of {MLLM_GUIDANCE_MODES}, got {mode!r}")
         critique = critique.strip() if critique and critique.strip() else None
         if mode == "question":
             if not write_critique:
@@ -238,8 +240,8 @@ class MLLMCritic:
 
         mode "question": the conversation up to the assistant's turn (critique ignored), as released.
         mode "dialogue": the critique is teacher-forced as the assistant's answer after the question."""
-        if mode not in GUIDANCE_MODES:
-            raise InvalidInputError(f"guidance mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+        if mode not in MLLM_GUIDANCE_MODES:
+            raise InvalidInputError(f"guidance mode must be one of {MLLM_GUIDANCE_MODES}, got {mode!r}")
         if mode == "dialogue" and not (critique and critique.strip()):
             raise InvalidInputError("dialogue guidance needs a critique: generate one with critique() or type one")
         answer = critique.strip() if mode == "dialogue" else None

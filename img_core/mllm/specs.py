@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from img_core.errors import InvalidInputError, WeightsNotFoundError
-from img_core.paths import DEFAULT_CACHE_DIR
+from img_core.paths import DEFAULT_CACHE_DIR, cache_root
 
 FAMILIES = ("llava", "qwen2_5_vl")
 CHAT_TEMPLATES = ("llava-v0", "llava-v1", "qwen2.5-vl")
@@ -38,6 +38,7 @@ class MLLMSpec:
     hidden_size: int  # Dg, width of the guidance features (metadata; checked against the loaded config)
     image_aspect: str = "pad"  # "pad" | "native"
     tiny: bool = False  # a tiny test model: model_id is a folder name under the tiny models root
+    in_cache: bool = False  # model_id is a folder name under the cache root (`cache_root()`, read at call time)
     context_length: int | None = None  # None: the language model's max_position_embeddings
     fetch_hint: str = ""  # how to get the weights, shown when they are missing
 
@@ -55,15 +56,17 @@ class MLLMSpec:
 KNOWN_MLLMS: dict[str, MLLMSpec] = {
     "img-llava-13b": MLLMSpec(
         name="img-llava-13b",
-        model_id=str(DEFAULT_CACHE_DIR / "img-llava-13b-hf"),
+        model_id="img-llava-13b-hf",
         family="llava",
         chat_template="llava-v0",  # the release's folder is named `llava`, which selects conv_llava_v0
         hidden_size=5120,
+        in_cache=True,
         fetch_hint=(
             "With internet access, `python -m img_core prepare --preset sdxl` downloads the `llava/` folder of "
             "shi-labs/IMG and converts it into the cache once (the app and the CLI do this on first use). "
-            "Offline: copy a prepared ~/.cache/img-studio/img-llava-13b-hf here, or convert a downloaded folder "
-            "with `python -m img_core convert-llava --source IMG/llava --out ~/.cache/img-studio/img-llava-13b-hf`."
+            "Offline: copy a prepared img-llava-13b-hf folder into the cache folder ($IMG_STUDIO_CACHE, default "
+            f"{DEFAULT_CACHE_DIR}), or convert a downloaded folder with `python -m img_core convert-llava --source "
+            "IMG/llava --out <cache folder>/img-llava-13b-hf`."
         ),
     ),
     "llava-1.5-13b": MLLMSpec(
@@ -104,13 +107,15 @@ KNOWN_MLLMS: dict[str, MLLMSpec] = {
 
 
 def resolve_spec(name_or_spec: str | MLLMSpec, tiny_root: Path | None = None) -> MLLMSpec:
-    """A known name, an `MLLMSpec`, or a local converted folder -> a spec whose model_id can be loaded.
+    """A known name (or a known spec's hub id), an `MLLMSpec`, or a local converted folder -> a spec whose
+    model_id can be loaded.
 
-    Tiny specs get their folder under `tiny_root` (`<tiny_root>/tiny-llava`); `~` is expanded."""
+    Tiny specs get their folder under `tiny_root` (`<tiny_root>/tiny-llava`); cached ones under the cache
+    root as it is now (`cache_root()`: $IMG_STUDIO_CACHE, else ~/.cache/img-studio); `~` is expanded."""
     if isinstance(name_or_spec, MLLMSpec):
         spec = name_or_spec
-    elif name_or_spec in KNOWN_MLLMS:
-        spec = KNOWN_MLLMS[name_or_spec]
+    elif known_name(name_or_spec) is not None:
+        spec = KNOWN_MLLMS[known_name(name_or_spec)]
     elif Path(name_or_spec).expanduser().is_dir():
         spec = spec_from_folder(name_or_spec)
     else:
@@ -121,9 +126,20 @@ def resolve_spec(name_or_spec: str | MLLMSpec, tiny_root: Path | None = None) ->
         if tiny_root is None:
             raise InvalidInputError(f"MLLM {spec.name!r} is a tiny test model: pass the tiny models root")
         return replace(spec, model_id=str(Path(tiny_root) / spec.model_id))
+    if spec.in_cache and not Path(spec.model_id).expanduser().is_absolute():
+        return replace(spec, model_id=str(cache_root() / spec.model_id))
     if looks_like_path(spec.model_id):
         return replace(spec, model_id=str(Path(spec.model_id).expanduser()))
     return spec
+
+
+def known_name(name_or_model_id: str) -> str | None:
+    """The `KNOWN_MLLMS` name of a known name or of a known spec's hub id (llava-hf/llava-1.5-13b-hf ->
+    llava-1.5-13b); None for anything else."""
+    if name_or_model_id in KNOWN_MLLMS:
+        return name_or_model_id
+    by_hub_id = {spec.model_id: name for name, spec in KNOWN_MLLMS.items() if not (spec.tiny or spec.in_cache)}
+    return by_hub_id.get(name_or_model_id)
 
 
 def spec_from_folder(folder: str | Path, name: str | None = None) -> MLLMSpec:

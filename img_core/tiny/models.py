@@ -14,17 +14,16 @@ from pathlib import Path
 
 import torch
 
+from img_core.paths import tiny_models_root
+
 TINY_VERSION = "v2"  # bump when the tiny architectures change, so stale caches are rebuilt
 TINY_GUIDANCE_DIM = 64  # hidden size of tiny-llava and tiny-qwen
 
 
-def default_tiny_root() -> Path:
-    return Path(os.environ.get("IMG_TINY_DIR", Path.home() / ".cache" / "img-studio" / "tiny"))
-
-
 def ensure_tiny_models(base: Path | None = None, seed: int = 0) -> Path:
-    """Build the tiny models under `base` (default: $IMG_TINY_DIR or ~/.cache/img-studio/tiny) if missing."""
-    base = Path(base) if base is not None else default_tiny_root()
+    """Build the tiny models under `base` (default: `img_core.paths.tiny_models_root()`, i.e. $IMG_TINY_DIR,
+    else <cache root>/tiny) if missing."""
+    base = tiny_models_root(base)
     if (base / "COMPLETE").is_file():  # already the models folder (a loaded session's tiny_root)
         return base
     target = base / TINY_VERSION
