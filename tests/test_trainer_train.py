@@ -187,7 +187,7 @@ def test_resume_from_a_checkpoint_is_bitwise_identical(small_store, tmp_path):
 
     with pytest.raises(ValueError, match="lr 0.003 -> 0.001"):
         train(run_config(small_store, interrupted, max_steps=14, lr=1e-3, resume="latest", **settings))
-    with pytest.raises(ValueError, match="already has checkpoints"):
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
         train(run_config(small_store, interrupted, max_steps=14, **settings))
 
 

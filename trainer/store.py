@@ -251,6 +251,7 @@ class FeatureStore(torch.utils.data.Dataset):
         self.manifest = read_manifest(self.path)
         self.shard_paths = [self.path / name for name in self.manifest["shards"]]
         self.shard_sizes = []
+        self.max_guidance_tokens = 0  # the longest guidance of any sample (shards are padded to their longest)
         digests = self.manifest.get("shard_sha256")
         if verify and digests is None:
             logger.warning("%s records no shard checksums (written by an older trainer.extract): integrity "
@@ -278,6 +279,7 @@ class FeatureStore(torch.utils.data.Dataset):
             if header["shapes"]["image_w"][1:] != expected or header["shapes"]["guidance"][2] != self.guidance_dim:
                 raise ValueError(f"{shard_path} does not match the manifest's dims (Si, D, Dg)")
             self.shard_sizes.append(header["num_samples"])
+            self.max_guidance_tokens = max(self.max_guidance_tokens, header["shapes"]["guidance"][1])
         if sum(self.shard_sizes) != self.manifest["num_samples"]:
             raise ValueError(
                 f"{manifest_path} says {self.manifest['num_samples']} samples, shards hold {sum(self.shard_sizes)}"
