@@ -272,3 +272,36 @@ def test_online_steps_stay_optimizer_steps_when_a_micro_batch_is_unreadable(pick
     assert checkpoint["skipped"] == {"nonfinite": 0, "unreadable": 1}  # 6 micro-batches = the 5 train rows + 1
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_unreadable"] for r in records if "loss" in r][-1] == 1
+
+
+@pytest.mark.parametrize("manifest_damage", ["truncated", "missing"])
+def test_a_damaged_shard_with_a_damaged_manifest_is_re_extracted(store, pick_a_pic, tmp_path, manifest_damage):
+    """128 values of a shard changed (up to +977.5) and the manifest truncated or missing: the rerun used to
+    keep the shard (no manifest digest to compare with) and record its new checksum."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from trainer.store import MANIFEST_NAME
+
+    out, manifest = store
+    copy = tmp_path / "store"
+    copy.mkdir()
+    for name in [*manifest["shards"], MANIFEST_NAME]:
+        (copy / name).write_bytes((out / name).read_bytes())
+    shard = copy / shard_name(1)
+    with safe_open(str(shard), framework="pt") as handle:  # readable, same header: damage only a digest sees
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = handle.metadata()
+    tensors["image_l"].view(-1)[:128] += 977.5
+    save_file(tensors, str(shard), metadata=metadata)
+    text = (copy / MANIFEST_NAME).read_text()
+    if manifest_damage == "truncated":
+        (copy / MANIFEST_NAME).write_text(text[: len(text) // 2])
+    else:
+        (copy / MANIFEST_NAME).unlink()
+
+    resumed = extract(ExtractConfig(dataset=str(pick_a_pic), out=str(copy), preset="tiny-sdxl", shard_size=3))
+    assert without_checksums(resumed) == without_checksums(manifest)
+    repaired, original = FeatureStore(copy), FeatureStore(out)
+    for index in range(len(original)):
+        assert torch.equal(repaired[index]["image_l"], original[index]["image_l"]), index

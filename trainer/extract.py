@@ -8,8 +8,10 @@ loser, and the MLLM guidance of (loser image, caption) with the question templat
 number (plus --seed); in dialogue mode the MLLM first writes its critique of the loser, which is then
 teacher-forced into the guidance. Source rows are cut into shards of --shard-size rows; process p of P
 extracts shards p, p+P, ... and skips shards that already exist, so a killed extraction continues where it
-stopped; a shard that is damaged (unreadable, or its bytes differ from the sha256 recorded in an existing
-manifest) is re-extracted. Unreadable images are skipped, counted and reported, never fatal; so are pairs
+stopped. Every existing shard is re-verified against its own content digest on every rerun (never trusted
+because a manifest lists it: the manifest may be truncated or missing); a shard that is damaged
+(unreadable, its content differs from its digest, or an older shard without a digest whose bytes differ
+from the manifest's sha256 or that no manifest vouches for) is re-extracted. Unreadable images are skipped, counted and reported, never fatal; so are pairs
 whose features are not finite (NaN or inf, e.g. float16 overflow), which are never stored. The main
 process writes STORE/manifest.json (with every shard's sha256) when all shards are done.
 
@@ -38,6 +40,7 @@ from trainer.store import (
     read_shard_header,
     sample_is_finite,
     shard_name,
+    verify_shard_content,
     write_manifest,
     write_shard,
 )
@@ -178,10 +181,17 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None,
         path = out / shard_name(shard)
         if not path.exists():
             return False
+        damage = None
         try:
             metadata = read_shard_header(path)["metadata"]
-            expected = digests.get(path.name)
-            damage = "its sha256 differs from the manifest's" if expected and sha256_file(path) != expected else None
+            if not verify_shard_content(path):  # an older shard without its own digest: the manifest must vouch
+                expected = digests.get(path.name)
+                if expected is None:
+                    damage = "it records no content digest and no intact manifest lists its sha256"
+                elif sha256_file(path) != expected:
+                    damage = "its sha256 differs from the manifest's"
+        except CorruptFileError as error:
+            damage = str(error)
         except Exception as error:  # noqa: BLE001 - safetensors reports damage as several error types
             damage = f"unreadable: {error}"
         if damage:
