@@ -305,3 +305,51 @@ def test_a_damaged_shard_with_a_damaged_manifest_is_re_extracted(store, pick_a_p
     repaired, original = FeatureStore(copy), FeatureStore(out)
     for index in range(len(original)):
         assert torch.equal(repaired[index]["image_l"], original[index]["image_l"]), index
+
+
+def test_dialogue_recipe_trains_an_aligner_the_session_loads(pick_a_pic, tiny_root, tmp_path):
+    """The documented recipe: extract dialogue-mode guidance (critiques written by the MLLM, or taken from a
+    column), train on it, load the result with --aligner and refine with an edited critique."""
+    from img_core.session import IMGSession, RoundSettings
+
+    table = pq.read_table(pick_a_pic)
+    critiques = [f"the {word} is wrong, make it match the caption" for word in
+                 ("colour", "tie", "image", "sphere", "hat", "board", "light")]
+    with_critiques = tmp_path / "pairs"
+    with_critiques.mkdir()
+    pq.write_table(table.append_column("critique", pa.array(critiques)), with_critiques / "train.parquet")
+
+    def extract_mode(out: str, **settings) -> FeatureStore:
+        extract(ExtractConfig(dataset=str(with_critiques), out=str(tmp_path / out), preset="tiny-sdxl", limit=4,
+                              max_critique_tokens=6, **settings))
+        return FeatureStore(tmp_path / out)
+
+    question = extract_mode("question")
+    written = extract_mode("dialogue-mllm", guidance_mode="dialogue")
+    given = extract_mode("dialogue-column", guidance_mode="dialogue", critique_column="critique")
+    assert (question.manifest["guidance_mode"], given.manifest["guidance_mode"]) == ("question", "dialogue")
+    assert written.manifest["critique_source"] == "mllm" and given.manifest["critique_source"] == "column:critique"
+    assert len(question) == len(given) == 2  # rows 0 and 3 (row 1 is a tie, row 2 unreadable)
+    for index in range(2):
+        lengths = [store[index]["guidance"].shape[0] for store in (question, written, given)]
+        assert lengths[1] > lengths[0] and lengths[2] > lengths[0], lengths  # the answer tokens come after
+        tail = given[index]["guidance"][-4:].float()
+        assert not torch.allclose(tail, written[index]["guidance"][-4:].float())  # another critique, other guidance
+        assert torch.equal(given[index]["image_l"], question[index]["image_l"])  # same pairs, same images
+
+    final = train(TrainConfig(features=str(tmp_path / "dialogue-column"), out=str(tmp_path / "run"), **TINY,
+                              batch_size=1, max_steps=3, val_samples=0, log_every=1, lr=1e-2))
+    assert json.loads((final / "config.json").read_text())["guidance_mode"] == "dialogue"
+    session = IMGSession.from_preset("tiny-sdxl", device="cpu", aligner=str(final), show_progress_bars=False).load()
+    assert session.aligner.config.guidance_mode == "dialogue" and session.aligner.config.training_steps == 3
+    first = session.generate("a red cube", seed=0, settings=RoundSettings(steps=2))
+    settings = RoundSettings(steps=2, guidance_mode="dialogue")
+    blue = session.refine(first.image, "a red cube", seed=0, critique="make the cube blue", settings=settings)
+    green = session.refine(first.image, "a red cube", seed=0, critique="add a green tree", settings=settings)
+    assert np.abs(np.asarray(blue.image, np.int16) - np.asarray(green.image, np.int16)).max() > 0
+
+
+def test_critique_column_needs_dialogue_mode(tmp_path):
+    with pytest.raises(ValueError, match="--critique-column critique needs --guidance-mode dialogue"):
+        extract(ExtractConfig(dataset="x", out=str(tmp_path / "out"), critique_column="critique"))
+    assert not (tmp_path / "out").exists()
