@@ -192,6 +192,11 @@ def build_aligner(cfg: TrainConfig, manifest: dict):
         return ImplicitAligner(config)
     path = Path(cfg.init_from)
     if path.is_dir():
+        if loop.has_checksums(path):  # a RUN/final written by this trainer
+            loop.verify_folder(path)
+        else:
+            logger.warning("--init-from %s has no %s (not written by this trainer): loading it unverified", path,
+                           loop.CHECKSUMS_NAME)
         aligner = ImplicitAligner.from_pretrained(path)
     elif path.is_file():
         aligner = ImplicitAligner.from_official_checkpoint(path, dim_head=cfg.dim_head)  # heads = width / dim_head
@@ -292,7 +297,13 @@ def check_sizes(cfg: TrainConfig, source, train_samples: int, num_processes: int
         return
     needed, free = micro_batch_bytes(cfg, source.manifest, guidance_tokens), free_memory_bytes(device)
     if needed > MICRO_BATCH_MEMORY_SHARE * free:
-        fitting = max(int(cfg.batch_size * MICRO_BATCH_MEMORY_SHARE * free / needed), 1)
+        fitting = int(cfg.batch_size * MICRO_BATCH_MEMORY_SHARE * free / needed)
+        if fitting < 1:
+            raise ValueError(
+                f"one sample needs about {needed / cfg.batch_size / 2**30:.1f} GiB on {device.type} with --depth "
+                f"{cfg.depth} --heads {cfg.heads} --dim-head {cfg.dim_head}, {free / 2**30:.1f} GiB is free: use a "
+                "smaller aligner or a device with more memory"
+            )
         raise ValueError(
             f"--batch-size {cfg.batch_size} needs about {needed / 2**30:.1f} GiB per micro-batch on {device.type}, "
             f"{free / 2**30:.1f} GiB is free: use --batch-size {fitting} or less with --gradient-accumulation-steps "
