@@ -259,7 +259,7 @@ def run_finetune(cfg: FinetuneConfig, tiny_root: str | Path | None) -> Path:
             "or use more data"
         )
     found = loop.find_resume_point(out, cfg.resume, cfg.restart, load_finetune_checkpoint,
-                                   accelerator.is_main_process, accelerator.wait_for_everyone, METRICS_NAME)
+                                   accelerator.is_main_process, accelerator.wait_for_everyone, METRICS_NAME, logger)
     resume_dir, checkpoint = found if found is not None else (None, None)
     if checkpoint is not None:
         changed = [k for k in TRAJECTORY_SETTINGS if checkpoint["config"].get(k) != getattr(cfg, k)]
@@ -320,7 +320,7 @@ def run_finetune(cfg: FinetuneConfig, tiny_root: str | Path | None) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_NAME).touch()
-        loop.rewind_metrics(out / METRICS_NAME, step)  # drop lines a killed run logged after its last checkpoint
+        loop.rewind_metrics(out / METRICS_NAME, step, logger)  # drop lines a killed run logged after its last checkpoint
     tokenizer = critic.tokenizer
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dummy = {k: v.to(accelerator.device) for k, v in dummy_conversation(critic).items()}

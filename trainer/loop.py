@@ -207,7 +207,8 @@ def load_checkpoint(folder: Path, required: tuple[str, ...] = ("step", "config")
     return checkpoint
 
 
-def newest_good_checkpoint(out: Path, load: Callable[[Path], dict]) -> tuple[Path, dict] | None:
+def newest_good_checkpoint(out: Path, load: Callable[[Path], dict],
+                           log: logging.Logger = logger) -> tuple[Path, dict] | None:
     """The newest checkpoint in OUT/checkpoints that `load` reads intact, or None when the run has none.
     Damaged ones are renamed damaged-step-* (kept for inspection) with a warning. Raises CorruptFileError
     when the run has checkpoints but none is intact (also on every later call: the damaged-step-* folders
@@ -216,7 +217,7 @@ def newest_good_checkpoint(out: Path, load: Callable[[Path], dict]) -> tuple[Pat
         try:
             return folder, load(folder)
         except CorruptFileError as error:
-            logger.warning("%s; falling back to the previous checkpoint", error)
+            log.warning("%s; falling back to the previous checkpoint", error)
             aside = folder.with_name(DAMAGED_PREFIX + folder.name)
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(folder, aside)
@@ -249,38 +250,38 @@ def run_has_state(out: Path, metrics_name: str) -> bool:
 
 def find_resume_point(out: Path, resume: str | None, restart: bool, load: Callable[[Path], dict],
                       is_main_process: bool, wait_for_everyone: Callable[[], None],
-                      metrics_name: str) -> tuple[Path, dict] | None:
+                      metrics_name: str, log: logging.Logger = logger) -> tuple[Path, dict] | None:
     """Where a run continues: (checkpoint folder, state) or None to start from step 0.
 
     `resume` "latest": the newest intact checkpoint in OUT (None when the run has never saved one); a
     folder: that checkpoint. `restart`: move an existing OUT aside first and start over. Neither: start
     over only when OUT holds no earlier run. The main process verifies and renames; the others then read
-    what it settled on."""
+    what it settled on. Warnings go to `log` (the calling trainer's logger)."""
     out = Path(out)
     if restart:
         if resume:
             raise ValueError("pass either --resume or --restart, not both")
         if is_main_process and out.exists() and any(out.iterdir()):
-            logger.warning("--restart: moved the earlier run to %s", move_run_aside(out))
+            log.warning("--restart: moved the earlier run to %s", move_run_aside(out))
         wait_for_everyone()
         return None
     if resume == "latest":
         found, failure = None, None
         if is_main_process:  # verifies, and renames damaged checkpoints aside
             try:
-                found = newest_good_checkpoint(out, load)
+                found = newest_good_checkpoint(out, load, log)
             except CorruptFileError as error:
                 failure = error
         wait_for_everyone()
         if failure is not None:
             raise failure
         if not is_main_process:
-            found = newest_good_checkpoint(out, load)
+            found = newest_good_checkpoint(out, load, log)
         if found is None:
             if (out / "final").exists():
                 raise ValueError(f"{out} has no checkpoint to resume from but holds a finished run (final/): pass "
                                  "--restart to move it aside and start over, or choose another --out")
-            logger.info("no checkpoint in %s: starting from scratch", out / CHECKPOINTS_DIR)
+            log.info("no checkpoint in %s: starting from scratch", out / CHECKPOINTS_DIR)
         return found
     if resume:
         folder = Path(resume)
@@ -301,7 +302,7 @@ def append_metrics(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def rewind_metrics(path: Path, step: int) -> int:
+def rewind_metrics(path: Path, step: int, log: logging.Logger = logger) -> int:
     """Keep the lines of metrics file `path` up to `step` (a killed run may have logged past its last
     checkpoint); damaged lines are dropped with a warning. Returns the number of damaged lines."""
     if not path.is_file():
@@ -313,7 +314,7 @@ def rewind_metrics(path: Path, step: int) -> int:
             keep = record["step"] <= step
         except (ValueError, TypeError, KeyError):
             damaged += 1
-            logger.warning("%s line %d is damaged (%.60r): skipped", path, number, line)
+            log.warning("%s line %d is damaged (%.60r): skipped", path, number, line)
             continue
         if keep:
             kept.append(line)

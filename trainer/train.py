@@ -44,6 +44,7 @@ from img_core.errors import CorruptFileError
 from img_core.integrity import check_finite, nonfinite_tensors
 from img_core.settings import GUIDANCE_MODES
 from trainer import loop, option, parse_config
+from trainer.loop import checkpoint_dirs  # noqa: F401 - re-exported: benchmarks/bench_reliability.py imports it here
 from trainer.objective import REDUCTIONS, ReferenceUpdater, iupo_loss, squared_distance
 from trainer.store import FeatureStore, collate_features
 
@@ -341,7 +342,7 @@ def run_training(cfg: TrainConfig) -> Path:
 
     # 3. resume (or refuse to overwrite an earlier run)
     found = loop.find_resume_point(out, cfg.resume, cfg.restart, load_checkpoint, accelerator.is_main_process,
-                                   accelerator.wait_for_everyone, METRICS_NAME)
+                                   accelerator.wait_for_everyone, METRICS_NAME, logger)
     resume_dir, checkpoint = found if found is not None else (None, None)
     skipped = {"nonfinite": 0, "unreadable": 0}  # micro-batches skipped so far (all processes)
     if checkpoint is not None:
@@ -369,7 +370,7 @@ def run_training(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         loop.prune_checkpoints(out, cfg.keep_checkpoints)  # --keep-checkpoints may be lower than the last run's
-        loop.rewind_metrics(out / METRICS_NAME, step)  # drop lines a killed run logged after its last checkpoint
+        loop.rewind_metrics(out / METRICS_NAME, step, logger)  # drop lines a killed run logged after its last checkpoint
 
     sampler = StreamBatchSampler(train_indices, cfg.batch_size, cfg.seed, samples_seen,
                                  accelerator.process_index, accelerator.num_processes)
