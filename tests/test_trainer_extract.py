@@ -132,6 +132,7 @@ def test_extraction_resumes_by_skipping_finished_shards(store, pick_a_pic, tmp_p
         extract(ExtractConfig(dataset=str(pick_a_pic), out=str(copy), preset="tiny-sdxl", shard_size=3, seed=1))
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_shards_and_write_the_same_store(store, pick_a_pic, tmp_path):
     out, manifest = store
     repo = Path(__file__).resolve().parents[1]
@@ -307,6 +308,7 @@ def test_a_damaged_shard_with_a_damaged_manifest_is_re_extracted(store, pick_a_p
         assert torch.equal(repaired[index]["image_l"], original[index]["image_l"]), index
 
 
+@pytest.mark.slow
 def test_dialogue_recipe_trains_an_aligner_the_session_loads(pick_a_pic, tiny_root, tmp_path):
     """The documented recipe: extract dialogue-mode guidance (critiques written by the MLLM, or taken from a
     column), train on it, load the result with --aligner and refine with an edited critique."""

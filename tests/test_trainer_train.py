@@ -191,6 +191,7 @@ def test_resume_from_a_checkpoint_is_bitwise_identical(small_store, tmp_path):
         train(run_config(small_store, interrupted, max_steps=14, **settings))
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(small_store, tmp_path):
     args = ["--features", str(small_store), "--depth", "2", "--heads", "2", "--dim-head", "16", "--lr", "3e-3",
             "--batch-size", "8", "--max-steps", "200", "--val-samples", "16", "--val-every", "1000",
@@ -225,6 +226,7 @@ def launch_two_processes(args: list[str]) -> None:
     assert result.stderr.count("2 process(es) x 8 x 2 accumulation = 32 samples per step") == 2
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_bitwise(small_store, tmp_path):
     args = ["--features", str(small_store), "--depth", "2", "--heads", "2", "--dim-head", "16", "--lr", "3e-3",
             "--batch-size", "8", "--gradient-accumulation-steps", "2", "--val-samples", "16", "--val-every", "4",
