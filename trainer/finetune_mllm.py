@@ -189,6 +189,7 @@ def load_base_critic(cfg: FinetuneConfig, device: str, dtype: torch.dtype | None
                      tiny_root: str | Path | None = None):
     """The base MLLM of cfg.base as an img_core `MLLMCritic` (same processor, chat template and
     quantization as at inference). Every model load of fine-tuning goes through here."""
+    # deferred: img_core.mllm imports transformers (~3 s)
     from img_core.mllm import MLLMCritic
 
     spec = base_spec(cfg.base, tiny_root)
@@ -243,6 +244,7 @@ def run_finetune(cfg: FinetuneConfig, tiny_root: str | Path | None) -> Path:
     )
     from tqdm.auto import tqdm
 
+    # deferred: img_core.mllm imports transformers (~3 s)
     from img_core.mllm import CONVERSION_RECORD
 
     out = Path(cfg.out)
