@@ -171,7 +171,6 @@ def test_resume_gives_the_weights_of_the_uninterrupted_run(edits, tiny_root, tmp
         finetune(resume_settings(edits, cut, max_steps=8))
 
 
-@pytest.mark.slow
 def test_a_finetune_with_all_checkpoints_damaged_refuses_until_restart(edits, tiny_root, tmp_path):
     out = tmp_path / "run"
     finetune(resume_settings(edits, out, max_steps=2, checkpoint_every=1))
