@@ -209,6 +209,10 @@ def test_a_killed_finetune_resumes_to_the_same_weights(edits, tiny_root, tmp_pat
     finetune(cfg)
     finetune(parse_config(FinetuneConfig, [*args, "--out", str(tmp_path / "straight")]))
     assert_same_lora(lora_of_last_checkpoint(killed), lora_of_last_checkpoint(tmp_path / "straight"))
+    # log lines every 10 steps, checkpoints every 2: the first line after the resume still averages steps 1-10
+    def losses(out):
+        return [(r["step"], r["answer_loss"]) for r in map(json.loads, (out / METRICS_NAME).read_text().splitlines())]
+    assert losses(killed) == losses(tmp_path / "straight") and [s for s, _ in losses(killed)] == [10, 20, 30, 40]
 
 
 @pytest.mark.slow

@@ -312,7 +312,7 @@ def run_finetune(cfg: FinetuneConfig, tiny_root: str | Path | None) -> Path:
         unwrapped = dict(accelerator.unwrap_model(model).named_parameters())
         state = {"step": step, "lora": {name: unwrapped[name].detach().cpu().clone() for name in lora_names},
                  "optimizer": optimizer.state_dict(), "rng": loop.rng_state(), "config": dataclasses.asdict(cfg),
-                 "max_steps": max_steps}
+                 "max_steps": max_steps, "log_window": window.checkpoint_state(accelerator)}
         if accelerator.is_main_process:
             loop.save_checkpoint(out, state, finite=("lora",))
             loop.prune_checkpoints(out, cfg.keep_checkpoints)
@@ -328,7 +328,9 @@ def run_finetune(cfg: FinetuneConfig, tiny_root: str | Path | None) -> Path:
     dummy = {k: v.to(accelerator.device) for k, v in dummy_conversation(critic).items()}
     progress = tqdm(total=max_steps, initial=step, desc="mllm lora", disable=not accelerator.is_main_process)
     model.train()
-    window = loop.Tally(("answer_loss", "micro_batches"), accelerator.device)
+    window = loop.Tally(("answer_loss", "micro_batches"), accelerator.device)  # sums since the last log line
+    if checkpoint is not None:
+        window.restore(checkpoint["log_window"], accelerator.is_main_process)
     window_start = time.perf_counter()
     while step < max_steps:
         tally = loop.Tally(("used", "unreadable", "nonfinite"), accelerator.device)

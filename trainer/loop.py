@@ -346,8 +346,19 @@ class Tally:
         self.values[self.names.index(name)] = value
 
     def reduce(self, accelerator) -> dict[str, float]:
-        totals = accelerator.reduce(self.values, reduction="sum")
+        totals = accelerator.reduce(self.values.clone(), reduction="sum")
         return dict(zip(self.names, totals.tolist()))
+
+    def checkpoint_state(self, accelerator) -> dict[str, float]:
+        """The sums so far over all processes (every process must call it), for a checkpoint, so that
+        the first log line after a resume averages the same micro-batches as the uninterrupted run's."""
+        return self.reduce(accelerator)
+
+    def restore(self, state: dict[str, float], is_main_process: bool) -> None:
+        """Continue from `checkpoint_state`: the main process holds the sums, the others start at zero."""
+        self.values.zero_()
+        if is_main_process:
+            self.values += torch.tensor([state[name] for name in self.names], device=self.values.device)
 
 
 def accumulation_micro_step(accelerator, model, compute_loss: Callable[[], dict[str, torch.Tensor]] | None,

@@ -393,6 +393,7 @@ def run_training(cfg: TrainConfig) -> Path:
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "rng": loop.rng_state(),
             "skipped": dict(skipped),
+            "log_window": window.checkpoint_state(accelerator),
             "config": dataclasses.asdict(cfg),
             "aligner_config": accelerator.unwrap_model(aligner).config.to_dict(),
         }
@@ -417,6 +418,8 @@ def run_training(cfg: TrainConfig) -> Path:
     progress = tqdm(total=cfg.max_steps, initial=step, desc="aligner", disable=not accelerator.is_main_process)
     logged = ("loss", "base", "pref", "win_rate")
     window = loop.Tally((*logged, "micro_batches"), accelerator.device)  # sums over the log window
+    if checkpoint is not None and "log_window" in checkpoint:
+        window.restore(checkpoint["log_window"], accelerator.is_main_process)
     window_start, window_steps = time.perf_counter(), 0
     skipped_in_a_row = 0
     dummy_inputs = dummy_batch(source.manifest, accelerator.device)
