@@ -132,6 +132,7 @@ def test_extraction_resumes_by_skipping_finished_shards(store, pick_a_pic, tmp_p
         extract(ExtractConfig(dataset=str(pick_a_pic), out=str(copy), preset="tiny-sdxl", shard_size=3, seed=1))
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_shards_and_write_the_same_store(store, pick_a_pic, tmp_path):
     out, manifest = store
     repo = Path(__file__).resolve().parents[1]
@@ -272,3 +273,85 @@ def test_online_steps_stay_optimizer_steps_when_a_micro_batch_is_unreadable(pick
     assert checkpoint["skipped"] == {"nonfinite": 0, "unreadable": 1}  # 6 micro-batches = the 5 train rows + 1
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_unreadable"] for r in records if "loss" in r][-1] == 1
+
+
+@pytest.mark.parametrize("manifest_damage", ["truncated", "missing"])
+def test_a_damaged_shard_with_a_damaged_manifest_is_re_extracted(store, pick_a_pic, tmp_path, manifest_damage):
+    """128 values of a shard changed (up to +977.5) and the manifest truncated or missing: the rerun used to
+    keep the shard (no manifest digest to compare with) and record its new checksum."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from trainer.store import MANIFEST_NAME
+
+    out, manifest = store
+    copy = tmp_path / "store"
+    copy.mkdir()
+    for name in [*manifest["shards"], MANIFEST_NAME]:
+        (copy / name).write_bytes((out / name).read_bytes())
+    shard = copy / shard_name(1)
+    with safe_open(str(shard), framework="pt") as handle:  # readable, same header: damage only a digest sees
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = handle.metadata()
+    tensors["image_l"].view(-1)[:128] += 977.5
+    save_file(tensors, str(shard), metadata=metadata)
+    text = (copy / MANIFEST_NAME).read_text()
+    if manifest_damage == "truncated":
+        (copy / MANIFEST_NAME).write_text(text[: len(text) // 2])
+    else:
+        (copy / MANIFEST_NAME).unlink()
+
+    resumed = extract(ExtractConfig(dataset=str(pick_a_pic), out=str(copy), preset="tiny-sdxl", shard_size=3))
+    assert without_checksums(resumed) == without_checksums(manifest)
+    repaired, original = FeatureStore(copy), FeatureStore(out)
+    for index in range(len(original)):
+        assert torch.equal(repaired[index]["image_l"], original[index]["image_l"]), index
+
+
+@pytest.mark.slow
+def test_dialogue_recipe_trains_an_aligner_the_session_loads(pick_a_pic, tiny_root, tmp_path):
+    """The documented recipe: extract dialogue-mode guidance (critiques written by the MLLM, or taken from a
+    column), train on it, load the result with --aligner and refine with an edited critique."""
+    from img_core.session import IMGSession, RoundSettings
+
+    table = pq.read_table(pick_a_pic)
+    critiques = [f"the {word} is wrong, make it match the caption" for word in
+                 ("colour", "tie", "image", "sphere", "hat", "board", "light")]
+    with_critiques = tmp_path / "pairs"
+    with_critiques.mkdir()
+    pq.write_table(table.append_column("critique", pa.array(critiques)), with_critiques / "train.parquet")
+
+    def extract_mode(out: str, **settings) -> FeatureStore:
+        extract(ExtractConfig(dataset=str(with_critiques), out=str(tmp_path / out), preset="tiny-sdxl", limit=4,
+                              max_critique_tokens=6, **settings))
+        return FeatureStore(tmp_path / out)
+
+    question = extract_mode("question")
+    written = extract_mode("dialogue-mllm", guidance_mode="dialogue")
+    given = extract_mode("dialogue-column", guidance_mode="dialogue", critique_column="critique")
+    assert (question.manifest["guidance_mode"], given.manifest["guidance_mode"]) == ("question", "dialogue")
+    assert written.manifest["critique_source"] == "mllm" and given.manifest["critique_source"] == "column:critique"
+    assert len(question) == len(given) == 2  # rows 0 and 3 (row 1 is a tie, row 2 unreadable)
+    for index in range(2):
+        lengths = [store[index]["guidance"].shape[0] for store in (question, written, given)]
+        assert lengths[1] > lengths[0] and lengths[2] > lengths[0], lengths  # the answer tokens come after
+        tail = given[index]["guidance"][-4:].float()
+        assert not torch.allclose(tail, written[index]["guidance"][-4:].float())  # another critique, other guidance
+        assert torch.equal(given[index]["image_l"], question[index]["image_l"])  # same pairs, same images
+
+    final = train(TrainConfig(features=str(tmp_path / "dialogue-column"), out=str(tmp_path / "run"), **TINY,
+                              batch_size=1, max_steps=3, val_samples=0, log_every=1, lr=1e-2))
+    assert json.loads((final / "config.json").read_text())["guidance_mode"] == "dialogue"
+    session = IMGSession.from_preset("tiny-sdxl", device="cpu", aligner=str(final), show_progress_bars=False).load()
+    assert session.aligner.config.guidance_mode == "dialogue" and session.aligner.config.training_steps == 3
+    first = session.generate("a red cube", seed=0, settings=RoundSettings(steps=2))
+    settings = RoundSettings(steps=2, guidance_mode="dialogue")
+    blue = session.refine(first.image, "a red cube", seed=0, critique="make the cube blue", settings=settings)
+    green = session.refine(first.image, "a red cube", seed=0, critique="add a green tree", settings=settings)
+    assert np.abs(np.asarray(blue.image, np.int16) - np.asarray(green.image, np.int16)).max() > 0
+
+
+def test_critique_column_needs_dialogue_mode(tmp_path):
+    with pytest.raises(ValueError, match="--critique-column critique needs --guidance-mode dialogue"):
+        extract(ExtractConfig(dataset="x", out=str(tmp_path / "out"), critique_column="critique"))
+    assert not (tmp_path / "out").exists()

@@ -2,22 +2,34 @@
 loads with img_core's MLLM loader and yields guidance."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import png_bytes as shared_png_bytes
+from safetensors.torch import load_file
 
+from img_core.errors import CorruptFileError
 from img_core.images import load_image
 from img_core.mllm import KNOWN_MLLMS, MLLMCritic, resolve_spec
+from trainer import parse_config
 from trainer.data import EditTriplets
 from trainer.finetune_mllm import (
+    METRICS_NAME,
     FinetuneConfig,
     answer_loss,
     base_spec,
     conversation,
     finetune,
+    load_finetune_checkpoint,
+    micro_batch_rows,
 )
 
 COLOURS = ["red", "blue", "green", "yellow"]
@@ -111,3 +123,127 @@ def test_fewer_rows_than_one_micro_batch_is_a_clear_error(edits, tmp_path):
         finetune(FinetuneConfig(dataset=str(edits), base="tiny-llava", out=str(tmp_path / "x"), batch_size=8))
     with pytest.raises(ValueError, match=r"has 2 usable rows"):
         finetune(FinetuneConfig(dataset=str(edits), base="tiny-llava", out=str(tmp_path / "x"), batch_size=3, limit=2))
+
+
+# ----------------------------------------------------------------------------------------- checkpoints, resume
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lora_of_last_checkpoint(out: Path) -> dict[str, torch.Tensor]:
+    folder = sorted((out / "checkpoints").glob("step-*"))[-1]
+    return load_finetune_checkpoint(folder)["lora"]
+
+
+def assert_same_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def resume_settings(edits, out: Path, **overrides) -> FinetuneConfig:
+    # dropout > 0 so the restored RNG state matters; accumulation 2 and 4 rows / 2 per step cross epochs
+    settings = {"dataset": str(edits), "base": "tiny-llava", "out": str(out), "batch_size": 1,
+                "gradient_accumulation_steps": 2, "lr": 5e-3, "lora_rank": 4, "lora_dropout": 0.2,
+                "save_dtype": "float32", "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5}
+    return FinetuneConfig(**{**settings, **overrides})
+
+
+@pytest.mark.slow
+def test_resume_gives_the_weights_of_the_uninterrupted_run(edits, tiny_root, tmp_path):
+    straight = finetune(resume_settings(edits, tmp_path / "straight", max_steps=6))
+    cut = tmp_path / "cut"
+    finetune(resume_settings(edits, cut, max_steps=3))  # checkpoints at 2 and 3
+    assert (cut / "checkpoints" / "step-00000003" / "SHA256SUMS").is_file()
+    finetune(resume_settings(edits, cut, max_steps=6, resume=str(cut / "checkpoints" / "step-00000002")))
+    assert_same_lora(lora_of_last_checkpoint(cut), lora_of_last_checkpoint(straight))
+    adapter_a = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
+    adapter_b = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    assert_same_lora(adapter_a, adapter_b)
+    # the metrics have each step once, as the uninterrupted run logged them
+    def losses(out):
+        return [(r["step"], r["answer_loss"]) for r in map(json.loads, (out / METRICS_NAME).read_text().splitlines())]
+    assert losses(cut) == losses(straight) and [step for step, _ in losses(cut)] == [1, 2, 3, 4, 5, 6]
+
+    with pytest.raises(ValueError, match="settings changed since the checkpoint: lr 0.005 -> 0.001"):
+        finetune(resume_settings(edits, cut, max_steps=8, lr=1e-3, resume="latest"))
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
+        finetune(resume_settings(edits, cut, max_steps=8))
+
+
+def test_a_finetune_with_all_checkpoints_damaged_refuses_until_restart(edits, tiny_root, tmp_path):
+    out = tmp_path / "run"
+    finetune(resume_settings(edits, out, max_steps=2, checkpoint_every=1))
+    for folder in (out / "checkpoints").glob("step-*"):
+        checkpoint = folder / "checkpoint.pt"
+        checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    merged = (out / "model.safetensors").read_bytes()
+    for attempt in range(2):  # the second --resume used to start from step 0 and overwrite the model
+        with pytest.raises(CorruptFileError, match="every checkpoint in .* is damaged .*--restart"):
+            finetune(resume_settings(edits, out, max_steps=2, checkpoint_every=1, resume="latest"))
+    assert (out / "model.safetensors").read_bytes() == merged
+    finetune(resume_settings(edits, out, max_steps=1, restart=True))
+    assert (tmp_path / "run.damaged-1" / "model.safetensors").read_bytes() == merged
+    assert [json.loads(line)["step"] for line in (out / METRICS_NAME).read_text().splitlines()] == [1]
+
+
+@pytest.mark.slow
+def test_a_killed_finetune_resumes_to_the_same_weights(edits, tiny_root, tmp_path):
+    args = ["--dataset", str(edits), "--base", "tiny-llava", "--batch-size", "1", "--gradient-accumulation-steps", "2",
+            "--lr", "5e-3", "--lora-rank", "4", "--lora-dropout", "0.2", "--save-dtype", "float32",
+            "--checkpoint-every", "2", "--max-steps", "40"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "trainer.finetune_mllm", *args, "--out", str(killed)], cwd=REPO,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not (killed / "checkpoints" / "step-00000004").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "adapter").exists(), "the run finished before it could be killed"
+
+    cfg = parse_config(FinetuneConfig, [*args, "--out", str(killed), "--resume"])
+    assert cfg.resume == "latest"
+    finetune(cfg)
+    finetune(parse_config(FinetuneConfig, [*args, "--out", str(tmp_path / "straight")]))
+    assert_same_lora(lora_of_last_checkpoint(killed), lora_of_last_checkpoint(tmp_path / "straight"))
+    # log lines every 10 steps, checkpoints every 2: the first line after the resume still averages steps 1-10
+    def losses(out):
+        return [(r["step"], r["answer_loss"]) for r in map(json.loads, (out / METRICS_NAME).read_text().splitlines())]
+    assert losses(killed) == losses(tmp_path / "straight") and [s for s, _ in losses(killed)] == [10, 20, 30, 40]
+
+
+@pytest.mark.slow
+def test_two_processes_finish_when_one_last_micro_batch_is_unreadable(tiny_root, tmp_path):
+    """Process 1's last micro-batch holds the only unreadable image. The old loop skipped its backward
+    with `continue`, so process 0 waited in DDP's gradient all-reduce for a process that never came."""
+    rows, batch_size, processes, seed = 4, 1, 2, 0
+    last_of_process_1 = next(micro_batch_rows(rows, batch_size, 1, processes, seed, start=1))[0][0]
+    images = [{"bytes": png_bytes(i), "path": None} for i in range(rows)]
+    images[last_of_process_1] = {"bytes": b"\x89PNG broken", "path": None}
+    pq.write_table(pa.table({
+        "original_image": pa.array(images),
+        "edited_prompt": [f"a photo of a {colour} house" for colour in COLOURS],
+        "edit_prompt": [f"make the house {colour}" for colour in COLOURS],
+    }), tmp_path / "train.parquet")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "trainer.finetune_mllm", "--dataset", str(tmp_path), "--base", "tiny-llava", "--out", str(out),
+               "--batch-size", str(batch_size), "--gradient-accumulation-steps", "2", "--max-steps", "1",
+               "--lora-rank", "4", "--lr", "5e-3", "--save-dtype", "float32", "--seed", str(seed)]
+    try:
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+                                start_new_session=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-process fine-tuning hung (a process skipped the gradient all-reduce)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"row {last_of_process_1} skipped" in result.stderr
+    records = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and records[0]["answer_loss"] > 0  # 3 used micro-batches
+    lora = lora_of_last_checkpoint(out)
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    assert any(v.abs().sum() > 0 for name, v in lora.items() if "lora_B" in name)  # the step was taken

@@ -187,10 +187,11 @@ def test_resume_from_a_checkpoint_is_bitwise_identical(small_store, tmp_path):
 
     with pytest.raises(ValueError, match="lr 0.003 -> 0.001"):
         train(run_config(small_store, interrupted, max_steps=14, lr=1e-3, resume="latest", **settings))
-    with pytest.raises(ValueError, match="already has checkpoints"):
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
         train(run_config(small_store, interrupted, max_steps=14, **settings))
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_weights(small_store, tmp_path):
     args = ["--features", str(small_store), "--depth", "2", "--heads", "2", "--dim-head", "16", "--lr", "3e-3",
             "--batch-size", "8", "--max-steps", "200", "--val-samples", "16", "--val-every", "1000",
@@ -225,6 +226,7 @@ def launch_two_processes(args: list[str]) -> None:
     assert result.stderr.count("2 process(es) x 8 x 2 accumulation = 32 samples per step") == 2
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_bitwise(small_store, tmp_path):
     args = ["--features", str(small_store), "--depth", "2", "--heads", "2", "--dim-head", "16", "--lr", "3e-3",
             "--batch-size", "8", "--gradient-accumulation-steps", "2", "--val-samples", "16", "--val-every", "4",
@@ -391,8 +393,21 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_good_one(small_store, tmp
 
     for folder in (run / "checkpoints").glob("step-*"):
         damage(folder / "checkpoint.pt", kind)
-    with pytest.raises(CorruptFileError, match="every checkpoint in .* is damaged"):
-        train(run_config(small_store, run, resume="latest", **settings))
+    final_weights = (run / "final" / "model.safetensors").read_bytes()
+    metrics = (run / "metrics.jsonl").read_text()
+    for attempt in range(3):  # the second --resume used to start from step 0, wiping metrics and final/
+        with pytest.raises(CorruptFileError, match="every checkpoint in .* is damaged .*--restart"):
+            train(run_config(small_store, run, resume="latest", **settings))
+        with pytest.raises(ValueError, match="already holds a run: pass --resume to continue it, --restart"):
+            train(run_config(small_store, run, **settings))
+    assert (run / "final" / "model.safetensors").read_bytes() == final_weights
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+    train(run_config(small_store, run, restart=True, **settings))  # the user's call: start over
+    aside = tmp_path / "run.damaged-1"
+    assert (aside / "final" / "model.safetensors").read_bytes() == final_weights
+    assert (aside / "metrics.jsonl").read_text() == metrics
+    assert_same_training_state(final_state(run), final_state(tmp_path / "straight"))
 
 
 def test_keep_checkpoints_holds_after_a_resume(small_store, tmp_path):
@@ -452,3 +467,89 @@ def test_write_shard_refuses_non_finite_features(tmp_path):
         write_shard(tmp_path / shard_name(0), [big], dtype="float16")
     assert not list(tmp_path.iterdir())
     write_shard(tmp_path / shard_name(0), [big], dtype="float32")  # representable in float32
+
+
+def test_final_and_checkpoints_carry_checksums_verified_on_load(small_store, tmp_path, caplog):
+    from img_core.errors import CorruptFileError
+    from trainer.loop import verify_folder
+
+    run = tmp_path / "run"
+    final = train(run_config(small_store, run, max_steps=4, checkpoint_every=2, keep_checkpoints=2))
+    for folder in (final, *sorted((run / "checkpoints").glob("step-*"))):
+        listed = sorted(line.split()[1] for line in (folder / "SHA256SUMS").read_text().splitlines())
+        assert listed == sorted(p.name for p in folder.iterdir() if p.name != "SHA256SUMS")
+        verify_folder(folder)
+    # a damaged final/ is refused by --init-from (it used to load unverified)
+    weights = final / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=rf"{weights} is damaged: its sha256"):
+        train(run_config(small_store, tmp_path / "next", init_from=str(final), max_steps=1))
+    assert not (tmp_path / "next").exists()
+    # a checkpoint without any checksum cannot be told from a damaged one: resume falls back past it
+    (run / "checkpoints" / "step-00000004" / "SHA256SUMS").unlink()
+    with caplog.at_level("WARNING"):
+        train(run_config(small_store, run, max_steps=4, checkpoint_every=2, keep_checkpoints=2, resume="latest"))
+    assert "step-00000004 has no SHA256SUMS" in caplog.text
+    assert (run / "checkpoints" / "damaged-step-00000004").is_dir()
+
+
+def test_a_damaged_metrics_line_is_skipped_on_resume(small_store, tmp_path, caplog):
+    settings = {"max_steps": 6, "checkpoint_every": 2, "log_every": 1}
+    train(run_config(small_store, tmp_path / "straight", **settings))
+    run = tmp_path / "run"
+    train(run_config(small_store, run, **{**settings, "max_steps": 4}))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]  # a line cut by a crash or a disk error
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        train(run_config(small_store, run, **settings, resume="latest"))  # used to stop on the JSON error
+    assert "metrics.jsonl line 2 is damaged" in caplog.text
+    resumed = [r for r in metrics_without_timing(run) if "loss" in r]  # (the cut run also validated at step 4)
+    assert [r["step"] for r in resumed] == [1, 3, 4, 5, 6]  # step 2's line is gone, nothing else
+    straight = [r for r in metrics_without_timing(tmp_path / "straight") if "loss" in r]
+    assert resumed == [r for r in straight if r["step"] != 2]
+
+
+def test_sizes_are_checked_against_the_store_and_memory_before_work(small_store, tmp_path):
+    # 96 samples, 16 held out: 80 to train on. --batch-size 100000 used to grow to 23 GB on a 387-sample store.
+    with pytest.raises(ValueError, match=r"--batch-size 100000 is larger than the 80 training samples .* use "
+                                         r"--batch-size 80 or less"):
+        train(run_config(small_store, tmp_path / "big" / "run", batch_size=100_000))
+    assert not (tmp_path / "big").exists()  # no empty --out (nor its parent) left behind
+    # an aligner whose activations cannot fit: refused from the store's dims, before anything is allocated
+    with pytest.raises(ValueError, match=r"one sample needs about \d+\.\d GiB .* GiB is free: use a smaller aligner"):
+        train(run_config(small_store, tmp_path / "huge", heads=4096, dim_head=4096, batch_size=8))
+    from trainer.train import micro_batch_bytes
+
+    cfg = run_config(small_store, tmp_path / "x")
+    manifest = FeatureStore(small_store).manifest
+    assert micro_batch_bytes(cfg, manifest, 8) == 8 * micro_batch_bytes(run_config(small_store, tmp_path, batch_size=1),
+                                                                      manifest, 8)
+    with pytest.raises(ValueError, match=r"--batch-size 64 needs about .* use --batch-size \d+ or less with "
+                                         r"--gradient-accumulation-steps \d+"):
+        from trainer.train import check_sizes
+
+        per_sample = micro_batch_bytes(run_config(small_store, tmp_path, batch_size=1), manifest,
+                                       FeatureStore(small_store).max_guidance_tokens)
+        import psutil
+
+        dim_head = 16 * int(psutil.virtual_memory().available / per_sample / 16)  # ~ one sample per free memory
+        check_sizes(run_config(small_store, tmp_path, batch_size=64, dim_head=dim_head), FeatureStore(small_store),
+                    80, 1, torch.device("cpu"))
+
+
+def test_argument_errors_are_one_line_and_leave_no_folder(small_store, tmp_path, capsys):
+    from trainer.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--features", str(small_store), "--batch-size", "many", "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "invalid int value: 'many'" in message and "--help" in message
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--features", str(small_store), "--val-samples", "16", "--batch-size", "100000", "--out", str(tmp_path / "b")])
+    assert str(exit_info.value.code).startswith("error: --batch-size 100000 is larger")
+    assert "\n" not in str(exit_info.value.code)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

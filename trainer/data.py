@@ -135,13 +135,18 @@ class PreferencePair:
     caption: str
     winner: bytes  # encoded image
     loser: bytes
+    critique: str | None = None  # the --critique-column cell: a written critique of the loser, if any
 
 
 class PreferencePairs:
-    """Pick-a-Pic rows as (caption, winner, loser); `pairs[row]` is None for a tie."""
+    """Pick-a-Pic rows as (caption, winner, loser[, critique]); `pairs[row]` is None for a tie.
+    `critique_column`: also read that column, a written critique of the losing image per row."""
 
-    def __init__(self, source: str | Path, limit: int | None = None, split: str = "train"):
-        self.rows = open_rows(source, PICK_A_PIC_COLUMNS, split)
+    def __init__(self, source: str | Path, limit: int | None = None, split: str = "train",
+                 critique_column: str | None = None):
+        self.critique_column = critique_column
+        columns = PICK_A_PIC_COLUMNS + ((critique_column,) if critique_column else ())
+        self.rows = open_rows(source, columns, split)
         if limit is not None and limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
         self.length = len(self.rows) if limit is None else min(limit, len(self.rows))
@@ -162,7 +167,8 @@ class PreferencePairs:
             return None
         first_wins = values["label_0"] > values["label_1"]
         winner, loser = (values["jpg_0"], values["jpg_1"]) if first_wins else (values["jpg_1"], values["jpg_0"])
-        return PreferencePair(row, values["caption"] or "", image_bytes(winner), image_bytes(loser))
+        critique = values[self.critique_column] if self.critique_column else None
+        return PreferencePair(row, values["caption"] or "", image_bytes(winner), image_bytes(loser), critique)
 
 
 @dataclass

@@ -8,12 +8,29 @@ loser, and the MLLM guidance of (loser image, caption) with the question templat
 number (plus --seed); in dialogue mode the MLLM first writes its critique of the loser, which is then
 teacher-forced into the guidance. Source rows are cut into shards of --shard-size rows; process p of P
 extracts shards p, p+P, ... and skips shards that already exist, so a killed extraction continues where it
-stopped; a shard that is damaged (unreadable, or its bytes differ from the sha256 recorded in an existing
-manifest) is re-extracted. Unreadable images are skipped, counted and reported, never fatal; so are pairs
+stopped. Every existing shard is re-verified against its own content digest on every rerun (never trusted
+because a manifest lists it: the manifest may be truncated or missing); a shard that is damaged
+(unreadable, its content differs from its digest, or an older shard without a digest whose bytes differ
+from the manifest's sha256 or that no manifest vouches for) is re-extracted. Unreadable images are skipped, counted and reported, never fatal; so are pairs
 whose features are not finite (NaN or inf, e.g. float16 overflow), which are never stored. The main
 process writes STORE/manifest.json (with every shard's sha256) when all shards are done.
 
 `OnlineTriplets` computes the same triplets on demand for `trainer.train --online`.
+
+Dialogue-mode guidance (an aligner for edited critiques). The released aligners were trained on
+question-mode guidance (image + question). In dialogue mode a round's guidance is image + question + the
+critique, teacher-forced as the assistant's answer, so an edited critique steers. To train an aligner for
+it, extract with `--guidance-mode dialogue`. Pick-a-Pic has no critiques, so the critique of each pair's
+losing image comes from one of two sources, recorded in the manifest as "critique_source":
+  * "mllm" (default): the MLLM writes it greedily from the same question (`MLLMCritic.read`, at most
+    --max-critique-tokens), exactly the text the app shows as the untouched critique;
+  * "column:NAME" (`--critique-column NAME`): a written critique per row from that column of the source,
+    e.g. human or stronger-model critiques that resemble what users type; an empty cell falls back to the
+    MLLM's own critique.
+Recipe:
+    python -m trainer.extract --dataset PICKAPIC --preset sdxl --guidance-mode dialogue --out STORE_D
+    python -m trainer.train --features STORE_D --out RUN_D          # the aligner records guidance_mode
+    python -m img_core refine ... --aligner RUN_D/final --guidance-mode dialogue --critique "..."
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ from img_core.integrity import sha256_file
 from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, MLLM_GUIDANCE_MODES
 from trainer import option, parse_config
 from trainer.data import PreferencePairs
+from trainer.loop import output_folder
 from trainer.store import (
     STORAGE_DTYPES,
     FeatureSample,
@@ -38,6 +56,7 @@ from trainer.store import (
     read_shard_header,
     sample_is_finite,
     shard_name,
+    verify_shard_content,
     write_manifest,
     write_shard,
 )
@@ -63,6 +82,9 @@ class ExtractConfig:
     dtype: str = option("float16", "storage dtype", choices=list(STORAGE_DTYPES))
     seed: int = option(0, "offset of the per-row seed that picks the question template")
     max_critique_tokens: int = option(DEFAULT_MAX_CRITIQUE_TOKENS, "dialogue mode: longest critique")
+    critique_column: str | None = option(
+        None, "dialogue mode: column holding a written critique of the losing image (default: the MLLM writes it)"
+    )
     split: str = option("train", "split of a hub dataset")
     device: str | None = option(None, "device (default: this process's accelerator device)")
 
@@ -71,6 +93,15 @@ class ExtractConfig:
             raise ValueError("--dataset and --out are required")
         if self.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.critique_column and self.guidance_mode != "dialogue":
+            raise ValueError(f"--critique-column {self.critique_column} needs --guidance-mode dialogue (question-mode "
+                             "guidance does not read a critique)")
+
+    def critique_source(self) -> str | None:
+        """Where dialogue-mode critiques come from: "mllm" or "column:NAME" (None in question mode)."""
+        if self.guidance_mode != "dialogue":
+            return None
+        return f"column:{self.critique_column}" if self.critique_column else "mllm"
 
 
 class FeatureExtractor:
@@ -109,11 +140,12 @@ class FeatureExtractor:
         }
 
     def triplet(self, caption: str, winner, loser, guidance_mode: str, seed: int,
-                max_critique_tokens: int = DEFAULT_MAX_CRITIQUE_TOKENS) -> FeatureSample:
+                max_critique_tokens: int = DEFAULT_MAX_CRITIQUE_TOKENS, critique: str | None = None) -> FeatureSample:
         """Features of one pair; images are PIL images, `seed` picks the question template. The guidance is
-        what a round computes (`MLLMCritic.read`): dialogue mode teacher-forces the MLLM's own critique."""
-        reading = self.critic.read(loser, caption, seed=seed, mode=guidance_mode, write_critique=False,
-                                   max_new_tokens=max_critique_tokens)
+        what a round computes (`MLLMCritic.read`): dialogue mode teacher-forces `critique`, or the MLLM's
+        own critique when it is None or blank."""
+        reading = self.critic.read(loser, caption, seed=seed, mode=guidance_mode, critique=critique,
+                                   write_critique=False, max_new_tokens=max_critique_tokens)
         guidance = reading.guidance
         return FeatureSample(
             image_w=self.backend.image_features(winner)[0],  # (Si, D)
@@ -136,7 +168,7 @@ def read_pair(pairs: PreferencePairs, row: int):
     if not pair.caption.strip():
         return "empty_caption"
     try:
-        return pair.caption.strip(), load_image(pair.winner), load_image(pair.loser)
+        return pair.caption.strip(), load_image(pair.winner), load_image(pair.loser), pair.critique
     except InvalidInputError:
         return "corrupt"
 
@@ -156,18 +188,25 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None,
             extractor: FeatureExtractor | None = None) -> dict:
     """Write this process's missing or damaged shards; the main process then writes and returns the
     manifest. `extractor`: already loaded models to use instead of loading cfg.preset's."""
+    cfg.check()
+    with output_folder(cfg.out):  # a failing extraction leaves no empty --out folder
+        return extract_shards(cfg, tiny_root, extractor)
+
+
+def extract_shards(cfg: ExtractConfig, tiny_root: str | Path | None, extractor: FeatureExtractor | None) -> dict:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
-    cfg.check()
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # `accelerate launch --cpu` sets it
     out = Path(cfg.out)
+    pairs = PreferencePairs(cfg.dataset, limit=cfg.limit, split=cfg.split, critique_column=cfg.critique_column)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = PreferencePairs(cfg.dataset, limit=cfg.limit, split=cfg.split)
     num_shards = -(-len(pairs) // cfg.shard_size)
     settings = {"preset": cfg.preset, "mllm": cfg.mllm, "guidance_mode": cfg.guidance_mode, "seed": cfg.seed,
                 "dtype": cfg.dtype, "shard_size": cfg.shard_size}
+    if cfg.critique_column:  # recorded only when set, so shards of earlier runs stay comparable
+        settings["critique_column"] = cfg.critique_column
 
     def rows_of(shard: int) -> range:
         return range(shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, len(pairs)))
@@ -178,10 +217,17 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None,
         path = out / shard_name(shard)
         if not path.exists():
             return False
+        damage = None
         try:
             metadata = read_shard_header(path)["metadata"]
-            expected = digests.get(path.name)
-            damage = "its sha256 differs from the manifest's" if expected and sha256_file(path) != expected else None
+            if not verify_shard_content(path):  # an older shard without its own digest: the manifest must vouch
+                expected = digests.get(path.name)
+                if expected is None:
+                    damage = "it records no content digest and no intact manifest lists its sha256"
+                elif sha256_file(path) != expected:
+                    damage = "its sha256 differs from the manifest's"
+        except CorruptFileError as error:
+            damage = str(error)
         except Exception as error:  # noqa: BLE001 - safetensors reports damage as several error types
             damage = f"unreadable: {error}"
         if damage:
@@ -212,9 +258,9 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None,
                         corrupt_rows.append(row)
                         logger.warning("row %d: unreadable image, skipped", row)
                     continue
-                caption, winner, loser = read
+                caption, winner, loser, critique = read
                 sample = extractor.triplet(
-                    caption, winner, loser, cfg.guidance_mode, cfg.seed + row, cfg.max_critique_tokens
+                    caption, winner, loser, cfg.guidance_mode, cfg.seed + row, cfg.max_critique_tokens, critique
                 )
                 sample.source_index = row
                 if not sample_is_finite(sample, cfg.dtype):
@@ -240,6 +286,8 @@ def extract(cfg: ExtractConfig, tiny_root: str | Path | None = None,
             corrupt_rows += json.loads(metadata["corrupt_rows"])
             nonfinite_rows += json.loads(metadata.get("nonfinite_rows", "[]"))
             fields = fields or json.loads(metadata["fields"])
+        if cfg.critique_source():
+            fields = {**fields, "critique_source": cfg.critique_source()}
         manifest = write_manifest(out, {**fields, "dtype": cfg.dtype, "source_rows": len(pairs), "skipped": skipped,
                                         "corrupt_rows": corrupt_rows[:1000], "nonfinite_rows": nonfinite_rows[:1000]},
                                   [shard_name(s) for s in range(num_shards)])
@@ -271,7 +319,7 @@ class OnlineTriplets(torch.utils.data.Dataset):
         if isinstance(read, str):
             logger.warning("row %d skipped: %s", row, read)
             return None
-        caption, winner, loser = read
+        caption, winner, loser, _ = read
         sample = self.extractor.triplet(caption, winner, loser, self.guidance_mode, self.seed + row)
         return {
             "image_w": sample.image_w,  # (Si, D)

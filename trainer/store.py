@@ -21,8 +21,11 @@ Shard `j` holds source rows [j*shard_size, (j+1)*shard_size) minus skipped ones,
 depend on how many processes wrote them, and an interrupted extraction skips the shards that exist.
 Every shard is written to a temporary name and renamed, so a shard that exists is complete.
 
-Integrity: the manifest records each shard's sha256, which `FeatureStore` verifies when it opens the
-store (one sequential read of the shards), so flipped bytes, truncation or a missing shard are refused
+Integrity: each shard carries a sha256 of its own content (tensors and metadata) in its header
+("content_sha256", checked by `verify_shard_content`), so a re-extract re-verifies every shard against
+itself, without trusting a manifest that may be damaged or missing. The manifest also records each shard's
+file sha256, which `FeatureStore` verifies when it opens the store (one sequential read of the shards), so
+flipped bytes, truncation or a missing shard are refused
 with the file named; a manifest that is not the documented JSON object is refused naming the field.
 Non-finite values are never written: `write_shard` refuses them.
 """
@@ -30,6 +33,7 @@ Non-finite values are never written: `write_shard` refuses them.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import os
@@ -107,10 +111,51 @@ def write_shard(
         raise ValueError(f"refusing to write {path}: {', '.join(bad)} hold NaN or inf (after casting to {dtype})")
     header = {key: str(value) for key, value in (metadata or {}).items()}
     header["num_samples"] = str(len(samples))
+    header[CONTENT_DIGEST_KEY] = content_sha256(tensors, header)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
     os.replace(tmp, path)
     return path.stat().st_size
+
+
+CONTENT_DIGEST_KEY = "content_sha256"
+
+
+def content_sha256(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of a shard's content: each tensor's name, dtype, shape and bytes, and every metadata entry
+    except the digest itself, in sorted order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    for key in sorted(metadata):
+        if key != CONTENT_DIGEST_KEY:
+            digest.update(f"{key}={metadata[key]}\n".encode())
+    return digest.hexdigest()
+
+
+def verify_shard_content(path: str | Path) -> bool:
+    """Read the whole shard and check it against the content digest in its own header. False when the
+    shard records none (written by an older trainer.extract); CorruptFileError when it is unreadable or
+    its content differs."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors reports damage as several error types
+        raise CorruptFileError(f"{path} is not a readable shard ({error})") from error
+    recorded = metadata.get(CONTENT_DIGEST_KEY)
+    if recorded is None:
+        return False
+    actual = content_sha256(tensors, metadata)
+    if actual != recorded:
+        raise CorruptFileError(f"{path} is damaged: its content sha256 is {actual[:16]}..., its header records "
+                               f"{recorded[:16]}...")
+    return True
 
 
 def read_shard_header(path: str | Path) -> dict:
@@ -251,6 +296,7 @@ class FeatureStore(torch.utils.data.Dataset):
         self.manifest = read_manifest(self.path)
         self.shard_paths = [self.path / name for name in self.manifest["shards"]]
         self.shard_sizes = []
+        self.max_guidance_tokens = 0  # the longest guidance of any sample (shards are padded to their longest)
         digests = self.manifest.get("shard_sha256")
         if verify and digests is None:
             logger.warning("%s records no shard checksums (written by an older trainer.extract): integrity "
@@ -278,6 +324,7 @@ class FeatureStore(torch.utils.data.Dataset):
             if header["shapes"]["image_w"][1:] != expected or header["shapes"]["guidance"][2] != self.guidance_dim:
                 raise ValueError(f"{shard_path} does not match the manifest's dims (Si, D, Dg)")
             self.shard_sizes.append(header["num_samples"])
+            self.max_guidance_tokens = max(self.max_guidance_tokens, header["shapes"]["guidance"][1])
         if sum(self.shard_sizes) != self.manifest["num_samples"]:
             raise ValueError(
                 f"{manifest_path} says {self.manifest['num_samples']} samples, shards hold {sum(self.shard_sizes)}"

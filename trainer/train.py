@@ -6,15 +6,20 @@
     python -m trainer.train --features STORE --out RUN --resume          # continue from the newest checkpoint
 
 RUN/ gets config.json (this run's settings), metrics.jsonl (one JSON object per log or validation
-step), checkpoints/step-NNNNNNNN/checkpoint.pt (written atomically, with a checkpoint.pt.sha256 sidecar)
-and final/ (an aligner folder that `ImplicitAligner.from_pretrained` and the app load, with the store's
-metadata and the step count).
+step), checkpoints/step-NNNNNNNN/checkpoint.pt and final/ (an aligner folder that
+`ImplicitAligner.from_pretrained` and the app load, with the store's metadata and the step count). Both
+are written atomically with a SHA256SUMS file and verified when loaded (trainer.loop).
 
 Damaged data is never used silently: a micro-batch whose inputs or loss are not finite (or, online,
 whose images are all unreadable) is skipped and counted in metrics.jsonl (`skipped_nonfinite`,
 `skipped_unreadable`), and the run stops with an error after --max-skipped-in-a-row of them in a row;
 weights that are not finite are never saved. `--resume` verifies each checkpoint's sha256 and falls
-back, with a warning, to the newest checkpoint that is intact (damaged ones are renamed damaged-step-*).
+back, with a warning, to the newest checkpoint that is intact (damaged ones are renamed damaged-step-*);
+when none is intact, every later --resume refuses until `--restart` moves the run aside (RUN.damaged-N).
+A damaged metrics.jsonl line is dropped with a warning.
+
+Sizes are checked before any work: a --batch-size larger than the training samples per process is
+refused, and so is a micro-batch whose estimated memory (from the store's dims) exceeds the free memory.
 
 Data order: every epoch is a permutation of the training indices seeded by (seed, epoch); the epochs are
 concatenated into one stream and process p of P takes samples [p*B, (p+1)*B) of each group of P*B. The
@@ -28,33 +33,27 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from img_core.errors import CorruptFileError
-from img_core.integrity import (
-    check_finite,
-    nonfinite_tensors,
-    verify_checksum,
-    write_checksum,
-)
+from img_core.integrity import check_finite, nonfinite_tensors
 from img_core.settings import MLLM_GUIDANCE_MODES
-from trainer import option, parse_config
+from trainer import loop, option, parse_config
+from trainer.loop import checkpoint_dirs  # noqa: F401 - re-exported: benchmarks/bench_reliability.py imports it here
 from trainer.objective import REDUCTIONS, ReferenceUpdater, iupo_loss, squared_distance
 from trainer.store import FeatureStore, collate_features
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_KEYS = ("step", "samples_seen", "aligner", "reference", "optimizer", "config")
 METRICS_NAME = "metrics.jsonl"
+# Share of the free memory one micro-batch may take (the rest: weights, optimizer state, the allocator).
+MICRO_BATCH_MEMORY_SHARE = 0.5
 # Settings that change the trajectory of a run: a resume must use the values in the checkpoint.
 TRAJECTORY_SETTINGS = (
     "features", "online", "dataset", "preset", "guidance_mode", "questions", "init_from", "depth", "heads", "dim_head",
@@ -107,6 +106,8 @@ class TrainConfig:
     resume: str | None = option(
         None, "checkpoint folder to continue from; the flag alone means the newest in OUT/checkpoints", const="latest"
     )
+    restart: bool = option(False, "start over: move an earlier run in OUT (e.g. one whose checkpoints are all "
+                           "damaged) aside to OUT.damaged-N first")
 
     def check(self) -> None:
         if self.online:
@@ -192,6 +193,11 @@ def build_aligner(cfg: TrainConfig, manifest: dict):
         return ImplicitAligner(config)
     path = Path(cfg.init_from)
     if path.is_dir():
+        if loop.has_checksums(path):  # a RUN/final written by this trainer
+            loop.verify_folder(path)
+        else:
+            logger.warning("--init-from %s has no %s (not written by this trainer): loading it unverified", path,
+                           loop.CHECKSUMS_NAME)
         aligner = ImplicitAligner.from_pretrained(path)
     elif path.is_file():
         aligner = ImplicitAligner.from_official_checkpoint(path, dim_head=cfg.dim_head)  # heads = width / dim_head
@@ -236,94 +242,10 @@ def evaluate(aligner, source, indices: list[int], batch_size: int, accelerator) 
             "val_win_rate": sums[2].item() / count, "val_skipped": int(sums[4].item())}
 
 
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*[0-9]"))
-
-
-def prune_checkpoints(out: Path, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints."""
-    for old in checkpoint_dirs(out)[:-keep]:
-        shutil.rmtree(old)
-
-
 def load_checkpoint(folder: Path) -> dict:
-    """The training state in folder/checkpoint.pt, after checking its sha256 sidecar and that its weights
-    are finite; CorruptFileError (naming the file and the damage) otherwise."""
-    path = folder / CHECKPOINT_NAME
-    if not verify_checksum(path):
-        logger.warning("%s has no sha256 sidecar (written by an older trainer): loading it unverified", path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch reports damaged zip/pickle data as many error types
-        raise CorruptFileError(f"{path} cannot be read ({type(error).__name__}: {error})") from error
-    missing = [key for key in ("step", "samples_seen", "aligner", "reference", "optimizer", "config")
-               if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise CorruptFileError(f"{path} is not a training checkpoint: it lacks {missing}")
-    check_finite(checkpoint["aligner"], f"{path} (aligner)")
-    check_finite(checkpoint["reference"], f"{path} (reference)")
-    return checkpoint
-
-
-def newest_good_checkpoint(out: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint in OUT/checkpoints that loads intact, or None when there is none. Damaged
-    ones are renamed damaged-step-* (kept for inspection, no longer counted) with a warning."""
-    folders = checkpoint_dirs(out)
-    damaged = []
-    for folder in reversed(folders):
-        try:
-            return folder, load_checkpoint(folder)
-        except CorruptFileError as error:
-            logger.warning("%s; falling back to the previous checkpoint", error)
-            aside = folder.with_name("damaged-" + folder.name)
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(folder, aside)
-            damaged.append(aside.name)
-    if damaged:
-        raise CorruptFileError(
-            f"every checkpoint in {out / 'checkpoints'} is damaged ({', '.join(damaged)}, renamed): pass --resume "
-            "with a good checkpoint folder, or another --out to start over"
-        )
-    return None
-
-
-def atomic_save_dir(write, final: Path) -> None:
-    """Call write(tmp_dir), then move tmp_dir to `final` (replacing an older `final`)."""
-    tmp = final.with_name("." + final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        old = final.with_name("." + final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
-def append_metrics(out: Path, record: dict) -> None:
-    with open(out / METRICS_NAME, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    """The training state of checkpoint `folder`, verified (SHA256SUMS) and with finite weights;
+    CorruptFileError naming the file and the damage otherwise."""
+    return loop.load_checkpoint(folder, required=CHECKPOINT_KEYS, finite=("aligner", "reference"))
 
 
 def open_source(cfg: TrainConfig, device: torch.device):
@@ -338,20 +260,78 @@ def open_source(cfg: TrainConfig, device: torch.device):
 # ----------------------------------------------------------------------------------------- training
 
 
+def micro_batch_bytes(cfg: TrainConfig, manifest: dict, guidance_tokens: int) -> int:
+    """Estimated memory of one micro-batch of --batch-size samples: the float32 inputs on the device plus
+    the activations the aligner keeps for its backward (per block: the key/value sequence, queries,
+    attention probabilities and the feed-forward), doubled for the backward's own temporaries and the
+    reference aligner's forward. An estimate: it is meant to refuse sizes that cannot fit, not to plan."""
+    image_tokens, width = manifest["image_tokens"], manifest["image_dim"]
+    sequence = image_tokens + guidance_tokens
+    inner = cfg.heads * cfg.dim_head
+    inputs = 2 * image_tokens * width + guidance_tokens * manifest["guidance_dim"]
+    per_block = (3 * sequence * width + image_tokens * inner + 2 * sequence * inner + cfg.heads * image_tokens * sequence
+                 + 2 * image_tokens * width * cfg.ff_mult + image_tokens * width)
+    floats = inputs + guidance_tokens * width + 2 * cfg.depth * per_block
+    return 2 * floats * 4 * cfg.batch_size
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation on `device` can use: free GPU memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil  # installed with accelerate; only the CPU path needs it
+
+    return psutil.virtual_memory().available
+
+
+def check_sizes(cfg: TrainConfig, source, train_samples: int, num_processes: int, device: torch.device) -> None:
+    """Refuse a --batch-size the data or the memory cannot hold, before any work starts."""
+    per_process = train_samples // num_processes
+    if cfg.batch_size > per_process:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is larger than the {train_samples} training samples of "
+            f"{cfg.features or cfg.dataset} split over {num_processes} process(es): use --batch-size {max(per_process, 1)} "
+            "or less (and --gradient-accumulation-steps for larger steps)"
+        )
+    guidance_tokens = getattr(source, "max_guidance_tokens", None)  # a store knows it; --online does not
+    if guidance_tokens is None:
+        return
+    needed, free = micro_batch_bytes(cfg, source.manifest, guidance_tokens), free_memory_bytes(device)
+    if needed > MICRO_BATCH_MEMORY_SHARE * free:
+        fitting = int(cfg.batch_size * MICRO_BATCH_MEMORY_SHARE * free / needed)
+        if fitting < 1:
+            raise ValueError(
+                f"one sample needs about {needed / cfg.batch_size / 2**30:.1f} GiB on {device.type} with --depth "
+                f"{cfg.depth} --heads {cfg.heads} --dim-head {cfg.dim_head}, {free / 2**30:.1f} GiB is free: use a "
+                "smaller aligner or a device with more memory"
+            )
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} needs about {needed / 2**30:.1f} GiB per micro-batch on {device.type}, "
+            f"{free / 2**30:.1f} GiB is free: use --batch-size {fitting} or less with --gradient-accumulation-steps "
+            f"{-(-cfg.batch_size // fitting) * cfg.gradient_accumulation_steps} for the same samples per step"
+        )
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Run (or continue) training; returns RUN/final."""
+    """Run (or continue) training; returns RUN/final. A failing run leaves no empty OUT folder."""
+    cfg.check()
+    with loop.output_folder(cfg.out):
+        return run_training(cfg)
+
+
+def run_training(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    cfg.check()
     out = Path(cfg.out)
 
-    # 1. accelerator, data
+    # 1. accelerator, data, sizes
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     source = open_source(cfg, accelerator.device)
     train_indices, val_indices = split_indices(len(source), cfg.val_samples, cfg.seed)
+    check_sizes(cfg, source, len(train_indices), accelerator.num_processes, accelerator.device)
 
     # 2. aligner, reference aligner (starts as a copy: a fresh aligner is the identity), optimizer
     aligner = build_aligner(cfg, source.manifest)
@@ -360,25 +340,10 @@ def train(cfg: TrainConfig) -> Path:
     updater = ReferenceUpdater(k=cfg.ref_update_k)
     step, samples_seen = 0, 0
 
-    # 3. resume
-    resume_dir, checkpoint = None, None
-    if cfg.resume == "latest":
-        if accelerator.is_main_process:  # verifies, and renames damaged checkpoints aside
-            found = newest_good_checkpoint(out)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:  # finds what the main process settled on
-            found = newest_good_checkpoint(out)
-        if found is None:
-            logger.info("no checkpoint in %s: starting from scratch", out / "checkpoints")
-        else:
-            resume_dir, checkpoint = found
-    elif cfg.resume:
-        resume_dir = Path(cfg.resume)
-        if not (resume_dir / CHECKPOINT_NAME).is_file():
-            raise FileNotFoundError(f"--resume {resume_dir} has no {CHECKPOINT_NAME}")
-        checkpoint = load_checkpoint(resume_dir)
-    elif checkpoint_dirs(out):
-        raise ValueError(f"{out} already has checkpoints: pass --resume to continue it, or choose another --out")
+    # 3. resume (or refuse to overwrite an earlier run)
+    found = loop.find_resume_point(out, cfg.resume, cfg.restart, load_checkpoint, accelerator.is_main_process,
+                                   accelerator.wait_for_everyone, METRICS_NAME, logger)
+    resume_dir, checkpoint = found if found is not None else (None, None)
     skipped = {"nonfinite": 0, "unreadable": 0}  # micro-batches skipped so far (all processes)
     if checkpoint is not None:
         changed = [k for k in TRAJECTORY_SETTINGS if checkpoint["config"].get(k) != getattr(cfg, k)]
@@ -400,15 +365,12 @@ def train(cfg: TrainConfig) -> Path:
     if checkpoint is not None:
         if accelerator.scaler is not None and checkpoint.get("scaler"):
             accelerator.scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
+        loop.set_rng_state(checkpoint["rng"])
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        prune_checkpoints(out, cfg.keep_checkpoints)  # --keep-checkpoints may be lower than the last run's
-        if (out / METRICS_NAME).exists():  # drop lines a killed run logged after its last checkpoint
-            lines = (out / METRICS_NAME).read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= step]
-            (out / METRICS_NAME).write_text("".join(line + "\n" for line in kept))
+        loop.prune_checkpoints(out, cfg.keep_checkpoints)  # --keep-checkpoints may be lower than the last run's
+        loop.rewind_metrics(out / METRICS_NAME, step, logger)  # drop lines a killed run logged after its last checkpoint
 
     sampler = StreamBatchSampler(train_indices, cfg.batch_size, cfg.seed, samples_seen,
                                  accelerator.process_index, accelerator.num_processes)
@@ -429,22 +391,15 @@ def train(cfg: TrainConfig) -> Path:
             "optimizer": optimizer.state_dict(),
             "updater": updater.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "rng": rng_state(),
+            "rng": loop.rng_state(),
             "skipped": dict(skipped),
+            "log_window": window.checkpoint_state(accelerator),
             "config": dataclasses.asdict(cfg),
             "aligner_config": accelerator.unwrap_model(aligner).config.to_dict(),
         }
         if accelerator.is_main_process:
-            folder = out / "checkpoints" / f"step-{step:08d}"
-            check_finite(state["aligner"], f"the aligner at step {step} (not saved to {folder})")
-            check_finite(state["reference"], f"the reference aligner at step {step} (not saved to {folder})")
-
-            def write(tmp: Path) -> None:
-                torch.save(state, tmp / CHECKPOINT_NAME)
-                write_checksum(tmp / CHECKPOINT_NAME)
-
-            atomic_save_dir(write, folder)
-            prune_checkpoints(out, cfg.keep_checkpoints)
+            loop.save_checkpoint(out, state, finite=("aligner", "reference"))
+            loop.prune_checkpoints(out, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     def validate() -> None:
@@ -454,7 +409,7 @@ def train(cfg: TrainConfig) -> Path:
         metrics = evaluate(accelerator.unwrap_model(aligner), source, val_indices, cfg.batch_size, accelerator)
         aligner.train()
         if accelerator.is_main_process:
-            append_metrics(out, {"step": step, **metrics})
+            loop.append_metrics(out / METRICS_NAME, {"step": step, **metrics})
             progress.write(
                 f"step {step}: val_mse {metrics['val_mse']:.4g} (identity {metrics['val_mse_identity']:.4g})"
             )
@@ -462,60 +417,62 @@ def train(cfg: TrainConfig) -> Path:
     # 4. the loop: one iteration = one optimizer step over gradient_accumulation_steps micro-batches
     progress = tqdm(total=cfg.max_steps, initial=step, desc="aligner", disable=not accelerator.is_main_process)
     logged = ("loss", "base", "pref", "win_rate")
-    window = torch.zeros(len(logged) + 1, device=accelerator.device)  # sums of `logged`, micro-batch count
+    window = loop.Tally((*logged, "micro_batches"), accelerator.device)  # sums over the log window
+    if checkpoint is not None and "log_window" in checkpoint:
+        window.restore(checkpoint["log_window"], accelerator.is_main_process)
     window_start, window_steps = time.perf_counter(), 0
     skipped_in_a_row = 0
     dummy_inputs = dummy_batch(source.manifest, accelerator.device)
     aligner.train()
     while step < cfg.max_steps:
-        # step_sums: d(c_w, f), d(c_w, f_ref) summed over used micro-batches; micro-batches used, skipped
-        # as non-finite, skipped as unreadable; processes that reached max_skipped_in_a_row
-        step_sums = torch.zeros(6, device=accelerator.device)
+        # d(c_w, f), d(c_w, f_ref) summed over the used micro-batches; micro-batches used and skipped;
+        # processes that reached --max-skipped-in-a-row
+        tally = loop.Tally(("dist_pred", "dist_ref", "used", "nonfinite", "unreadable", "stalled"), accelerator.device)
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
             samples_seen += cfg.batch_size * accelerator.num_processes
-            reason = "unreadable" if batch is None else None  # every image unreadable (online mode only)
+            compute_loss = None  # every image unreadable (online mode only)
             if batch is not None:
                 batch = to_device(batch, accelerator.device)
-                if nonfinite_tensors(batch):
-                    reason = "nonfinite"
-            # Every micro-batch goes through accumulate() and one backward, also a skipped one (a zero
-            # loss on finite dummy inputs), so accelerate's accumulation phase and DDP's gradient
-            # all-reduce stay in step with the loop on every process.
-            with accelerator.accumulate(aligner):
-                if reason is None:
+
+                def compute_loss(batch=batch) -> dict[str, torch.Tensor]:
+                    if nonfinite_tensors(batch):
+                        return {"loss": batch["image_l"].new_tensor(float("nan"))}
                     with accelerator.autocast():
                         pred = aligner(batch["image_l"], batch["guidance"], batch["guidance_mask"])  # (B, Si, D)
                         with torch.no_grad():
                             ref = reference(batch["image_l"], batch["guidance"], batch["guidance_mask"])  # (B, Si, D)
-                    loss, stats = iupo_loss(
-                        pred, ref, batch["image_w"], batch["image_l"], lam=cfg.lam, reduction=cfg.reduction
-                    )
-                    if not torch.isfinite(loss):
-                        reason = "nonfinite"
-                if reason is None:
-                    accelerator.backward(loss)
-                    step_sums[:3] += torch.stack([stats["dist_pred"], stats["dist_ref"], torch.ones_like(loss)])
-                    window += torch.stack([loss.detach(), *(stats[key] for key in logged[1:]), torch.ones_like(loss)])
-                    skipped_in_a_row = 0
-                else:
-                    accelerator.backward(zero_loss(aligner, dummy_inputs))
-                    step_sums[3 if reason == "nonfinite" else 4] += 1
-                    skipped_in_a_row += 1
-                    logger.warning("step %d: micro-batch skipped (%s)", step + 1,
-                                   "non-finite inputs or loss" if reason == "nonfinite" else "no readable image")
-        step_sums[5] = float(skipped_in_a_row >= cfg.max_skipped_in_a_row)
-        step_sums = accelerator.reduce(step_sums, reduction="sum")
-        skipped["nonfinite"] += int(step_sums[3])
-        skipped["unreadable"] += int(step_sums[4])
-        if step_sums[5] > 0:
+                    loss, stats = iupo_loss(pred, ref, batch["image_w"], batch["image_l"], lam=cfg.lam,
+                                            reduction=cfg.reduction)
+                    return {"loss": loss, **stats}
+
+            stats, reason = loop.accumulation_micro_step(accelerator, aligner, compute_loss,
+                                                         lambda: zero_loss(aligner, dummy_inputs))
+            if reason is None:
+                for name in ("dist_pred", "dist_ref"):
+                    tally[name] += stats[name]
+                tally["used"] += 1
+                for name in logged:
+                    window[name] += stats[name]
+                window["micro_batches"] += 1
+                skipped_in_a_row = 0
+            else:
+                tally[reason] += 1
+                skipped_in_a_row += 1
+                logger.warning("step %d: micro-batch skipped (%s)", step + 1,
+                               "non-finite inputs or loss" if reason == "nonfinite" else "no readable image")
+        tally["stalled"] = float(skipped_in_a_row >= cfg.max_skipped_in_a_row)
+        totals = tally.reduce(accelerator)
+        skipped["nonfinite"] += int(totals["nonfinite"])
+        skipped["unreadable"] += int(totals["unreadable"])
+        if totals["stalled"] > 0:
             raise CorruptFileError(
                 f"{cfg.max_skipped_in_a_row} micro-batches in a row were skipped at step {step + 1} "
                 f"({skipped['nonfinite']} non-finite, {skipped['unreadable']} unreadable so far): the data "
                 f"({cfg.features or cfg.dataset}) is damaged or the loss diverged (try a lower --lr); nothing of "
                 "this step was saved, the last checkpoint is intact"
             )
-        if step_sums[2] > 0:  # at least one micro-batch of some process was used
+        if totals["used"] > 0:  # at least one micro-batch of some process was used
             grads = {name: p.grad for name, p in aligner.named_parameters() if p.grad is not None}
             if accelerator.scaler is None and nonfinite_tensors(grads):  # fp16: the grad scaler skips it
                 skipped["nonfinite"] += 1
@@ -523,27 +480,27 @@ def train(cfg: TrainConfig) -> Path:
             else:
                 optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        distances = step_sums[:2]
         step += 1
         window_steps += 1
         progress.update(1)
 
-        # reference update: "closer" is decided on the step's mean distances over all processes
-        if updater.step(bool(distances[0] < distances[1])):
+        # reference update: "closer" is decided on the step's summed distances over all processes
+        if updater.step(totals["dist_pred"] < totals["dist_ref"]):
             reference.load_state_dict(accelerator.unwrap_model(aligner).state_dict())
 
         if step % cfg.log_every == 0:  # means over the window's micro-batches of all processes
-            sums = accelerator.reduce(window, reduction="sum").tolist()
-            means = {k: v / sums[-1] if sums[-1] else None for k, v in zip(logged, sums)}  # None: all skipped
+            sums = window.reduce(accelerator)
+            count = sums["micro_batches"]
+            means = {k: sums[k] / count if count else None for k in logged}  # None: all skipped
             record = {"step": step, **means,
                       "ref_updates": updater.updates, "lr": optimizer.param_groups[0]["lr"],
                       "skipped_nonfinite": skipped["nonfinite"], "skipped_unreadable": skipped["unreadable"],
                       "samples_per_s": window_steps * samples_per_step / (time.perf_counter() - window_start)}
             if accelerator.is_main_process:
-                append_metrics(out, record)
-                progress.set_postfix(loss=f"{record['loss']:.4g}" if sums[-1] else "skipped",
+                loop.append_metrics(out / METRICS_NAME, record)
+                progress.set_postfix(loss=f"{record['loss']:.4g}" if count else "skipped",
                                      ref_updates=updater.updates)
-            window.zero_()
+            window.values.zero_()
             window_start, window_steps = time.perf_counter(), 0
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             validate()
@@ -557,7 +514,7 @@ def train(cfg: TrainConfig) -> Path:
         trained = accelerator.unwrap_model(aligner)
         check_finite(trained.state_dict(), f"the trained aligner (not saved to {final})")
         trained.config = dataclasses.replace(trained.config, training_steps=step)
-        atomic_save_dir(trained.save_pretrained, final)
+        loop.atomic_save_dir(trained.save_pretrained, final)
         logger.info("saved the trained aligner to %s", final)
     accelerator.wait_for_everyone()
     return final
