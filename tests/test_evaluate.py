@@ -2,6 +2,7 @@
 match results.jsonl, determinism, resuming without regenerating, refusing other settings; prompt sets;
 `evaluate-compare`."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = 6
 ROUNDS = 2
-SCORERS = ["hpsv2", "clipscore", "vqascore"]
+SCORERS = ["hpsv2", "clipscore", "vqascore", "vqascore:self"]
 
 
 def evaluate_args(out, *extra):
@@ -64,16 +65,19 @@ def test_evaluate_writes_images_results_summary_and_report(first_run):
     rows = read_rows(out)
     assert len(rows) == PROMPTS * (ROUNDS + 1)
     for row in rows:
-        assert set(row) == {"prompt_index", "prompt", "seed", "round", "image", "scores"}
+        assert set(row) == {"prompt_index", "seed_index", "prompt", "seed", "round", "image", "scores"}
+        assert row["seed_index"] == 0
         assert row["seed"] == row["prompt_index"]  # --seed 0: prompt i uses seed i
         assert row["image"] == f"images/{row['prompt_index']:05d}_r{row['round']}.png"
         assert set(row["scores"]) == set(SCORERS)
     html = (out / "report.html").read_text()
-    assert html.count("<img ") == PROMPTS * (ROUNDS + 1) and html.count("<svg") == len(SCORERS)
+    assert html.count("<img ") == PROMPTS * (ROUNDS + 1) and html.count("<svg") == 2 * len(SCORERS)
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from outside
 
 
 def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
+    from img_core.evaluation.statistics import wilson_interval
+
     out, _ = first_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_prompts"] == PROMPTS and summary["rounds"] == ROUNDS
@@ -89,14 +93,17 @@ def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
         for k in range(1, ROUNDS + 1):
             wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores[:, k], scores[:, 0]))
             assert entry["win_rate"][k] == pytest.approx(wins / PROMPTS)
-            low, high = entry["ci95"][k]
-            assert 0.0 <= low <= entry["win_rate"][k] <= high <= 1.0
+            assert entry["ci95"][k] == pytest.approx(wilson_interval(wins, PROMPTS), abs=1e-12)
+            assert entry["mean_difference"][k] == pytest.approx(float(np.mean(scores[:, k] - scores[:, 0])), abs=1e-9)
+            low, high = entry["mean_difference_ci95"][k]
+            assert low <= entry["mean_difference"][k] <= high
     # our prompt file's first 6 prompts are all "color binding": that category's numbers are the whole run's
     assert list(summary["categories"]) == ["color binding"]
     for name in SCORERS:
         by_category = summary["categories"]["color binding"][name]
         assert by_category["mean"] == summary["scorers"][name]["mean"]
         assert by_category["win_rate"] == summary["scorers"][name]["win_rate"]
+        assert by_category["ci95"] == summary["scorers"][name]["ci95"]  # categories get intervals too
 
 
 def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, counted_rounds, capsys):
@@ -129,9 +136,13 @@ def test_same_seed_gives_identical_scores_and_compare_reads_both(first_run, tmp_
     for row in read_rows(second):
         assert row["scores"] == first[(row["prompt_index"], row["round"])]  # bit-identical
 
-    table = compare_runs(out, second)
+    comparison = compare_runs(out, second)
+    table = comparison.rows
     assert {(row["scorer"], row["round"], row["n"]) for row in table} == {(s, k, 2) for s in SCORERS for k in (0, 1)}
     assert all(row["win_rate_a"] == 0.5 and row["mean_a"] == row["mean_b"] for row in table)  # all ties
+    assert all(row["mean_difference_ci95"] == [0.0, 0.0] for row in table)
+    assert all(row["win_rate_ci95"][1] - row["win_rate_ci95"][0] > 0.5 for row in table)  # 2 prompts: wide
+    assert any("only 2 (prompt, seed) samples" in warning for warning in comparison.warnings)
     assert compare_main([str(out), str(second)]) == 0
     assert "hpsv2" in capsys.readouterr().out
 
@@ -175,19 +186,41 @@ def test_arguments_are_checked_before_anything_loads(tmp_path, counted_rounds):
 
 
 def test_win_rate_ties_and_bootstrap_are_fixed():
-    from img_core.evaluation.evaluate import bootstrap_interval, summarize, win_rate
+    from img_core.evaluation.evaluate import summarize, win_rate
+    from img_core.evaluation.statistics import bootstrap_interval, wilson_interval
 
     assert win_rate(np.array([2.0, 1.0, 3.0, 1.0]), np.array([1.0, 1.0, 3.0, 2.0])) == pytest.approx((1 + 0.5 + 0.5) / 4)
     outcomes = np.array([1.0, 0.0, 0.5, 1.0, 1.0])
     assert bootstrap_interval(outcomes) == bootstrap_interval(outcomes)  # fixed seed
     assert bootstrap_interval(np.ones(7)) == [1.0, 1.0]
-    rows = {(i, r): {"prompt": "p", "scores": {"s": float(i + r)}} for i in range(3) for r in range(2)}
-    del rows[(2, 1)]["scores"]["s"]  # an unscored image: prompt 2 is left out of the numbers
+    rows = {(i, 0, r): {"prompt": "p", "scores": {"s": float(i + r)}} for i in range(3) for r in range(2)}
+    del rows[(2, 0, 1)]["scores"]["s"]  # an unscored image: prompt 2 is left out of the numbers
     summary = summarize(rows, 3, 1, ["s"], {}, categories=["a", "b", "a"])
     assert summary["scorers"]["s"]["n_prompts"] == 2
     assert summary["scorers"]["s"]["mean"] == [0.5, 1.5] and summary["scorers"]["s"]["win_rate"] == [None, 1.0]
-    assert summary["categories"]["a"]["s"] == {"n_prompts": 1, "mean": [0.0, 1.0], "win_rate": [None, 1.0]}
+    category_a = summary["categories"]["a"]["s"]
+    assert category_a["n_prompts"] == 1 and category_a["mean"] == [0.0, 1.0] and category_a["win_rate"] == [None, 1.0]
+    assert category_a["ci95"] == [None, wilson_interval(1, 1)] and category_a["mean_difference"] == [None, 1.0]
     assert summary["categories"]["b"]["s"]["mean"] == [1.0, 2.0]
+
+
+def test_several_seeds_per_prompt_keep_the_prompt_as_the_unit():
+    from img_core.evaluation.evaluate import summarize
+    from img_core.evaluation.statistics import wilson_interval
+
+    # prompt 0: round 1 wins on both seeds; prompt 1: wins on one seed of two; prompt 2: loses on both
+    base = {(0, 0): 1.0, (0, 1): 1.0, (1, 0): 1.0, (1, 1): 1.0, (2, 0): 1.0, (2, 1): 1.0}
+    refined = {(0, 0): 2.0, (0, 1): 3.0, (1, 0): 2.0, (1, 1): 0.0, (2, 0): 0.0, (2, 1): 0.5}
+    rows = {}
+    for (i, j), value in base.items():
+        rows[(i, j, 0)] = {"scores": {"s": value}}
+        rows[(i, j, 1)] = {"scores": {"s": refined[(i, j)]}}
+    entry = summarize(rows, 3, 1, ["s"], {}, seeds=2)["scorers"]["s"]
+    assert entry["n_prompts"] == 3  # prompts, not images
+    assert entry["win_rate"][1] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert entry["ci95"][1] == pytest.approx(wilson_interval(1.5, 3))
+    per_prompt_differences = [(1.0 + 2.0) / 2, (1.0 - 1.0) / 2, (-1.0 - 0.5) / 2]
+    assert entry["mean_difference"][1] == pytest.approx(np.mean(per_prompt_differences))
 
 
 def test_prompt_sets_read_every_format(tmp_path):
@@ -228,3 +261,30 @@ def test_prompt_sets_read_every_format(tmp_path):
         load_prompt_set(tmp_path / "missing.txt")
     with pytest.raises(PromptSetError, match="hub dataset 'nobody/no-such-prompts'.*could not be read"):
         load_prompt_set("nobody/no-such-prompts", column="caption")  # HF_HUB_OFFLINE=1
+
+
+def test_offline_release_questions_record_the_source_actually_used(tiny_root, tmp_path, monkeypatch):
+    from img_core import questions
+    from img_core.cli.evaluate import main
+    from img_core.paths import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # nothing cached ...
+    cache_path = questions.release_questions_cache_path()
+    # ... and this process already failed to fetch the release's file: offline, without touching the network
+    monkeypatch.setattr(questions, "_failed_fetches", {(questions.RELEASE_QUESTIONS_URL, str(cache_path))})
+    out = tmp_path / "run"
+    args = ["--limit", "1", "--rounds", "1", "--scorers", "clipscore", "--questions", "release"]
+    assert main([*evaluate_args(out)[:4], *args, "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    ours = questions.ours_question_source()
+    assert settings["questions"] == "release" and settings["questions_used"] == "ours"
+    assert settings["questions_sha256"] == hashlib.sha256(json.dumps(list(ours.templates)).encode()).hexdigest()
+    assert "'release'" in settings["questions_fallback"] and "'ours' was used" in settings["questions_fallback"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["questions_used"] == "ours"
+    assert "ours" in (out / "report.html").read_text()
+
+    # the same folder with our questions asked for directly: the images would be the same, but the record
+    # would mix two requests; a resume with other questions is refused, naming the setting
+    with pytest.raises(InvalidInputError, match="questions: 'release' there, 'ours' now"):
+        main([*evaluate_args(out)[:4], *args[:-1], "ours", "--steps", "2", "--out", str(out), "--quiet"])
