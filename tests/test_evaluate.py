@@ -252,15 +252,47 @@ def test_prompt_sets_read_every_format(tmp_path):
     assert load_prompt_set(tmp_path / "e.parquet", column="caption").prompts == ["p1", "p2", "p3"]
     assert load_prompt_set(tmp_path / "b.json").sha256 != load_prompt_set(tmp_path / "e.parquet", column="caption").sha256
 
-    with pytest.raises(PromptSetError, match="no column 'prompt'"):
-        load_prompt_set(tmp_path / "e.parquet")
+    assert load_prompt_set(tmp_path / "e.parquet").prompts == ["p1", "p2", "p3"]  # `caption` found by itself
+    with pytest.raises(PromptSetError, match="no column 'text'"):
+        load_prompt_set(tmp_path / "e.parquet", column="text")
+    assert load_prompt_set(tmp_path / "d.tsv", column="Prompt").categories == ["z"]
     (tmp_path / "f.json").write_text(json.dumps(["ok", ""]))
     with pytest.raises(PromptSetError, match="prompt 1 is not a non-empty string"):
         load_prompt_set(tmp_path / "f.json")
-    with pytest.raises(PromptSetError, match="no file here"):
+    with pytest.raises(PromptSetError, match="no file or folder here"):
         load_prompt_set(tmp_path / "missing.txt")
     with pytest.raises(PromptSetError, match="hub dataset 'nobody/no-such-prompts'.*could not be read"):
         load_prompt_set("nobody/no-such-prompts", column="caption")  # HF_HUB_OFFLINE=1
+    # the Pick-a-Pic recipe reads the captions-only dataset (150 kB), never the 204 GB one with images
+    with pytest.raises(PromptSetError, match="'yuvalkirstain/pickapic_v1_no_images' \\(split 'test_unique'\\)"):
+        load_prompt_set("pickapic-test")
+
+
+def test_geneval_drawbench_and_hpd_folders_are_read_with_categories(tmp_path):
+    from img_core.evaluation.prompt_sets import PromptSetError, load_prompt_set
+
+    geneval = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+               {"tag": "two_object", "include": [], "prompt": "a photo of a cat and a dog"}]
+    (tmp_path / "evaluation_metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in geneval))
+    read = load_prompt_set(tmp_path / "evaluation_metadata.jsonl")
+    assert read.prompts == ["a photo of a bench", "a photo of a cat and a dog"]
+    assert read.categories == ["single_object", "two_object"]
+    (tmp_path / "drawbench.csv").write_text('Prompts,Category\n"A red colored car.",Colors\nA tiger.,Rare Words\n')
+    drawbench = load_prompt_set(tmp_path / "drawbench.csv")
+    assert drawbench.prompts == ["A red colored car.", "A tiger."] and drawbench.categories == ["Colors", "Rare Words"]
+    benchmark = tmp_path / "benchmark"
+    benchmark.mkdir()
+    for style, count in (("anime", 3), ("concept-art", 3), ("drawbench", 1), ("paintings", 3), ("photo", 3)):
+        (benchmark / f"{style}.json").write_text(json.dumps([f"{style} {i}" for i in range(count)]))
+    hpd = load_prompt_set(benchmark)
+    assert len(hpd.prompts) == 13 and hpd.prompts[:4] == ["anime 0", "anime 1", "anime 2", "concept-art 0"]
+    assert hpd.categories.count("drawbench") == 1 and hpd.categories[-1] == "photo"
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(PromptSetError, match="line 2 is not valid JSON"):
+        load_prompt_set(tmp_path / "bad.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PromptSetError, match="no .json prompt lists"):
+        load_prompt_set(tmp_path / "empty")
 
 
 def test_offline_release_questions_record_the_source_actually_used(tiny_root, tmp_path, monkeypatch):

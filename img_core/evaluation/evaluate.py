@@ -1,7 +1,7 @@
 """`python -m img_core evaluate`: the paper's win-rate protocol on a prompt set, and `evaluate-compare`.
 
     python -m img_core evaluate --preset sdxl --prompts hpd_test.json --rounds 1 --scorers hpsv2 --out runs/sdxl
-    accelerate launch --num_processes 8 -m img_core evaluate ...      # the same folder, prompts split 8 ways
+    accelerate launch --multi_gpu --num_processes 8 -m img_core evaluate ...   # prompts split over 8 GPUs
     python -m img_core evaluate-compare runs/question runs/dialogue
 
 For every prompt i and seed index j < --seeds (seed = --seed + i + j * SEED_STRIDE): round 0 is the base
@@ -34,7 +34,9 @@ between the processes with accelerate's `PartialState.split_between_processes`; 
 rows to DIR/shards/results.{rank}.jsonl, and after all have finished, the main process merges the shards and
 what was there into results.jsonl (the same file one process writes), removes the shards and writes the
 summary and report. An interrupted multi-process run resumes from results.jsonl and whatever shards are left,
-with any number of processes.
+with any number of processes. On CPUs (tests): ACCELERATE_USE_CPU=1 with `accelerate launch --multi_gpu
+--num_processes 2` or `torchrun --nproc_per_node 2` (accelerate 1.x's `launch --cpu` starts one process
+unless given an MPI hostfile).
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ def question_record(requested: str) -> dict:
 
 def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from img_core.evaluation.prompt_sets import load_prompt_set
     from img_core.evaluation.scorers import describe_scorer
@@ -162,7 +165,8 @@ def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
     resolved = settings.resolve(preset)
     prompt_set = load_prompt_set(args.prompts, column=args.prompt_column, split=args.prompt_split)
     prompts = prompt_set.prompts[: args.limit] if args.limit else prompt_set.prompts
-    state = PartialState()  # one process unless started by `accelerate launch`
+    # one process unless started by `accelerate launch` / torchrun; ACCELERATE_USE_CPU=1 splits on CPUs (gloo)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     requested_questions = options.questions or preset.questions
     guidance_mllm = options.mllm or preset.mllm
     tiny_root = _preset_tiny_root(preset)
@@ -198,7 +202,7 @@ def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
     # 3. generation
     kwargs = options.session_kwargs()
     if state.num_processes > 1 and kwargs.get("device") is None:
-        kwargs["device"] = str(state.device)  # one GPU per process
+        kwargs["device"] = "cpu" if state.device.type == "cpu" else str(state.device)  # one GPU per process
     session = IMGSession.from_preset(preset_name, show_progress_bars=False, **kwargs)
     generated = generate_missing(session, prompts, mine, args.seed, args.rounds, settings, out_dir, my_rows, shard,
                                  quiet=args.quiet)
