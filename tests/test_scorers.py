@@ -65,16 +65,17 @@ def test_open_clip_layout_round_trips_exactly(scorers_root):
         assert torch.equal(back[key], value), key
 
 
-def test_hpsv2_loads_the_open_clip_checkpoint_and_scores_100_cos(scorers_root, tmp_path):
+@pytest.mark.parametrize(("name", "weights_seed"), [("hpsv2", 2), ("hpsv2.0", 4)])
+def test_hpsv2_loads_the_open_clip_checkpoint_and_scores_100_cos(scorers_root, tmp_path, name, weights_seed):
     from img_core.evaluation.scorers import hps_pixel_values, load_scorer
     from img_core.tiny.scorers import TINY_SCORER_IMAGE_SIZE, tiny_clip_model
 
-    scorer = load_scorer("hpsv2", tiny_root=scorers_root.parent)
+    scorer = load_scorer(name, tiny_root=scorers_root.parent)
     pictures = images()
     scores = scorer.score(pictures, PROMPTS)
-    # the same weights as a CLIPModel (the tiny HPS file was written from seed 0 + 2), HPS preprocessing
+    # the same weights as a CLIPModel (the tiny HPS v2.1 file was written from seed 0 + 2, v2.0 from 0 + 4)
     folder = tmp_path / "reference-hps"
-    tiny_clip_model("gelu", seed=2).save_pretrained(folder)
+    tiny_clip_model("gelu", seed=weights_seed).save_pretrained(folder)
     mean, std = scorer.processor.image_processor.image_mean, scorer.processor.image_processor.image_std
     pixels = hps_pixel_values(pictures, TINY_SCORER_IMAGE_SIZE, mean, std)
     cosines, _ = clip_cosines(folder, scorers_root / "tiny-clip-h", pixel_values=pixels)
@@ -114,6 +115,34 @@ def test_pickscore_and_clipscore_follow_their_formulas(scorers_root):
     assert clip.model is None
     assert one_by_one == pytest.approx(values, abs=1e-4)
     assert clip.score(pictures, PROMPTS) == pytest.approx(values, abs=1e-5)
+
+    # Hessel et al.'s CLIP-S: 2.5 * max(cos, 0) of ViT-B/32 with "A photo depicts " before the caption
+    hessel = load_scorer("clipscore-hessel", tiny_root=scorers_root.parent).score(pictures, PROMPTS)
+    cosines, _ = clip_cosines(scorers_root / "tiny-clip-b", scorers_root / "tiny-clip-b", pictures=pictures,
+                              prompts=[f"A photo depicts {prompt}" for prompt in PROMPTS])
+    assert hessel == pytest.approx((2.5 * cosines.clamp(min=0)).tolist(), abs=1e-5)
+
+
+def test_hps_text_cleanup_follows_open_clip(scorers_root):
+    from img_core.evaluation.scorers import hps_clean_text, load_scorer
+
+    assert hps_clean_text("a dog\u2019s  \u201cbest\u201d friend &amp;amp; a \ufb01sh\n") == 'a dog\'s "best" friend & a fish'
+    assert hps_clean_text("\uff21\uff22 tea") == "AB tea"  # full-width letters fold, as ftfy's fix_character_width
+    # a curly apostrophe tokenizes as the straight one in HPS (12 of Parti's 1,632 prompts have one)
+    scorer = load_scorer("hpsv2", tiny_root=scorers_root.parent)
+    picture = images(1)
+    assert scorer.score(picture, ["a dog\u2019s toy"]) == scorer.score(picture, ["a dog's toy"])
+
+
+def test_the_converter_refuses_weights_it_does_not_know():
+    from img_core.errors import InvalidInputError
+    from img_core.evaluation.scorers import open_clip_to_transformers
+    from img_core.tiny.scorers import tiny_clip_model, transformers_to_open_clip
+
+    open_clip = transformers_to_open_clip(tiny_clip_model("gelu", seed=7).state_dict())
+    open_clip["visual.attn_pool.query"] = torch.zeros(4, 32)  # a CoCa-style attention pooler: not our CLIP
+    with pytest.raises(InvalidInputError, match=r"1 weights this conversion does not know \(visual.attn_pool.query\)"):
+        open_clip_to_transformers(open_clip)
 
 
 def reference_vqascore(critic, image, text) -> float:

@@ -7,8 +7,10 @@
 | name               | what                                   | weights                                        | unit |
 | ------------------ | -------------------------------------- | ---------------------------------------------- | ---- |
 | `hpsv2`            | HPS v2.1 (the paper's metric)          | xswu/HPSv2 `HPS_v2.1_compressed.pt` (open_clip ViT-H-14 state dict, converted on load) + laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, tokenizer) | 100 * cos |
+| `hpsv2.0`          | HPS v2.0 (the HPS v2 paper's tables)   | xswu/HPSv2 `HPS_v2_compressed.pt`, the rest as `hpsv2` | 100 * cos |
 | `pickscore`        | PickScore_v1                           | yuvalkirstain/PickScore_v1 + the CLIP-H processor | logit_scale * cos (~100 * cos) |
-| `clipscore`        | CLIP ViT-L/14                          | openai/clip-vit-large-patch14                  | 100 * max(cos, 0) |
+| `clipscore`        | CLIPScore as torchmetrics defines it   | openai/clip-vit-large-patch14, the prompt as is | 100 * max(cos, 0) |
+| `clipscore-hessel` | CLIP-S of Hessel et al. 2021           | openai/clip-vit-base-patch32, "A photo depicts " + prompt | 2.5 * max(cos, 0) |
 | `vqascore`         | VQAScore (Lin et al. 2024), default judge | llava-1.5-13b, else qwen2.5-vl-7b (tiny: tiny-qwen, else tiny-llava), never the guidance MLLM while another is here | 0..1 |
 | `vqascore:<mllm>`  | the same with a named judge MLLM       | any name of img_core.mllm.KNOWN_MLLMS or folder | 0..1 |
 | `vqascore:self`    | the same, judged by the guidance MLLM  | none extra: the loaded critic (self-judged)    | 0..1 |
@@ -21,7 +23,11 @@ projection matrices are transposed), the way convert_llava.py converts the relea
 image preprocessing is kept: the longest side resized to 224 (bicubic, on the float tensor), padded to
 a square with black, normalised with the CLIP mean/std (HPSv2 `ResizeMaxSize`, light_augmentation=True).
 HPS v2 reports diag(image_features @ text_features) of unit vectors; the paper prints it x100 (28.03), so
-`hpsv2` returns 100 * cos. PickScore and CLIPScore use the CLIP image processor with PIL resizing, as the
+`hpsv2` returns 100 * cos. HPS tokenizes with open_clip's SimpleTokenizer, which first cleans the text
+(HPSv2 `hpsv2/src/open_clip/tokenizer.py`: `ftfy.fix_text`, `html.unescape` twice, strip, runs of whitespace
+to one space, lower case); `hps_clean_text` does the same without the ftfy dependency for what ftfy changes
+in prompts (curly quotes and apostrophes straightened, Latin ligatures and full-width forms folded, NFC),
+but does not repair mojibake. PickScore and CLIPScore use the CLIP image processor with PIL resizing, as the
 transformers 4 releases they were defined with (img_core.clip_processing).
 
 VQAScore as published (Lin et al. 2024, "Evaluating Text-to-Visual Generation with Image-to-Text
@@ -52,7 +58,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import html
 import logging
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -101,21 +110,36 @@ class CLIPScorerSpec:
     model_id: str  # transformers CLIPModel folder/id; for open_clip checkpoints the config source
     processor_id: str  # tokenizer + image processor
     open_clip_checkpoint: tuple[str, str] | None = None  # (repo, filename) of an open_clip state dict
-    scale: str = "100"  # "100": 100 * cos; "logit_scale": the model's exp(logit_scale) * cos
+    scale: str = "constant"  # "constant": scale_value * cos; "logit_scale": the model's exp(logit_scale) * cos
     clamp_at_zero: bool = False  # CLIPScore: 100 * max(cos, 0)
     preprocessing: str = "processor"  # "processor": the CLIP image processor; "hps": HPS v2's resize-and-pad
+    scale_value: float = 100.0  # the factor when scale == "constant"
+    text_prefix: str = ""  # Hessel et al.'s CLIP-S: "A photo depicts "
+    clean_text: bool = False  # open_clip's text cleanup before tokenizing (HPS)
 
 
 CLIP_SCORERS: dict[str, CLIPScorerSpec] = {
     "hpsv2": CLIPScorerSpec(
         "hpsv2", CLIP_H_ID, CLIP_H_ID, open_clip_checkpoint=("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
-        preprocessing="hps",
+        preprocessing="hps", clean_text=True,
+    ),
+    "hpsv2.0": CLIPScorerSpec(
+        "hpsv2.0", CLIP_H_ID, CLIP_H_ID, open_clip_checkpoint=("xswu/HPSv2", "HPS_v2_compressed.pt"),
+        preprocessing="hps", clean_text=True,
     ),
     "pickscore": CLIPScorerSpec("pickscore", "yuvalkirstain/PickScore_v1", CLIP_H_ID, scale="logit_scale"),
     "clipscore": CLIPScorerSpec(
         "clipscore", "openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14", clamp_at_zero=True
     ),
+    "clipscore-hessel": CLIPScorerSpec(
+        "clipscore-hessel", "openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32", clamp_at_zero=True,
+        scale_value=2.5, text_prefix="A photo depicts ",
+    ),
 }
+# ftfy's uncurl_quotes: U+02BC and U+2018..U+201B become ', U+201C..U+201F become "
+CURLY_QUOTES = str.maketrans({**{chr(c): "'" for c in (0x02BC, *range(0x2018, 0x201C))},
+                              **{chr(c): '"' for c in range(0x201C, 0x2020)}})
+LIGATURES_AND_WIDTH = re.compile("[\ufb00-\ufb06\uff01-\uff5e\u3000]")  # folded by NFKC, as ftfy does
 SCORER_NAMES = (*CLIP_SCORERS, *VQA_METHODS)
 
 
@@ -210,10 +234,29 @@ def _free_memory() -> None:
 # ------------------------------------------------------------------------------------------ CLIP metrics
 
 
+def hps_clean_text(text: str) -> str:
+    """open_clip's cleanup before HPS tokenizes (see the module docstring): quotes, ligatures, width, HTML
+    entities, whitespace. Lower-casing is left to the CLIP tokenizer, which does it too."""
+    text = unicodedata.normalize("NFC", text).translate(CURLY_QUOTES)
+    text = LIGATURES_AND_WIDTH.sub(lambda match: unicodedata.normalize("NFKC", match.group()), text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an open_clip CLIP state dict (ViT vision tower + text transformer) to `CLIPModel` keys."""
+    """Rename an open_clip CLIP state dict (ViT vision tower + text transformer) to `CLIPModel` keys.
+    A key this conversion does not know (another architecture: attention pooling, a text pooler, ...) is
+    refused, never dropped."""
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     converted: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    class Tracked(dict):
+        def __getitem__(self, key):
+            used.add(key)
+            return super().__getitem__(key)
+
+    state_dict = Tracked(state_dict)
 
     def blocks(source: str, target: str) -> None:
         index = 0
@@ -248,6 +291,10 @@ def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     converted["visual_projection.weight"] = state_dict["visual.proj"].t().contiguous()  # (W, E) -> (E, W)
     converted["text_projection.weight"] = state_dict["text_projection"].t().contiguous()
     converted["logit_scale"] = state_dict["logit_scale"].reshape(())
+    unknown = sorted(set(state_dict) - used)
+    if unknown:
+        raise InvalidInputError(f"the open_clip checkpoint holds {len(unknown)} weights this conversion does not know "
+                                f"({', '.join(unknown[:5])}): it is not the ViT CLIP the scorer expects")
     return converted
 
 
@@ -350,6 +397,7 @@ class CLIPScorer:
         else:
             pixel_values = image_processor(images=[image.convert("RGB") for image in images],
                                            return_tensors="pt")["pixel_values"]
+        prompts = [self.spec.text_prefix + (hps_clean_text(p) if self.spec.clean_text else p) for p in prompts]
         text = self.processor.tokenizer(prompts, padding="max_length", truncation=True,
                                         max_length=CLIP_TEXT_TOKENS, return_tensors="pt")
         image_embeds = _pooled(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
@@ -359,7 +407,7 @@ class CLIPScorer:
         cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)  # (B,)
         if self.spec.clamp_at_zero:
             cosine = cosine.clamp(min=0)
-        scale = self.model.logit_scale.float().exp() if self.spec.scale == "logit_scale" else 100.0
+        scale = self.model.logit_scale.float().exp() if self.spec.scale == "logit_scale" else self.spec.scale_value
         return _checked_scores(self.name, (scale * cosine).cpu())
 
 
