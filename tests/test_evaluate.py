@@ -97,6 +97,13 @@ def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
             assert entry["mean_difference"][k] == pytest.approx(float(np.mean(scores[:, k] - scores[:, 0])), abs=1e-9)
             low, high = entry["mean_difference_ci95"][k]
             assert low <= entry["mean_difference"][k] <= high
+    # the judges are named; the guidance MLLM judging itself is flagged in the summary and the report
+    assert summary["judges"] == {"vqascore": {"judge": "tiny-qwen", "self_judged": False},
+                                 "vqascore:self": {"judge": "tiny-llava", "self_judged": True}}
+    assert summary["self_judged"] is True
+    report = (out / "report.html").read_text()
+    assert "vqascore:self is judged by tiny-llava: <b>self-judged</b>" in report
+    assert "vqascore is judged by tiny-qwen, not the guidance MLLM" in report
     # our prompt file's first 6 prompts are all "color binding": that category's numbers are the whole run's
     assert list(summary["categories"]) == ["color binding"]
     for name in SCORERS:

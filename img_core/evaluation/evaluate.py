@@ -642,8 +642,8 @@ td, th {{ border: 1px solid #ccc; padding: 6px; vertical-align: top; font-size: 
 .summary td, .prompts td {{ text-align: right; }}
 .prompts td.text {{ text-align: left; max-width: 360px; }}
 table.sortable th {{ cursor: pointer; user-select: none; background: #f3f3f3; }}
-table.sortable th[data-order=ascending]::after {{ content: " \25B2"; }}
-table.sortable th[data-order=descending]::after {{ content: " \25BC"; }}
+table.sortable th[data-order=ascending]::after {{ content: " \\25B2"; }}
+table.sortable th[data-order=descending]::after {{ content: " \\25BC"; }}
 .grid img {{ width: 160px; height: 160px; object-fit: contain; image-rendering: auto; display: block; }}
 .grid td.prompt {{ max-width: 260px; }}
 .grid td.best {{ outline: 3px solid #1a7f37; outline-offset: -3px; background: #eefbf1; }}
@@ -725,7 +725,7 @@ def _prompt_table(rows: dict, prompts: list[str], rounds: int, seeds: int, score
 def _nice_ticks(low: float, high: float, count: int = PLOT_TICKS) -> list[float]:
     """About `count` round tick values covering [low, high] (steps of 1, 2 or 5 times a power of ten)."""
     span = high - low
-    raw = span / max(count - 1, 1)
+    raw = span / max(count, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     start = math.floor(low / step) * step
