@@ -302,7 +302,7 @@ def test_geneval_drawbench_and_hpd_folders_are_read_with_categories(tmp_path):
         load_prompt_set(tmp_path / "empty")
 
 
-def test_offline_release_questions_record_the_source_actually_used(tiny_root, tmp_path, monkeypatch):
+def test_offline_release_questions_record_the_source_actually_used_with_two_seeds(tiny_root, tmp_path, monkeypatch):
     from img_core import questions
     from img_core.cli.evaluate import main
     from img_core.paths import CACHE_ENV
@@ -312,18 +312,66 @@ def test_offline_release_questions_record_the_source_actually_used(tiny_root, tm
     # ... and this process already failed to fetch the release's file: offline, without touching the network
     monkeypatch.setattr(questions, "_failed_fetches", {(questions.RELEASE_QUESTIONS_URL, str(cache_path))})
     out = tmp_path / "run"
-    args = ["--limit", "1", "--rounds", "1", "--scorers", "clipscore", "--questions", "release"]
+    args = ["--limit", "1", "--rounds", "1", "--seeds", "2", "--scorers", "clipscore", "--questions", "release"]
     assert main([*evaluate_args(out)[:4], *args, "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    rows = read_rows(out)  # one prompt, two seeds, rounds 0 and 1
+    assert [(r["seed_index"], r["seed"], r["round"], r["image"]) for r in rows] == [
+        (0, 0, 0, "images/00000_r0.png"), (0, 0, 1, "images/00000_r1.png"),
+        (1, 1_000_000, 0, "images/00000_s1_r0.png"), (1, 1_000_000, 1, "images/00000_s1_r1.png")]
     settings = json.loads((out / "run.json").read_text())["settings"]
     ours = questions.ours_question_source()
     assert settings["questions"] == "release" and settings["questions_used"] == "ours"
     assert settings["questions_sha256"] == hashlib.sha256(json.dumps(list(ours.templates)).encode()).hexdigest()
     assert "'release'" in settings["questions_fallback"] and "'ours' was used" in settings["questions_fallback"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["settings"]["questions_used"] == "ours"
+    assert summary["settings"]["questions_used"] == "ours" and summary["seeds"] == 2
+    assert summary["n_prompts"] == summary["scorers"]["clipscore"]["n_prompts"] == 1  # the prompt is the unit
+    scores = {(r["seed_index"], r["round"]): r["scores"]["clipscore"] for r in rows}
+    wins = [1.0 if scores[(j, 1)] > scores[(j, 0)] else 0.5 if scores[(j, 1)] == scores[(j, 0)] else 0.0 for j in (0, 1)]
+    assert summary["scorers"]["clipscore"]["win_rate"][1] == pytest.approx(sum(wins) / 2)
     assert "ours" in (out / "report.html").read_text()
 
     # the same folder with our questions asked for directly: the images would be the same, but the record
     # would mix two requests; a resume with other questions is refused, naming the setting
     with pytest.raises(InvalidInputError, match="questions: 'release' there, 'ours' now"):
         main([*evaluate_args(out)[:4], *args[:-1], "ours", "--steps", "2", "--out", str(out), "--quiet"])
+
+
+def test_compare_refuses_runs_with_other_seeds_and_reports_intervals(tmp_path):
+    from img_core.cli.evaluate import compare_main
+    from img_core.evaluation.evaluate import (
+        RUN_FORMAT,
+        compare_runs,
+        write_json_atomically,
+        write_results,
+    )
+
+    def folder(name: str, seed: int, shift: float, mode: str) -> object:
+        out = tmp_path / name
+        (out / "images").mkdir(parents=True)
+        rows = {}
+        for index in range(5):
+            for round_index in (0, 1):
+                image = f"images/{index:05d}_r{round_index}.png"
+                (out / image).write_bytes(b"png")
+                rows[(index, 0, round_index)] = {"prompt_index": index, "seed_index": 0, "prompt": f"p{index}",
+                                                 "seed": seed + index, "round": round_index, "image": image,
+                                                 "scores": {"s": index + round_index * shift}}
+        write_results(out / "results.jsonl", rows)
+        write_json_atomically(out / "run.json", {"format": RUN_FORMAT, "settings": {
+            "seed": seed, "seeds": 1, "guidance_mode": mode}})
+        return out
+
+    a, b, other_seed = folder("a", 0, 1.0, "dialogue"), folder("b", 0, 0.5, "question"), folder("c", 100, 0.5, "question")
+    comparison = compare_runs(a, b)
+    round_one = next(row for row in comparison.rows if row["round"] == 1)
+    assert round_one["n"] == 5 and round_one["win_rate_a"] == 1.0 and round_one["mean_difference"] == 0.5
+    assert round_one["mean_difference_ci95"] == [0.5, 0.5]
+    low, high = round_one["win_rate_ci95"]
+    assert high == 1.0 and high - low >= 0.2  # Wilson: 5 of 5 is not certainty
+    assert comparison.differing_settings == ["guidance_mode: 'dialogue' vs 'question'"]
+    with pytest.raises(InvalidInputError, match="seed: 0 in A, 100 in B"):
+        compare_runs(a, other_seed)
+    with pytest.raises(InvalidInputError, match="the same prompts with other seeds"):
+        compare_runs(a, other_seed, allow_mismatch=True)  # nothing pairs up: still nothing to compare
+    assert compare_main([str(a), str(b), "--interval", "clopper-pearson"]) == 0
