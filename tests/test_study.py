@@ -257,3 +257,11 @@ def test_votes_survive_a_server_killed_mid_vote(tmp_path):
     assert len(acknowledged) >= 20
     stored = {(vote["rater"], vote["pair"]) for vote in VotesDB(folder / "study.sqlite3").votes()}
     assert set(acknowledged) <= stored  # every vote the server acknowledged is on disk
+
+
+def test_a_busy_port_is_one_clear_error(served_study):
+    from img_core.evaluation.study import make_server
+
+    folder, url = served_study
+    with pytest.raises(InvalidInputError, match="cannot listen on 127.0.0.1:.*pass another --port"):
+        make_server(folder, port=int(url.rsplit(":", 1)[1]))

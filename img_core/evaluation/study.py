@@ -341,7 +341,12 @@ def make_handler(study: Study) -> type[BaseHTTPRequestHandler]:
 def make_server(eval_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 round_index: int | None = None) -> ThreadingHTTPServer:
     """The study's HTTP server (not started: call `serve_forever`). Port 0 picks a free port."""
-    server = ThreadingHTTPServer((host, port), make_handler(Study(eval_dir, round_index)))
+    handler = make_handler(Study(eval_dir, round_index))
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as error:
+        raise InvalidInputError(f"cannot listen on {host}:{port} ({error.strerror or error}): pass another --port "
+                                "(0 picks a free one) or --host") from error
     server.daemon_threads = True
     return server
 
