@@ -251,7 +251,7 @@ def open_clip_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     converted: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
-    class Tracked(dict):
+    class Tracked(dict):  # remembers every key read: what is left over is what this conversion does not know
         def __getitem__(self, key):
             used.add(key)
             return super().__getitem__(key)

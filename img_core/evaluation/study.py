@@ -372,9 +372,9 @@ Keys: 1 = left, 2 = same, 3 = right.</p>
 <div id="prompt"></div>
 <div class="images"><figure><img id="left" alt="left image"><figcaption>left</figcaption></figure>
 <figure><img id="right" alt="right image"><figcaption>right</figcaption></figure></div>
-<div class="buttons"><button id="vote-left" data-choice="left">Left is better</button>
-<button id="vote-tie" data-choice="tie">About the same</button>
-<button id="vote-right" data-choice="right">Right is better</button></div>
+<div class="buttons"><button id="vote-left" data-choice="left" disabled>Left is better</button>
+<button id="vote-tie" data-choice="tie" disabled>About the same</button>
+<button id="vote-right" data-choice="right" disabled>Right is better</button></div>
 <p id="status"></p><p id="error"></p>
 <script>
 const params = new URLSearchParams(location.search);
