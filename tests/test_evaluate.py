@@ -2,6 +2,7 @@
 match results.jsonl, determinism, resuming without regenerating, refusing other settings; prompt sets;
 `evaluate-compare`."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = 6
 ROUNDS = 2
-SCORERS = ["hpsv2", "clipscore", "vqascore"]
+SCORERS = ["hpsv2", "clipscore", "vqascore", "vqascore:self"]
 
 
 def evaluate_args(out, *extra):
@@ -64,16 +65,19 @@ def test_evaluate_writes_images_results_summary_and_report(first_run):
     rows = read_rows(out)
     assert len(rows) == PROMPTS * (ROUNDS + 1)
     for row in rows:
-        assert set(row) == {"prompt_index", "prompt", "seed", "round", "image", "scores"}
+        assert set(row) == {"prompt_index", "seed_index", "prompt", "seed", "round", "image", "scores"}
+        assert row["seed_index"] == 0
         assert row["seed"] == row["prompt_index"]  # --seed 0: prompt i uses seed i
         assert row["image"] == f"images/{row['prompt_index']:05d}_r{row['round']}.png"
         assert set(row["scores"]) == set(SCORERS)
     html = (out / "report.html").read_text()
-    assert html.count("<img ") == PROMPTS * (ROUNDS + 1) and html.count("<svg") == len(SCORERS)
+    assert html.count("<img ") == PROMPTS * (ROUNDS + 1) and html.count("<svg") == 2 * len(SCORERS)
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from outside
 
 
 def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
+    from img_core.evaluation.statistics import wilson_interval
+
     out, _ = first_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_prompts"] == PROMPTS and summary["rounds"] == ROUNDS
@@ -89,14 +93,24 @@ def test_summary_numbers_equal_what_results_jsonl_gives(first_run):
         for k in range(1, ROUNDS + 1):
             wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores[:, k], scores[:, 0]))
             assert entry["win_rate"][k] == pytest.approx(wins / PROMPTS)
-            low, high = entry["ci95"][k]
-            assert 0.0 <= low <= entry["win_rate"][k] <= high <= 1.0
+            assert entry["ci95"][k] == pytest.approx(wilson_interval(wins, PROMPTS), abs=1e-12)
+            assert entry["mean_difference"][k] == pytest.approx(float(np.mean(scores[:, k] - scores[:, 0])), abs=1e-9)
+            low, high = entry["mean_difference_ci95"][k]
+            assert low <= entry["mean_difference"][k] <= high
+    # the judges are named; the guidance MLLM judging itself is flagged in the summary and the report
+    assert summary["judges"] == {"vqascore": {"judge": "tiny-qwen", "self_judged": False},
+                                 "vqascore:self": {"judge": "tiny-llava", "self_judged": True}}
+    assert summary["self_judged"] is True
+    report = (out / "report.html").read_text()
+    assert "vqascore:self is judged by tiny-llava: <b>self-judged</b>" in report
+    assert "vqascore is judged by tiny-qwen, not the guidance MLLM" in report
     # our prompt file's first 6 prompts are all "color binding": that category's numbers are the whole run's
     assert list(summary["categories"]) == ["color binding"]
     for name in SCORERS:
         by_category = summary["categories"]["color binding"][name]
         assert by_category["mean"] == summary["scorers"][name]["mean"]
         assert by_category["win_rate"] == summary["scorers"][name]["win_rate"]
+        assert by_category["ci95"] == summary["scorers"][name]["ci95"]  # categories get intervals too
 
 
 def test_rerun_generates_nothing_and_other_settings_are_refused(first_run, counted_rounds, capsys):
@@ -129,9 +143,13 @@ def test_same_seed_gives_identical_scores_and_compare_reads_both(first_run, tmp_
     for row in read_rows(second):
         assert row["scores"] == first[(row["prompt_index"], row["round"])]  # bit-identical
 
-    table = compare_runs(out, second)
+    comparison = compare_runs(out, second)
+    table = comparison.rows
     assert {(row["scorer"], row["round"], row["n"]) for row in table} == {(s, k, 2) for s in SCORERS for k in (0, 1)}
     assert all(row["win_rate_a"] == 0.5 and row["mean_a"] == row["mean_b"] for row in table)  # all ties
+    assert all(row["mean_difference_ci95"] == [0.0, 0.0] for row in table)
+    assert all(row["win_rate_ci95"][1] - row["win_rate_ci95"][0] > 0.5 for row in table)  # 2 prompts: wide
+    assert any("only 2 (prompt, seed) samples" in warning for warning in comparison.warnings)
     assert compare_main([str(out), str(second)]) == 0
     assert "hpsv2" in capsys.readouterr().out
 
@@ -175,19 +193,41 @@ def test_arguments_are_checked_before_anything_loads(tmp_path, counted_rounds):
 
 
 def test_win_rate_ties_and_bootstrap_are_fixed():
-    from img_core.evaluation.evaluate import bootstrap_interval, summarize, win_rate
+    from img_core.evaluation.evaluate import summarize, win_rate
+    from img_core.evaluation.statistics import bootstrap_interval, wilson_interval
 
     assert win_rate(np.array([2.0, 1.0, 3.0, 1.0]), np.array([1.0, 1.0, 3.0, 2.0])) == pytest.approx((1 + 0.5 + 0.5) / 4)
     outcomes = np.array([1.0, 0.0, 0.5, 1.0, 1.0])
     assert bootstrap_interval(outcomes) == bootstrap_interval(outcomes)  # fixed seed
     assert bootstrap_interval(np.ones(7)) == [1.0, 1.0]
-    rows = {(i, r): {"prompt": "p", "scores": {"s": float(i + r)}} for i in range(3) for r in range(2)}
-    del rows[(2, 1)]["scores"]["s"]  # an unscored image: prompt 2 is left out of the numbers
+    rows = {(i, 0, r): {"prompt": "p", "scores": {"s": float(i + r)}} for i in range(3) for r in range(2)}
+    del rows[(2, 0, 1)]["scores"]["s"]  # an unscored image: prompt 2 is left out of the numbers
     summary = summarize(rows, 3, 1, ["s"], {}, categories=["a", "b", "a"])
     assert summary["scorers"]["s"]["n_prompts"] == 2
     assert summary["scorers"]["s"]["mean"] == [0.5, 1.5] and summary["scorers"]["s"]["win_rate"] == [None, 1.0]
-    assert summary["categories"]["a"]["s"] == {"n_prompts": 1, "mean": [0.0, 1.0], "win_rate": [None, 1.0]}
+    category_a = summary["categories"]["a"]["s"]
+    assert category_a["n_prompts"] == 1 and category_a["mean"] == [0.0, 1.0] and category_a["win_rate"] == [None, 1.0]
+    assert category_a["ci95"] == [None, wilson_interval(1, 1)] and category_a["mean_difference"] == [None, 1.0]
     assert summary["categories"]["b"]["s"]["mean"] == [1.0, 2.0]
+
+
+def test_several_seeds_per_prompt_keep_the_prompt_as_the_unit():
+    from img_core.evaluation.evaluate import summarize
+    from img_core.evaluation.statistics import wilson_interval
+
+    # prompt 0: round 1 wins on both seeds; prompt 1: wins on one seed of two; prompt 2: loses on both
+    base = {(0, 0): 1.0, (0, 1): 1.0, (1, 0): 1.0, (1, 1): 1.0, (2, 0): 1.0, (2, 1): 1.0}
+    refined = {(0, 0): 2.0, (0, 1): 3.0, (1, 0): 2.0, (1, 1): 0.0, (2, 0): 0.0, (2, 1): 0.5}
+    rows = {}
+    for (i, j), value in base.items():
+        rows[(i, j, 0)] = {"scores": {"s": value}}
+        rows[(i, j, 1)] = {"scores": {"s": refined[(i, j)]}}
+    entry = summarize(rows, 3, 1, ["s"], {}, seeds=2)["scorers"]["s"]
+    assert entry["n_prompts"] == 3  # prompts, not images
+    assert entry["win_rate"][1] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert entry["ci95"][1] == pytest.approx(wilson_interval(1.5, 3))
+    per_prompt_differences = [(1.0 + 2.0) / 2, (1.0 - 1.0) / 2, (-1.0 - 0.5) / 2]
+    assert entry["mean_difference"][1] == pytest.approx(np.mean(per_prompt_differences))
 
 
 def test_prompt_sets_read_every_format(tmp_path):
@@ -219,12 +259,119 @@ def test_prompt_sets_read_every_format(tmp_path):
     assert load_prompt_set(tmp_path / "e.parquet", column="caption").prompts == ["p1", "p2", "p3"]
     assert load_prompt_set(tmp_path / "b.json").sha256 != load_prompt_set(tmp_path / "e.parquet", column="caption").sha256
 
-    with pytest.raises(PromptSetError, match="no column 'prompt'"):
-        load_prompt_set(tmp_path / "e.parquet")
+    assert load_prompt_set(tmp_path / "e.parquet").prompts == ["p1", "p2", "p3"]  # `caption` found by itself
+    with pytest.raises(PromptSetError, match="no column 'text'"):
+        load_prompt_set(tmp_path / "e.parquet", column="text")
+    assert load_prompt_set(tmp_path / "d.tsv", column="Prompt").categories == ["z"]
     (tmp_path / "f.json").write_text(json.dumps(["ok", ""]))
     with pytest.raises(PromptSetError, match="prompt 1 is not a non-empty string"):
         load_prompt_set(tmp_path / "f.json")
-    with pytest.raises(PromptSetError, match="no file here"):
+    with pytest.raises(PromptSetError, match="no file or folder here"):
         load_prompt_set(tmp_path / "missing.txt")
     with pytest.raises(PromptSetError, match="hub dataset 'nobody/no-such-prompts'.*could not be read"):
         load_prompt_set("nobody/no-such-prompts", column="caption")  # HF_HUB_OFFLINE=1
+    # the Pick-a-Pic recipe reads the captions-only dataset (150 kB), never the 204 GB one with images
+    with pytest.raises(PromptSetError, match="'yuvalkirstain/pickapic_v1_no_images' \\(split 'test_unique'\\)"):
+        load_prompt_set("pickapic-test")
+
+
+def test_geneval_drawbench_and_hpd_folders_are_read_with_categories(tmp_path):
+    from img_core.evaluation.prompt_sets import PromptSetError, load_prompt_set
+
+    geneval = [{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+               {"tag": "two_object", "include": [], "prompt": "a photo of a cat and a dog"}]
+    (tmp_path / "evaluation_metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in geneval))
+    read = load_prompt_set(tmp_path / "evaluation_metadata.jsonl")
+    assert read.prompts == ["a photo of a bench", "a photo of a cat and a dog"]
+    assert read.categories == ["single_object", "two_object"]
+    (tmp_path / "drawbench.csv").write_text('Prompts,Category\n"A red colored car.",Colors\nA tiger.,Rare Words\n')
+    drawbench = load_prompt_set(tmp_path / "drawbench.csv")
+    assert drawbench.prompts == ["A red colored car.", "A tiger."] and drawbench.categories == ["Colors", "Rare Words"]
+    benchmark = tmp_path / "benchmark"
+    benchmark.mkdir()
+    for style, count in (("anime", 3), ("concept-art", 3), ("drawbench", 1), ("paintings", 3), ("photo", 3)):
+        (benchmark / f"{style}.json").write_text(json.dumps([f"{style} {i}" for i in range(count)]))
+    hpd = load_prompt_set(benchmark)
+    assert len(hpd.prompts) == 13 and hpd.prompts[:4] == ["anime 0", "anime 1", "anime 2", "concept-art 0"]
+    assert hpd.categories.count("drawbench") == 1 and hpd.categories[-1] == "photo"
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(PromptSetError, match="line 2 is not valid JSON"):
+        load_prompt_set(tmp_path / "bad.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PromptSetError, match="no .json prompt lists"):
+        load_prompt_set(tmp_path / "empty")
+
+
+def test_offline_release_questions_record_the_source_actually_used_with_two_seeds(tiny_root, tmp_path, monkeypatch):
+    from img_core import questions
+    from img_core.cli.evaluate import main
+    from img_core.paths import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # nothing cached ...
+    cache_path = questions.release_questions_cache_path()
+    # ... and this process already failed to fetch the release's file: offline, without touching the network
+    monkeypatch.setattr(questions, "_failed_fetches", {(questions.RELEASE_QUESTIONS_URL, str(cache_path))})
+    out = tmp_path / "run"
+    args = ["--limit", "1", "--rounds", "1", "--seeds", "2", "--scorers", "clipscore", "--questions", "release"]
+    assert main([*evaluate_args(out)[:4], *args, "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    rows = read_rows(out)  # one prompt, two seeds, rounds 0 and 1
+    assert [(r["seed_index"], r["seed"], r["round"], r["image"]) for r in rows] == [
+        (0, 0, 0, "images/00000_r0.png"), (0, 0, 1, "images/00000_r1.png"),
+        (1, 1_000_000, 0, "images/00000_s1_r0.png"), (1, 1_000_000, 1, "images/00000_s1_r1.png")]
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    ours = questions.ours_question_source()
+    assert settings["questions"] == "release" and settings["questions_used"] == "ours"
+    assert settings["questions_sha256"] == hashlib.sha256(json.dumps(list(ours.templates)).encode()).hexdigest()
+    assert "'release'" in settings["questions_fallback"] and "'ours' was used" in settings["questions_fallback"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["questions_used"] == "ours" and summary["seeds"] == 2
+    assert summary["n_prompts"] == summary["scorers"]["clipscore"]["n_prompts"] == 1  # the prompt is the unit
+    scores = {(r["seed_index"], r["round"]): r["scores"]["clipscore"] for r in rows}
+    wins = [1.0 if scores[(j, 1)] > scores[(j, 0)] else 0.5 if scores[(j, 1)] == scores[(j, 0)] else 0.0 for j in (0, 1)]
+    assert summary["scorers"]["clipscore"]["win_rate"][1] == pytest.approx(sum(wins) / 2)
+    assert "ours" in (out / "report.html").read_text()
+
+    # the same folder with our questions asked for directly: the images would be the same, but the record
+    # would mix two requests; a resume with other questions is refused, naming the setting
+    with pytest.raises(InvalidInputError, match="questions: 'release' there, 'ours' now"):
+        main([*evaluate_args(out)[:4], *args[:-1], "ours", "--steps", "2", "--out", str(out), "--quiet"])
+
+
+def test_compare_refuses_runs_with_other_seeds_and_reports_intervals(tmp_path):
+    from img_core.cli.evaluate import compare_main
+    from img_core.evaluation.evaluate import (
+        RUN_FORMAT,
+        compare_runs,
+        write_json_atomically,
+        write_results,
+    )
+
+    def folder(name: str, seed: int, shift: float, mode: str) -> object:
+        out = tmp_path / name
+        (out / "images").mkdir(parents=True)
+        rows = {}
+        for index in range(5):
+            for round_index in (0, 1):
+                image = f"images/{index:05d}_r{round_index}.png"
+                (out / image).write_bytes(b"png")
+                rows[(index, 0, round_index)] = {"prompt_index": index, "seed_index": 0, "prompt": f"p{index}",
+                                                 "seed": seed + index, "round": round_index, "image": image,
+                                                 "scores": {"s": index + round_index * shift}}
+        write_results(out / "results.jsonl", rows)
+        write_json_atomically(out / "run.json", {"format": RUN_FORMAT, "settings": {
+            "seed": seed, "seeds": 1, "guidance_mode": mode}})
+        return out
+
+    a, b, other_seed = folder("a", 0, 1.0, "dialogue"), folder("b", 0, 0.5, "question"), folder("c", 100, 0.5, "question")
+    comparison = compare_runs(a, b)
+    round_one = next(row for row in comparison.rows if row["round"] == 1)
+    assert round_one["n"] == 5 and round_one["win_rate_a"] == 1.0 and round_one["mean_difference"] == 0.5
+    assert round_one["mean_difference_ci95"] == [0.5, 0.5]
+    low, high = round_one["win_rate_ci95"]
+    assert high == 1.0 and high - low >= 0.2  # Wilson: 5 of 5 is not certainty
+    assert comparison.differing_settings == ["guidance_mode: 'dialogue' vs 'question'"]
+    with pytest.raises(InvalidInputError, match="seed: 0 in A, 100 in B"):
+        compare_runs(a, other_seed)
+    with pytest.raises(InvalidInputError, match="the same prompts with other seeds"):
+        compare_runs(a, other_seed, allow_mismatch=True)  # nothing pairs up: still nothing to compare
+    assert compare_main([str(a), str(b), "--interval", "clopper-pearson"]) == 0

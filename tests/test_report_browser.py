@@ -1,6 +1,7 @@
 """report.html of `evaluate` in a real headless Chromium (Debian's `chromium`, driven by playwright's Python
-package), opened from the file system without a server: the grid, its images and the SVG plots render.
-The screenshot is kept under tests/artifacts/ (git-ignored)."""
+package), opened from the file system without a server: the grid, its images and the SVG plots (labelled
+axes, intervals) render, and the per-prompt table sorts on a click. The screenshot is kept under
+tests/artifacts/ (git-ignored)."""
 
 import json
 from pathlib import Path
@@ -42,11 +43,31 @@ def test_report_renders_grid_images_and_plots(tiny_root, tmp_path):
         loaded = page.evaluate("Array.from(document.querySelectorAll('.grid img')).map(img => img.naturalWidth)")
         plots = page.evaluate("Array.from(document.querySelectorAll('.plots svg')).map(svg => "
                               "[svg.width.baseVal.value, svg.querySelectorAll('circle').length])")
+        y_ticks = page.evaluate("Array.from(document.querySelectorAll('.plots svg')).map(svg => "
+                                "Array.from(svg.querySelectorAll('.y-tick')).map(t => t.textContent))")
+        intervals = page.evaluate("Array.from(document.querySelectorAll('.plots svg')).map(svg => "
+                                  "svg.querySelectorAll('.interval').length)")
         best_cells = page.locator(".grid td.best").count()
+        column = "hpsv2 change"
+        header = page.locator("table.prompts th", has_text=column)
+        index = page.evaluate(f"Array.from(document.querySelectorAll('table.prompts th')).findIndex(th => "
+                              f"th.textContent.startsWith('{column}'))")
+        read_column = (f"Array.from(document.querySelectorAll('table.prompts tbody tr')).map(row => "
+                       f"parseFloat(row.cells[{index}].dataset.value))")
+        header.click()
+        ascending = page.evaluate(read_column)
+        header.click()
+        descending = page.evaluate(read_column)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "evaluate_report.png"), full_page=True)
         browser.close()
 
     assert loaded == [64] * (PROMPTS * (ROUNDS + 1))  # every tiny image decoded from images/*.png
-    assert plots == [[320, ROUNDS + 1]] * len(summary["scorers"])  # one plot per scorer, a point per round
+    # per scorer a mean plot (a point per round) and a win-rate plot (a point per round >= 1), 360 px wide
+    assert plots == [[360, ROUNDS + 1], [360, ROUNDS]] * len(summary["scorers"])
+    assert all(len(ticks) >= 3 for ticks in y_ticks)  # the y axes carry values
+    assert y_ticks[1] == ["0%", "20%", "40%", "60%", "80%", "100%"]  # win rate: one fixed scale
+    assert intervals == [ROUNDS, ROUNDS] * len(summary["scorers"])  # an interval for every round k >= 1
     assert best_cells == PROMPTS  # one best round marked per prompt
+    changes = list(ascending)
+    assert ascending == sorted(changes) and descending == sorted(changes, reverse=True) and len(changes) == PROMPTS

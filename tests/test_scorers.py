@@ -65,16 +65,17 @@ def test_open_clip_layout_round_trips_exactly(scorers_root):
         assert torch.equal(back[key], value), key
 
 
-def test_hpsv2_loads_the_open_clip_checkpoint_and_scores_100_cos(scorers_root, tmp_path):
+@pytest.mark.parametrize(("name", "weights_seed"), [("hpsv2", 2), ("hpsv2.0", 4)])
+def test_hpsv2_loads_the_open_clip_checkpoint_and_scores_100_cos(scorers_root, tmp_path, name, weights_seed):
     from img_core.evaluation.scorers import hps_pixel_values, load_scorer
     from img_core.tiny.scorers import TINY_SCORER_IMAGE_SIZE, tiny_clip_model
 
-    scorer = load_scorer("hpsv2", tiny_root=scorers_root.parent)
+    scorer = load_scorer(name, tiny_root=scorers_root.parent)
     pictures = images()
     scores = scorer.score(pictures, PROMPTS)
-    # the same weights as a CLIPModel (the tiny HPS file was written from seed 0 + 2), HPS preprocessing
+    # the same weights as a CLIPModel (the tiny HPS v2.1 file was written from seed 0 + 2, v2.0 from 0 + 4)
     folder = tmp_path / "reference-hps"
-    tiny_clip_model("gelu", seed=2).save_pretrained(folder)
+    tiny_clip_model("gelu", seed=weights_seed).save_pretrained(folder)
     mean, std = scorer.processor.image_processor.image_mean, scorer.processor.image_processor.image_std
     pixels = hps_pixel_values(pictures, TINY_SCORER_IMAGE_SIZE, mean, std)
     cosines, _ = clip_cosines(folder, scorers_root / "tiny-clip-h", pixel_values=pixels)
@@ -115,18 +116,117 @@ def test_pickscore_and_clipscore_follow_their_formulas(scorers_root):
     assert one_by_one == pytest.approx(values, abs=1e-4)
     assert clip.score(pictures, PROMPTS) == pytest.approx(values, abs=1e-5)
 
+    # Hessel et al.'s CLIP-S: 2.5 * max(cos, 0) of ViT-B/32 with "A photo depicts " before the caption
+    hessel = load_scorer("clipscore-hessel", tiny_root=scorers_root.parent).score(pictures, PROMPTS)
+    cosines, _ = clip_cosines(scorers_root / "tiny-clip-b", scorers_root / "tiny-clip-b", pictures=pictures,
+                              prompts=[f"A photo depicts {prompt}" for prompt in PROMPTS])
+    assert hessel == pytest.approx((2.5 * cosines.clamp(min=0)).tolist(), abs=1e-5)
 
-def test_vqascore_is_p_yes_over_yes_and_no(tiny_root, tiny_llava):
+
+def test_hps_text_cleanup_follows_open_clip(scorers_root):
+    from img_core.evaluation.scorers import hps_clean_text, load_scorer
+
+    assert hps_clean_text("a dog\u2019s  \u201cbest\u201d friend &amp;amp; a \ufb01sh\n") == 'a dog\'s "best" friend & a fish'
+    assert hps_clean_text("\uff21\uff22 tea") == "AB tea"  # full-width letters fold, as ftfy's fix_character_width
+    # a curly apostrophe tokenizes as the straight one in HPS (12 of Parti's 1,632 prompts have one)
+    scorer = load_scorer("hpsv2", tiny_root=scorers_root.parent)
+    picture = images(1)
+    assert scorer.score(picture, ["a dog\u2019s toy"]) == scorer.score(picture, ["a dog's toy"])
+
+
+def test_the_converter_refuses_weights_it_does_not_know():
+    from img_core.errors import InvalidInputError
+    from img_core.evaluation.scorers import open_clip_to_transformers
+    from img_core.tiny.scorers import tiny_clip_model, transformers_to_open_clip
+
+    open_clip = transformers_to_open_clip(tiny_clip_model("gelu", seed=7).state_dict())
+    open_clip["visual.attn_pool.query"] = torch.zeros(4, 32)  # a CoCa-style attention pooler: not our CLIP
+    with pytest.raises(InvalidInputError, match=r"1 weights this conversion does not know \(visual.attn_pool.query\)"):
+        open_clip_to_transformers(open_clip)
+
+
+def reference_vqascore(critic, image, text) -> float:
+    """VQAScore computed here from t2v_metrics' definition: the question
+    'Does this figure show "{text}"? Please answer yes or no.', the answer "Yes" after it in the judge's chat
+    template, and exp(mean log p) of the answer's tokens, each p a softmax over the FULL vocabulary of a
+    plain forward pass."""
+    question = f'Does this figure show "{text}"? Please answer yes or no.'
+    prompt_ids = critic.encode_conversation(image, question)["input_ids"][0]
+    inputs = critic.encode_conversation(image, question, "Yes")
+    ids = inputs["input_ids"][0]
+    assert torch.equal(ids[: len(prompt_ids)], prompt_ids)  # the answer follows the question unchanged
+    count = 1
+    while critic.tokenizer.decode(ids[len(prompt_ids) : len(prompt_ids) + count].tolist()).strip() != "Yes":
+        count += 1
+    with torch.no_grad():
+        probabilities = critic.model(**inputs).logits[0].double().softmax(dim=-1)  # (S, V)
+    product = 1.0
+    for position in range(len(prompt_ids), len(prompt_ids) + count):
+        product *= probabilities[position - 1, ids[position]].item()
+    return product ** (1 / count)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tiny_root):
+    from img_core.mllm import MLLMCritic, resolve_spec
+
+    return MLLMCritic.load(resolve_spec("tiny-qwen", tiny_root), device="cpu", quantization="none")
+
+
+def test_vqascore_equals_the_published_formula_computed_here(tiny_root, tiny_llava, tiny_qwen):
+    from img_core.evaluation.scorers import VQA_QUESTION, load_scorer
+
+    assert VQA_QUESTION.format(text="x") == 'Does this figure show "x"? Please answer yes or no.'
+    pictures = images(2)
+    for critic in (tiny_llava, tiny_qwen):
+        scorer = load_scorer("vqascore:self", critic=critic)
+        scores = scorer.score(pictures, PROMPTS[:2])
+        expected = [reference_vqascore(critic, image, prompt) for image, prompt in zip(pictures, PROMPTS[:2])]
+        assert scores == pytest.approx(expected, abs=1e-5)
+        assert all(0.0 < s < 1.0 for s in scores)
+        assert scorer.provenance()["judge"] == critic.spec.name and scorer.provenance()["self_judged"]
+
+    # the first answer position of the teacher-forced pass is the next-token distribution after the question
+    question = VQA_QUESTION.format(text=PROMPTS[0])
+    with torch.no_grad():
+        next_token = tiny_qwen.model(**tiny_qwen.encode_conversation(pictures[0], question)).logits[0, -1].softmax(-1)
+    yes_first = tiny_qwen.tokenizer.encode("Yes", add_special_tokens=False)[0]
+    full = tiny_qwen.encode_conversation(pictures[0], question, "Yes")
+    with torch.no_grad():
+        forced = tiny_qwen.model(**full).logits[0].softmax(-1)
+    start = tiny_qwen.encode_conversation(pictures[0], question)["input_ids"].shape[1]
+    assert full["input_ids"][0, start].item() == yes_first
+    assert forced[start - 1, yes_first].item() == pytest.approx(next_token[yes_first].item(), abs=1e-5)
+
+
+def test_default_judge_is_not_the_guidance_mllm(tiny_root, tiny_llava):
+    from img_core.evaluation.scorers import default_judge, describe_scorer, load_scorer
+
+    assert default_judge("tiny-llava", tiny_root) == "tiny-qwen"
+    assert default_judge("tiny-qwen", tiny_root) == "tiny-llava"
+    assert default_judge("img-llava-13b") is None  # HF_HUB_OFFLINE, nothing cached: no other judge is here
+    scorer = load_scorer("vqascore", tiny_root=tiny_root, critic=tiny_llava)
+    assert scorer.critic is None and scorer.judge == "tiny-qwen" and not scorer.self_judged  # loads its own judge
+    assert describe_scorer("vqascore", "tiny-llava", tiny_root) == {
+        "method": "vqascore", "question": 'Does this figure show "{text}"? Please answer yes or no.',
+        "judge": "tiny-qwen", "self_judged": False}
+    assert describe_scorer("vqascore:self", "tiny-llava", tiny_root)["self_judged"] is True
+    assert describe_scorer("vqascore:tiny-llava", "tiny-llava", tiny_root)["self_judged"] is True
+    # released presets offline with no other judge cached: the guidance MLLM judges itself, and says so
+    assert describe_scorer("vqascore", "img-llava-13b")["self_judged"] is True
+
+
+def test_vqascore_yesno_is_p_yes_over_yes_and_no(tiny_root, tiny_llava):
     from img_core.evaluation.scorers import (
         NO_WORDS,
-        VQA_QUESTION,
         YES_WORDS,
+        YESNO_QUESTION,
         answer_token_ids,
         load_scorer,
     )
 
     pictures = images(2)
-    shared = load_scorer("vqascore", critic=tiny_llava)
+    shared = load_scorer("vqascore-yesno:self", critic=tiny_llava)
     scores = shared.score(pictures, PROMPTS[:2])
     yes = sorted(answer_token_ids(tiny_llava.tokenizer, YES_WORDS))
     no = sorted(answer_token_ids(tiny_llava.tokenizer, NO_WORDS))
@@ -134,16 +234,16 @@ def test_vqascore_is_p_yes_over_yes_and_no(tiny_root, tiny_llava):
     assert {tiny_llava.tokenizer.decode([i]).strip()[0] for i in no} == {"N", "n"}
     expected = []
     for image, prompt in zip(pictures, PROMPTS[:2]):
-        encode = getattr(tiny_llava, "encode_conversation", None) or tiny_llava._encode
-        inputs = encode(image, VQA_QUESTION.format(prompt=prompt), None)
+        inputs = tiny_llava.encode_conversation(image, YESNO_QUESTION.format(prompt=prompt), None)
         with torch.no_grad():
             p = tiny_llava.model(**inputs).logits[0, -1].softmax(-1)
         expected.append((p[yes].sum() / (p[yes].sum() + p[no].sum())).item())
     assert scores == pytest.approx(expected, abs=1e-5)
     assert all(0.0 < s < 1.0 for s in scores)
     # a separately named judge loads its own copy of the same weights: the same numbers
-    judge = load_scorer("vqascore:tiny-llava", tiny_root=tiny_root)
+    judge = load_scorer("vqascore-yesno:tiny-llava", tiny_root=tiny_root)
     assert judge.score(pictures, PROMPTS[:2]) == pytest.approx(scores, abs=1e-5)
+    assert judge.self_judged is False  # no guidance MLLM named: nothing to be self-judged against
     judge.unload()
     assert judge.critic is None
     shared.unload()
@@ -165,8 +265,8 @@ def test_bad_input_and_missing_weights_are_user_errors(scorers_root):
         check_scorer_names(["hps"])
     with pytest.raises(InvalidInputError, match="named twice"):
         check_scorer_names(["hpsv2", "hpsv2"])
-    with pytest.raises(InvalidInputError, match="needs the session's MLLM"):
-        load_scorer("vqascore")
+    with pytest.raises(InvalidInputError, match="judges with the session's MLLM"):
+        load_scorer("vqascore:self")
     scorer = load_scorer("clipscore", tiny_root=scorers_root.parent)
     with pytest.raises(InvalidInputError, match="one prompt per image"):
         scorer.score(images(2), PROMPTS)

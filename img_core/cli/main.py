@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("prepare", help="fetch and convert what a preset needs, ahead of time", add_help=False)
     commands.add_parser("evaluate", help="generate, refine and score a prompt set (win rates, report)", add_help=False)
     commands.add_parser("evaluate-compare", help="means and win rates of one evaluate run over another", add_help=False)
+    commands.add_parser("study", help="serve a blind A/B page over an evaluate folder (human study)", add_help=False)
+    commands.add_parser("study-summary", help="the human study's win rates (unanimous and majority rules), CSV",
+                        add_help=False)
     return parser
 
 
@@ -72,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
 
         _configure_logging("--debug" in argv)
         command = evaluate_main if argv[0] == "evaluate" else compare_main
+        return _guarded(lambda: command([a for a in argv[1:] if a != "--debug"]), debug="--debug" in argv)
+    if argv and argv[0] in ("study", "study-summary"):
+        from img_core.cli.study import main as study_main
+        from img_core.cli.study import summary_main
+
+        _configure_logging("--debug" in argv)
+        command = study_main if argv[0] == "study" else summary_main
         return _guarded(lambda: command([a for a in argv[1:] if a != "--debug"]), debug="--debug" in argv)
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug)

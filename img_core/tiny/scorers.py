@@ -1,12 +1,14 @@
-"""Tiny random-weight stand-ins for the CLIP scorers (HPS v2.1, PickScore, CLIPScore), for CPU tests.
+"""Tiny random-weight stand-ins for the CLIP scorers (HPS v2.1 and v2.0, PickScore, both CLIPScores), for CPU tests.
 
 Built from configs with transformers' `CLIPModel` / `CLIPProcessor`, saved in the layouts of the hub repos
 they stand in for, and loaded by img_core.evaluation.scorers through the very same loaders as the real ids:
 
-    <tiny_root>/scorers-v1/tiny-clip-h/       like laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, processor, weights)
-    <tiny_root>/scorers-v1/tiny-pickscore/    like yuvalkirstain/PickScore_v1 (CLIPModel weights)
-    <tiny_root>/scorers-v1/tiny-hpsv2/HPS_v2.1_compressed.pt   like xswu/HPSv2 (open_clip keys, {"state_dict": ...})
-    <tiny_root>/scorers-v1/tiny-clip-l/       like openai/clip-vit-large-patch14
+    <tiny_root>/scorers-v2/tiny-clip-h/       like laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, processor, weights)
+    <tiny_root>/scorers-v2/tiny-pickscore/    like yuvalkirstain/PickScore_v1 (CLIPModel weights)
+    <tiny_root>/scorers-v2/tiny-hpsv2/HPS_v2.1_compressed.pt   like xswu/HPSv2 (open_clip keys, {"state_dict": ...})
+    <tiny_root>/scorers-v2/tiny-hpsv2/HPS_v2_compressed.pt     HPS v2.0, the same layout, other weights
+    <tiny_root>/scorers-v2/tiny-clip-l/       like openai/clip-vit-large-patch14
+    <tiny_root>/scorers-v2/tiny-clip-b/       like openai/clip-vit-base-patch32 (Hessel et al.'s CLIP-S)
 
 The HPS file is a CLIPModel's weights written back in open_clip's layout (`transformers_to_open_clip`,
 the inverse of `img_core.evaluation.scorers.open_clip_to_transformers`), so loading it exercises the real conversion.
@@ -23,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-TINY_SCORERS_VERSION = "scorers-v1"  # bump when the tiny scorer architectures change
+TINY_SCORERS_VERSION = "scorers-v2"  # bump when the tiny scorer architectures change
 TINY_SCORER_IMAGE_SIZE = 32
 TINY_SCORER_FOLDERS = {"clip_h": "tiny-clip-h", "pickscore": "tiny-pickscore", "hpsv2": "tiny-hpsv2",
-                       "clip_l": "tiny-clip-l"}
+                       "clip_l": "tiny-clip-l", "clip_b": "tiny-clip-b"}
 
 
 def ensure_tiny_scorers(tiny_root: str | Path, seed: int = 0) -> Path:
@@ -53,11 +55,15 @@ def tiny_scorer_overrides(name: str, scorers_root: Path) -> dict[str, object]:
     """The fields of scorer `name`'s spec that point at hub ids, pointed at the tiny folders under
     `scorers_root` instead (apply them with `dataclasses.replace`)."""
     clip_h, clip_l = str(scorers_root / TINY_SCORER_FOLDERS["clip_h"]), str(scorers_root / TINY_SCORER_FOLDERS["clip_l"])
+    clip_b = str(scorers_root / TINY_SCORER_FOLDERS["clip_b"])
     tiny = {
         "hpsv2": dict(model_id=clip_h, processor_id=clip_h,
                       open_clip_checkpoint=(str(scorers_root / TINY_SCORER_FOLDERS["hpsv2"]), "HPS_v2.1_compressed.pt")),
         "pickscore": dict(model_id=str(scorers_root / TINY_SCORER_FOLDERS["pickscore"]), processor_id=clip_h),
+        "hpsv2.0": dict(model_id=clip_h, processor_id=clip_h,
+                        open_clip_checkpoint=(str(scorers_root / TINY_SCORER_FOLDERS["hpsv2"]), "HPS_v2_compressed.pt")),
         "clipscore": dict(model_id=clip_l, processor_id=clip_l),
+        "clipscore-hessel": dict(model_id=clip_b, processor_id=clip_b),
     }
     return tiny[name]
 
@@ -137,7 +143,7 @@ def transformers_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def build_tiny_scorers(root: Path, seed: int = 0) -> None:
-    """Write the four tiny scorer folders under `root`."""
+    """Write the tiny scorer folders under `root`."""
     root.mkdir(parents=True, exist_ok=True)
     processor = tiny_clip_processor()
 
@@ -152,6 +158,10 @@ def build_tiny_scorers(root: Path, seed: int = 0) -> None:
     torch.save({"state_dict": transformers_to_open_clip(hps.state_dict())},
                root / TINY_SCORER_FOLDERS["hpsv2"] / "HPS_v2.1_compressed.pt")
 
-    clip_l = tiny_clip_model("quick_gelu", seed + 3)
-    clip_l.save_pretrained(root / TINY_SCORER_FOLDERS["clip_l"])
-    processor.save_pretrained(root / TINY_SCORER_FOLDERS["clip_l"])
+    hps_v2_0 = tiny_clip_model("gelu", seed + 4)
+    torch.save({"state_dict": transformers_to_open_clip(hps_v2_0.state_dict())},
+               root / TINY_SCORER_FOLDERS["hpsv2"] / "HPS_v2_compressed.pt")
+
+    for folder, model_seed in (("clip_l", seed + 3), ("clip_b", seed + 5)):
+        tiny_clip_model("quick_gelu", model_seed).save_pretrained(root / TINY_SCORER_FOLDERS[folder])
+        processor.save_pretrained(root / TINY_SCORER_FOLDERS[folder])
