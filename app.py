@@ -3,8 +3,9 @@
     python app.py --preset tiny-sdxl --host 127.0.0.1 --port 7860 [--share --auth USER:PASS]
 
 Parses flags, builds an IMGSession (nothing loads until the first click needs it) and launches the
-Gradio app from `ui`. Everything the app writes lives in one folder (`ui.files`), removed at exit and
-on SIGTERM. Switching models changes them for every user, so the server refuses it unless started with
+Gradio app from `ui`. Everything the app writes lives in one folder (`ui.files`), removed at exit.
+SIGTERM stops gracefully (`ui.shutdown`): new calls are refused with a message, the running job ends at
+its next step, then the app exits with status 0. Switching models changes them for every user, so the server refuses it unless started with
 `--allow-model-switch` (never on Hugging Face Spaces). Importing this file loads nothing.
 """
 
@@ -21,8 +22,9 @@ from img_core.evaluation.scorers import SCORER_NAMES, VQA_SCORER, check_scorer_n
 from img_core.presets import default_preset_name
 from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
+from ui import shutdown
 from ui.api_inputs import MalformedValuesAsNone
-from ui.files import open_app_folder
+from ui.files import open_app_folder, remove_app_folder
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 AUTH_HINT = " Require a login with --auth USER:PASS."
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         session.load()
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then
     demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer)
+    shutdown.install(demo, on_forced_exit=remove_app_folder)
     demo.launch(
         server_name=args.host,
         server_port=args.port,

@@ -329,16 +329,57 @@ def test_a_browser_session_zip_is_removed_when_the_session_ends(app):
     assert not folders[0].exists(), "the session's zip outlived the session"
 
 
-def test_app_start_removes_folders_of_runs_that_are_gone(tmp_path):
-    from ui.files import remove_stale_folders
+LOCK_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_app_start_removes_only_folders_whose_lock_nobody_holds(tmp_path):
+    """A running app's folder survives another app's start-up even when its name is a process id that
+    does not exist here (an app in another container, another PID namespace); unlocked folders go."""
+    from ui.files import LOCK_NAME, remove_stale_folders
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    for pid in (dead.pid, os.getpid()):
-        (tmp_path / str(pid) / "gradio").mkdir(parents=True)
-        (tmp_path / str(pid) / "gradio" / "image.png").write_bytes(b"x")
-    assert remove_stale_folders(tmp_path) == [tmp_path / str(dead.pid)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getpid())], "a running app's folder was removed"
+    for name in (str(dead.pid), "left-by-kill-9", str(dead.pid + 1_000_000)):
+        (tmp_path / name / "gradio").mkdir(parents=True)
+        (tmp_path / name / "gradio" / "image.png").write_bytes(b"x")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / str(dead.pid) / LOCK_NAME)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        removed = remove_stale_folders(tmp_path)
+        assert sorted(p.name for p in removed) == sorted(["left-by-kill-9", str(dead.pid + 1_000_000)])
+        assert (tmp_path / str(dead.pid) / "gradio" / "image.png").is_file(), "a running app's folder was removed"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert remove_stale_folders(tmp_path) == [tmp_path / str(dead.pid)], "its lock is free once the app ended"
+
+
+def test_two_apps_folders_are_locked_and_removed_at_exit(tmp_path):
+    """`open_app_folder` in two processes: each holds its own folder's lock; each removes only its own."""
+    script = (
+        "import sys; from pathlib import Path; from ui.files import open_app_folder; "
+        "print(open_app_folder(Path(sys.argv[1])), flush=True); sys.stdin.read()"
+    )
+    apps = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    folders = [Path(app.stdout.readline().strip()) for app in apps]
+    assert folders[0] != folders[1] and all(folder.is_dir() for folder in folders)
+    from ui.files import remove_stale_folders
+
+    assert remove_stale_folders(tmp_path) == []
+    apps[0].stdin.close()
+    apps[0].wait(timeout=30)
+    assert not folders[0].exists() and folders[1].is_dir()
+    apps[1].kill()  # kill -9: no exit handler runs; the kernel drops the lock
+    apps[1].wait()
+    assert remove_stale_folders(tmp_path) == [folders[1]]
 
 
 def test_sigterm_removes_everything_the_app_wrote(app):
@@ -404,3 +445,50 @@ def test_session_refuses_a_missing_aligner_path(tiny_root, tmp_path):
                                      show_progress_bars=False)
     with pytest.raises(InvalidInputError, match="does not exist"):
         session._load_aligner()
+
+
+# --- SIGTERM during a job (issue 19, finding 4) ------------------------------------------------------
+
+
+def page_arguments(visitor: Client, api_name: str, values: dict) -> list:
+    """The values of a page event's inputs in order (widget defaults, `values` by elem_id)."""
+    event = next(d for d in visitor.config["dependencies"] if d.get("api_name") == api_name)
+    components = {c["id"]: c for c in visitor.config["components"]}
+    return [values.get((components[i]["props"].get("elem_id") or "").replace("-", "_"), components[i]["props"].get(
+        "value")) for i in event["inputs"] if components[i]["type"] != "state"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_job_stops_it_tells_the_clients_and_exits_0(tmp_path, tiny_root):
+    """A page job is running (many steps) and an API call waits in the queue: SIGTERM stops the job at
+    its next step, both clients get the shutdown message, and the app exits 0 with its files removed."""
+    running = RunningApp(tmp_path)
+    try:
+        visitor = Client(running.url, auth=(USER, PASSWORD), verbose=False)
+        visitor.predict(PROMPT, 1, api_name="/generate")  # models loaded: the job below is all steps
+        job = visitor.submit(*page_arguments(visitor, "ui_generate", {"prompt": PROMPT, "seed": 3, "steps": 200}),
+                             api_name="/ui_generate")
+        deadline = time.monotonic() + 60
+        while len(job.outputs()) < 2 and time.monotonic() < deadline:  # a stage update: steps are running
+            time.sleep(0.05)
+        assert len(job.outputs()) >= 2 and not job.done(), "the job did not start, or ended before SIGTERM"
+        waiting = Client(running.url, auth=(USER, PASSWORD), verbose=False).submit(PROMPT, 2, api_name="/generate")
+        time.sleep(0.5)
+        started = time.monotonic()
+        running.process.send_signal(signal.SIGTERM)
+        final = job.result(timeout=60)
+        with pytest.raises(Exception) as refused:
+            waiting.result(timeout=60)
+        status = running.process.wait(timeout=60)
+        seconds = time.monotonic() - started
+        log = running.log.read_text()
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+    assert status == 0, f"exit status {status}:\n{log[-3000:]}"
+    assert "terminate called" not in log and "Traceback" not in log, log[-3000:]
+    assert any("shutting down" in str(value) for value in final), f"the page was not told: {final}"
+    assert_clean_message(refused.value, "shutting down")
+    assert seconds < 20, f"took {seconds:.1f} s to stop"
+    assert running.files() == [], f"left behind: {running.files()[:5]}"
