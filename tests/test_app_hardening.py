@@ -1,6 +1,6 @@
 """Hardening of the app, its API and the CLI (issue 10: findings 5, 6 and 8).
 
-One `python app.py --preset tiny-sdxl --auth ...` subprocess for the module, with its own TMPDIR so that
+One `python app.py --preset tiny-sdxl` subprocess (a login from $IMG_STUDIO_AUTH) for the module, with its own TMPDIR so that
 every file it writes can be counted; it is stopped with SIGTERM by the last test. Plain HTTP calls go
 through Gradio's queue as any script can (`queue_call`), without gradio_client's checks.
 """
@@ -42,11 +42,11 @@ class RunningApp:
         self.log = tmp / "app.log"
         self.url = f"http://127.0.0.1:{free_port()}/"
         env = dict(os.environ, TMPDIR=str(self.tmp), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", IMG_STUDIO_AUTH=f"{USER}:{PASSWORD}")  # not in ps
         env.pop("GRADIO_TEMP_DIR", None)
         port = urllib.parse.urlparse(self.url).port
         command = [sys.executable, "app.py", "--preset", "tiny-sdxl", "--device", "cpu", "--host", "127.0.0.1",
-                   "--port", str(port), "--auth", f"{USER}:{PASSWORD}"]
+                   "--port", str(port)]
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -105,6 +105,27 @@ class RunningApp:
                         return True, output.get("data"), logs
                     return False, output.get("error"), logs
         return False, "no result", logs
+
+    def rest_call(self, data, api_name: str) -> tuple[bool, object]:
+        """One event over Gradio's REST route (POST /gradio_api/call/NAME, then its event stream)."""
+        request = urllib.request.Request(self.url + f"gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            event_id = json.loads(self.opener.open(request, timeout=30).read())["event_id"]
+        except urllib.error.HTTPError as error:
+            return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}"
+        event = None
+        with self.opener.open(self.url + f"gradio_api/call/{api_name}/{event_id}", timeout=120) as stream:
+            for raw in stream:
+                line = raw.decode().strip()
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    payload = json.loads(line[5:])
+                    if event == "complete":
+                        return True, payload
+                    return False, payload.get("error") if isinstance(payload, dict) else payload
+        return False, "no result"
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +189,8 @@ def test_auth_flag_parsing(capsys):
     warnings = app_module.exposure_warnings(app_module.parse_args(["--share"]))
     assert len(warnings) == 1 and "public" in warnings[0] and "--auth" in warnings[0]
     warnings = app_module.exposure_warnings(app_module.parse_args(["--host", "0.0.0.0", "--auth", "a:b"]))
-    assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "--auth" not in warnings[0]
+    assert len(warnings) == 2 and "0.0.0.0" in warnings[1] and "--auth" not in warnings[1]
+    assert "ps" in warnings[0], "--auth on the command line is visible to every user"
 
 
 def test_space_variables_set_the_model_defaults(monkeypatch):
@@ -271,6 +293,42 @@ def test_api_messages_never_contain_server_paths(app, client, images):
     ok, message = app.queue_call(["/etc/hostname", PROMPT], api_name="critique")  # a server path as text
     assert not ok
     assert_clean_message(message, "no image was given")
+
+
+REST_AND_QUEUE_CASES = [
+    ("no values", "generate", [], "the prompt is empty"),
+    ("seed missing", "generate", [PROMPT], "the seed is missing"),
+    ("seed 1.5", "generate", [PROMPT, 1.5], "seed must be a whole number"),
+    ("prompt 123", "generate", [123, 0], "prompt must be text"),
+    ("a lone surrogate", "generate", ["a\ud800b", 0], "half of a UTF-16 pair"),
+    ("a server path as text", "critique", ["/etc/hostname", PROMPT], "no image was given"),
+    ("a file record outside the uploads", "critique",
+     [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, PROMPT], "no image was given"),
+    ("a file record with a URL", "critique",
+     [{"url": "http://127.0.0.1:9/x.png", "meta": {"_type": "gradio.FileData"}}, PROMPT], "no image was given"),
+    ("a record without meta", "refine", [{"path": "/etc/passwd"}, PROMPT, "", 0], "no image was given"),
+    ("refine: seed missing", "refine", [None, PROMPT, ""], "the seed is missing"),
+]
+
+
+@pytest.mark.parametrize("case, api_name, data, expected", REST_AND_QUEUE_CASES, ids=[c[0] for c in REST_AND_QUEUE_CASES])
+def test_rest_and_queue_routes_give_the_same_message(app, case, api_name, data, expected):
+    """The REST route (/gradio_api/call/NAME) gets the same input guard as the queue: one sentence, the
+    same on both, never Gradio's `{"error": null}`."""
+    answers = [app.queue_call(data, api_name=api_name), app.rest_call(data, api_name)]
+    for ok, message in answers:
+        assert not ok, f"{case}: accepted"
+        assert_clean_message(message, expected)
+    assert answers[0][1] == answers[1][1], f"{case}: queue {answers[0][1]!r} but REST {answers[1][1]!r}"
+
+
+def test_a_served_output_is_still_a_valid_input(app):
+    """The guard lets through file records inside Gradio's folder (an output of an earlier call)."""
+    ok, image = app.rest_call([PROMPT, 4], "generate")
+    assert ok, image
+    record = {"path": image[0]["path"], "meta": {"_type": "gradio.FileData"}}
+    ok, critique = app.rest_call([record, PROMPT], "critique")
+    assert ok and isinstance(critique[0], str) and critique[0], critique
 
 
 # --- finding 5: bounded resources ------------------------------------------------------------------
@@ -380,6 +438,69 @@ def test_two_apps_folders_are_locked_and_removed_at_exit(tmp_path):
     apps[1].kill()  # kill -9: no exit handler runs; the kernel drops the lock
     apps[1].wait()
     assert remove_stale_folders(tmp_path) == [folders[1]]
+
+
+def login(app, password: str) -> int:
+    """The HTTP status of one login try on the app's page."""
+    form = urllib.parse.urlencode({"username": USER, "password": password}).encode()
+    try:
+        with urllib.request.urlopen(app.url + "login", data=form, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_wrong_logins_are_throttled(app):
+    """Next to last in this module (it makes this address wait): 5 wrong passwords are answered, then
+    each try must wait 1, 2, 4, ... s, a right password too; after the wait the right one opens."""
+    from ui.api_inputs import FREE_LOGIN_FAILURES
+
+    start = time.perf_counter()
+    assert [login(app, f"wrong{i}") for i in range(FREE_LOGIN_FAILURES)] == [400] * FREE_LOGIN_FAILURES
+    assert login(app, "wrong") == 429 and login(app, PASSWORD) == 429, "no delay after 5 wrong logins"
+    time.sleep(1.1)
+    assert login(app, "wrong") == 400  # the 6th: now 2 s to wait
+    assert login(app, PASSWORD) == 429
+    time.sleep(2.1)
+    assert login(app, PASSWORD) == 200
+    assert login(app, "wrong") == 400, "a right login clears the count"
+    assert time.perf_counter() - start < 10
+
+
+def test_login_delay_doubles_up_to_a_minute():
+    from ui.api_inputs import FREE_LOGIN_FAILURES, MAX_LOGIN_DELAY_S, LoginThrottle
+
+    throttle = LoginThrottle(app=None)
+    for _ in range(FREE_LOGIN_FAILURES + 20):
+        throttle.record("10.0.0.1", success=False, now=1000.0)
+    assert throttle.seconds_to_wait("10.0.0.1", now=1000.0) == MAX_LOGIN_DELAY_S
+    assert throttle.seconds_to_wait("10.0.0.2", now=1000.0) == 0, "another address is not slowed down"
+    assert throttle.seconds_to_wait("10.0.0.1", now=1000.0 + MAX_LOGIN_DELAY_S) == 0
+
+
+def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    import app as app_module
+
+    monkeypatch.delenv(app_module.AUTH_VARIABLE, raising=False)
+    secrets_file = tmp_path / "auth"
+    secrets_file.write_text("# who may log in\nann:pa:ss\n\nbob:pw\n")
+    args = app_module.parse_args(["--auth-file", str(secrets_file)])
+    assert args.auth == [("ann", "pa:ss"), ("bob", "pw")] and app_module.exposure_warnings(args) == []
+    monkeypatch.setenv(app_module.AUTH_VARIABLE, "cat:pw")
+    assert app_module.parse_args([]).auth == [("cat", "pw")]
+    args = app_module.parse_args(["--auth", "dan:pw"])
+    assert args.auth == [("dan", "pw")], "a flag beats the variable"
+    assert any("ps" in warning and "--auth-file" in warning for warning in app_module.exposure_warnings(args))
+    for argv, expected in ((["--auth-file", str(tmp_path / "missing")], "cannot read"),
+                           (["--auth-file", str(secrets_file), "--auth", "a:b"], "not both")):
+        with pytest.raises(SystemExit):
+            app_module.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    secrets_file.write_text("ann\n")
+    with pytest.raises(SystemExit):
+        app_module.parse_args(["--auth-file", str(secrets_file)])
+    assert "line 1: expected USER:PASS" in capsys.readouterr().err
 
 
 def test_sigterm_removes_everything_the_app_wrote(app):
@@ -492,3 +613,35 @@ def test_sigterm_during_a_job_stops_it_tells_the_clients_and_exits_0(tmp_path, t
     assert_clean_message(refused.value, "shutting down")
     assert seconds < 20, f"took {seconds:.1f} s to stop"
     assert running.files() == [], f"left behind: {running.files()[:5]}"
+
+
+def test_failing_cli_commands_leave_no_empty_out_folder(capsys, tmp_path, tiny_root):
+    """--out is created before the models load (to check it early); a command that then fails removes
+    the folders it created, but never one that existed or holds a file."""
+    from tests.test_images import ico_holding
+
+    icon = tmp_path / "icon.ico"
+    icon.write_bytes(ico_holding(b"\x89PNG\r\n\x1a\n"))
+    nested = tmp_path / "runs" / "a" / "b"
+    for argv in (["--scorer", "no-such-scorer"], ["--image", str(icon)], ["--aligner", str(tmp_path / "missing")]):
+        status, err = cli(capsys, "refine", "--prompt", PROMPT, "--out", str(nested), "--preset", "tiny-sdxl", *argv)
+        assert status == 2 and len(err) == 1, err
+        assert not (tmp_path / "runs").exists(), f"{argv}: left {sorted(tmp_path.rglob('*'))}"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    status, _ = cli(capsys, "refine", "--prompt", PROMPT, "--out", str(existing / "new"), "--scorer", "no-such")
+    assert status == 2 and existing.is_dir() and not (existing / "new").exists()
+
+
+def test_removed_if_left_empty_keeps_folders_with_files(tmp_path):
+    from img_core.cli.outputs import removed_if_left_empty
+
+    out = tmp_path / "x" / "y"
+    with pytest.raises(RuntimeError), removed_if_left_empty(out):
+        out.mkdir(parents=True)
+        (out / "round_0.png").write_bytes(b"partial")
+        raise RuntimeError("failed after writing")
+    assert (out / "round_0.png").is_file(), "a folder with a file is kept"
+    with removed_if_left_empty(tmp_path / "ok"):
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir(), "success keeps it"
