@@ -29,6 +29,7 @@ from img_core.settings import add_model_arguments, model_options_from_args
 from ui import shutdown
 from ui.api_inputs import ApiInputGuard, LoginThrottle
 from ui.files import open_app_folder, remove_app_folder
+from ui.sessions import IDLE_SECONDS, SESSION_CAPACITY, SessionSweeper
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 AUTH_HINT = " Require a login with --auth-file FILE (a line USER:PASS) or $IMG_STUDIO_AUTH=USER:PASS."
@@ -106,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorer", default=VQA_SCORER, type=scorer_name,
                         help=f"what scores every round in the app: {', '.join(SCORER_NAMES)}, vqascore:<mllm> (a "
                         f"separate judge) or none (default {VQA_SCORER}: the loaded MLLM, no extra memory)")
+    parser.add_argument("--session-idle-seconds", type=float, default=IDLE_SECONDS, metavar="S",
+                        help=f"free the memory of an API session (one without rounds) idle this long (default "
+                        f"{IDLE_SECONDS:g})")
     args = parser.parse_args(argv)
     args.auth, args.auth_source = credentials(args, parser)
     return args
@@ -149,12 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then
     demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer)
     shutdown.install(demo, on_forced_exit=remove_app_folder)
+    SessionSweeper(demo, idle_seconds=args.session_idle_seconds).start()
     demo.launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
         auth=args.auth,
         app_kwargs={"middleware": [Middleware(ApiInputGuard, blocks=demo), Middleware(LoginThrottle)]},
+        state_session_capacity=SESSION_CAPACITY,
         **ui.launch_kwargs(),
     )
 

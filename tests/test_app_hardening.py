@@ -645,3 +645,47 @@ def test_removed_if_left_empty_keeps_folders_with_files(tmp_path):
     with removed_if_left_empty(tmp_path / "ok"):
         (tmp_path / "ok").mkdir()
     assert (tmp_path / "ok").is_dir(), "success keeps it"
+
+
+# --- bounded per-session memory (issue 19, finding 6) -------------------------------------------------
+
+
+def test_idle_api_sessions_are_freed_and_page_sessions_with_state_kept(tmp_path):
+    """Every API call from a new client is a Gradio session (~100 KB); idle ones without gr.State values
+    go, a session holding state stays."""
+    import gradio as gr
+
+    from ui.sessions import remove_idle_sessions
+
+    with gr.Blocks() as demo:
+        rounds = gr.State([])
+        text = gr.Textbox()
+        gr.Button().click(lambda value: value.upper(), text, text, api_name="shout")
+        gr.Button().click(lambda kept, value: [*kept, value], [rounds, text], rounds, api_name="keep")
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        url = demo.local_url
+        calls = [Client(url, verbose=False) for _ in range(6)]
+        for client in calls:
+            assert client.predict("hi", api_name="/shout") == "HI"
+        keeper = Client(url, verbose=False)
+        keeper.predict("x", api_name="/keep")
+        sessions = set(demo.state_holder.session_data)
+        assert {c.session_hash for c in calls} | {keeper.session_hash} <= sessions
+        assert remove_idle_sessions(demo, idle_seconds=60) == 0, "recent sessions must stay"
+        removed = remove_idle_sessions(demo, idle_seconds=0)
+        assert removed >= 6 and keeper.session_hash in demo.state_holder.session_data
+        assert not any(c.session_hash in demo.state_holder.session_data for c in calls)
+        assert calls[0].predict("again", api_name="/shout") == "AGAIN", "a freed session can call again"
+    finally:
+        demo.close()
+
+
+def test_served_files_age_out_in_minutes(tiny_root):
+    from img_core.session import IMGSession
+    from ui import build_demo
+
+    demo = build_demo(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False),
+                      prepare_models=False)
+    how_often, how_old = demo.delete_cache
+    assert how_often <= 600 and how_old <= 1800, demo.delete_cache

@@ -30,6 +30,9 @@ from pathlib import Path
 PARENT_NAME = "img-studio-app"  # <temp dir>/img-studio-app/<pid>-<token>: one folder per running app
 LOCK_NAME = ".lock"  # held (flock) by the folder's app while it runs
 GRADIO_SUBFOLDER = "gradio"  # Gradio's uploads and the files it serves
+# Gradio's `delete_cache`: every 5 minutes, remove uploads and served files older than 15 minutes (a
+# client fetches a result at once; the page shows its images from `ui.image_files`, written again on need).
+SERVED_FILES_DELETE_CACHE = (300, 900)  # (how often, how old) in seconds
 
 SYSTEM_TEMP = Path(tempfile.gettempdir())  # before open_app_folder points `tempfile` into the app's folder
 _folder: Path | None = None
