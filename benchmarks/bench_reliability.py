@@ -9,14 +9,22 @@ Sections (one function each, returning table rows):
   store        feature-store shards (flipped, truncated, empty, missing), manifests (shards null, a list,
                truncated JSON), a NaN sample and an all-NaN store: refused / skipped / stopped, and never
                a non-finite aligner saved
-  images       header bombs (PNG, JPEG, GIF declaring huge canvases), folders, non-images: refused
-               cleanly (InvalidInputError, no other exception, no PIL warning), time per refusal, and the
-               peak RSS of a fresh process refusing a 20000x20000 PNG bomb
+  images       header bombs (PNG, JPEG, GIF declaring huge canvases; ICO and ICNS holding a 13000x13000
+               PNG, an ICO holding a 20000x20000 one, a GIF frame larger than its screen, APNG, animated
+               WebP), folders, non-images: refused cleanly (InvalidInputError, no other exception, no PIL
+               warning), time per refusal, and the peak RSS growth of a fresh process refusing each bomb
   app          `python app.py --preset tiny-sdxl` with its own TMPDIR: malformed API calls (seeds 1.5 /
                true / "x" / NaN / lists, non-text prompts, missing values, non-images, a bomb, server
                paths) tried / refused cleanly (a sentence, no traceback, no server path) / tracebacks /
                server deaths; RSS and files under TMPDIR per 100 of 500 /refine calls after a warm-up;
                everything removed after SIGTERM (CPU, ~10 minutes)
+  doors        the app with a login: every bad API call on the queue route and on the REST route
+               (/gradio_api/call/NAME): refused cleanly, the same sentence on both; ICO/ICNS/GIF-frame bombs
+               sent to /critique (RSS before/after); wrong logins: how many are answered before HTTP 429
+  sessions     RSS per 100 API calls, each from a new session with its own seed, with idle sessions kept
+               (--session-idle-seconds 1e9, as before) and freed (--session-idle-seconds 2)
+  sigterm      SIGTERM while a page job runs (200 steps) and an API call waits: exit status, seconds to
+               exit, what each client was told, files left
 
 A row's `ok` says whether the outcome is the wanted one; the script exits 1 if any row is not ok. To add a
 section, write `def bench_<name>(work: Path) -> list[Row]` and add it to SECTIONS.
@@ -274,21 +282,84 @@ def gif_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def ico_holding(png: bytes) -> bytes:
+    """An ICO with one entry holding `png` (PIL's ICO reader decodes it while opening the file)."""
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def icns_holding(png: bytes) -> bytes:
+    """An ICNS declaring one 1024x1024 icon (ic10) whose PNG data is `png`, whatever its real size."""
+    body = b"ic10" + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(body)) + body
+
+
+def gif_with_frame(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
+    """A GIF whose first frame is `frame` pixels on a `screen`-sized canvas."""
+    header = b"GIF89a" + struct.pack("<HH", *screen) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+    return header + b"\x2c" + struct.pack("<HHHH", 0, 0, *frame) + b"\x00" + b"\x02\x02\x44\x01\x00\x3b"
+
+
+def apng_bomb(width: int, height: int) -> bytes:
+    """An animated PNG (acTL, fcTL) of width x height."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    control = chunk(b"acTL", struct.pack(">II", 1, 0))
+    frame = chunk(b"fcTL", struct.pack(">IIIIIHHBB", 0, width, height, 0, 0, 1, 10, 0, 0))
+    plain = png_bomb(width, height)
+    return plain[:33] + control + frame + plain[33:]
+
+
+def animated_webp(width: int, height: int) -> bytes:
+    """A real two-frame 16x16 WebP whose canvas (VP8X) is patched to declare width x height."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 255, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    data = bytearray(buffer.getvalue())
+    canvas = data.index(b"VP8X") + 12
+    data[canvas : canvas + 3] = (width - 1).to_bytes(3, "little")
+    data[canvas + 3 : canvas + 6] = (height - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+def format_bombs() -> dict[str, bytes]:
+    """The bombs of issue 19 (formats whose readers decoded, or raised PIL's own error)."""
+    return {
+        "ICO holding a 13000x13000 PNG": ico_holding(png_bomb(13_000, 13_000)),
+        f"ICO holding a {BOMB_SIDE}x{BOMB_SIDE} PNG": ico_holding(png_bomb(BOMB_SIDE, BOMB_SIDE)),
+        "ICNS holding a 13000x13000 PNG": icns_holding(png_bomb(13_000, 13_000)),
+        f"GIF: 16x16 screen, {BOMB_SIDE}x{BOMB_SIDE} frame": gif_with_frame((16, 16), (BOMB_SIDE, BOMB_SIDE)),
+        "GIF: 16x16 screen, 9000x9000 frame": gif_with_frame((16, 16), (9000, 9000)),
+        "APNG 13000x13000": apng_bomb(13_000, 13_000),
+        "animated WebP declaring 13000x13000": animated_webp(13_000, 13_000),
+    }
+
+
 RSS_PROBE = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {repo!r})
 from img_core.images import load_image
 from img_core.errors import InvalidInputError
+
+def peak_kb():  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
 data = open({path!r}, "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 start = time.perf_counter()
 try:
     load_image(data)
     outcome = "decoded"
 except InvalidInputError:
     outcome = "refused"
+except Exception as error:
+    outcome = type(error).__name__
 seconds = time.perf_counter() - start
-print(outcome, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, seconds)
+print(outcome, before, peak_kb(), seconds)
 """
 
 
@@ -306,6 +377,7 @@ def bench_images(work: Path) -> list[Row]:
         "PNG 8000x6000 (48 Mpx)": png_bomb(8000, 6000),
         "JPEG declaring 30000x30000": jpeg_declaring(30_000, 30_000),
         "GIF declaring 65535x65535": gif_declaring(65_535, 65_535),
+        **format_bombs(),
         "folder": work / "a folder.png",
         "missing file": work / "missing.png",
         "text file named .png": work / "notes.png",
@@ -327,16 +399,18 @@ def bench_images(work: Path) -> list[Row]:
         rows.append(Row("images", case, "refused cleanly", f"{status}{' + ' + ','.join(caught) if caught else ''}",
                         clean, f"{size}{seconds * 1e3:.1f} ms: {message}"))
 
-    bomb_path = work / "bomb.png"
-    bomb_path.write_bytes(cases[f"PNG {BOMB_SIDE}x{BOMB_SIDE} bomb"])
-    probe = subprocess.run([sys.executable, "-c", RSS_PROBE.format(repo=str(REPO), path=str(bomb_path))],
-                           capture_output=True, text=True, timeout=120)
-    outcome, before_kb, after_kb, seconds = probe.stdout.split()
-    growth_mb = (int(after_kb) - int(before_kb)) / 1024
-    rows.append(Row("images", f"PNG {BOMB_SIDE}x{BOMB_SIDE} bomb, fresh process", "refused, < 10 MB peak RSS growth",
-                    outcome, outcome == "refused" and growth_mb < 10,
-                    f"{float(seconds) * 1e3:.1f} ms, peak RSS {int(before_kb) / 1024:.0f} -> {int(after_kb) / 1024:.0f} MB "
-                    f"(+{growth_mb:.1f} MB); cap {MAX_MEGAPIXELS:g} Mpx"))
+    fresh = {f"PNG {BOMB_SIDE}x{BOMB_SIDE} bomb": cases[f"PNG {BOMB_SIDE}x{BOMB_SIDE} bomb"], **format_bombs()}
+    for index, (case, data) in enumerate(fresh.items()):
+        bomb_path = work / f"bomb-{index}"
+        bomb_path.write_bytes(data)
+        probe = subprocess.run([sys.executable, "-c", RSS_PROBE.format(repo=str(REPO), path=str(bomb_path))],
+                               capture_output=True, text=True, timeout=120)
+        outcome, before_kb, after_kb, seconds = probe.stdout.split()
+        growth_mb = (int(after_kb) - int(before_kb)) / 1024
+        rows.append(Row("images", f"{case}, fresh process", "refused, < 10 MB peak RSS growth", outcome,
+                        outcome == "refused" and growth_mb < 10,
+                        f"{float(seconds) * 1e3:.1f} ms, peak RSS {int(before_kb) / 1024:.0f} -> "
+                        f"{int(after_kb) / 1024:.0f} MB (+{growth_mb:.1f} MB); cap {MAX_MEGAPIXELS:g} Mpx"))
     return rows
 
 
