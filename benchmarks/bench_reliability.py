@@ -436,17 +436,18 @@ class AppProcess:
     """`python app.py --preset tiny-sdxl` on a free local port, with its own TMPDIR (so every file it or
     Gradio writes lands in one folder this benchmark can count) and its log in a file."""
 
-    def __init__(self, work: Path, *flags: str):
+    def __init__(self, work: Path, *flags: str, env: dict[str, str] | None = None):
         self.tmp = work / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = work / "app.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(os.environ, TMPDIR=str(self.tmp), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
         env.pop("GRADIO_TEMP_DIR", None)
         command = [sys.executable, str(REPO / "app.py"), "--preset", "tiny-sdxl", "--device", "cpu",
                    "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.wait_until_up()
@@ -493,22 +494,24 @@ class AppProcess:
 
 
 def queue_call(url: str, data, fn_index: int | None = None, api_name: str | None = None,
-               session_hash: str = "bench") -> tuple[bool, object]:
+               session_hash: str = "bench", opener=None) -> tuple[bool, object]:
     """One event through Gradio's queue over plain HTTP (as any script can, without gradio_client):
-    (success, output data) or (False, the error message the client is shown)."""
+    (success, output data) or (False, the error message the client is shown). `opener`: a urllib opener
+    holding a login cookie."""
     import urllib.request
 
+    urllib_open = (opener or urllib.request.build_opener()).open
     if fn_index is None:
-        config = json.loads(urllib.request.urlopen(url + "config", timeout=10).read())
+        config = json.loads(urllib_open(url + "config", timeout=10).read())
         fn_index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)
     body = {"data": data, "fn_index": fn_index, "session_hash": session_hash, "event_data": None, "trigger_id": None}
     request = urllib.request.Request(url + "gradio_api/queue/join", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
-        urllib.request.urlopen(request, timeout=30).read()
+        urllib_open(request, timeout=30).read()
     except urllib.error.HTTPError as error:
         return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}"
-    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session_hash}", timeout=120) as stream:
+    with urllib_open(f"{url}gradio_api/queue/data?session_hash={session_hash}", timeout=120) as stream:
         for raw in stream:
             line = raw.decode().strip()
             if not line.startswith("data:"):
@@ -641,9 +644,219 @@ def bench_app(work: Path) -> list[Row]:
     return rows
 
 
+def rest_call(url: str, data, api_name: str, opener) -> tuple[bool, object]:
+    """One event over Gradio's REST route: POST /gradio_api/call/NAME, then read its event stream."""
+    import urllib.request
+
+    request = urllib.request.Request(url + f"gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        event_id = json.loads(opener.open(request, timeout=30).read())["event_id"]
+    except urllib.error.HTTPError as error:
+        return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}"
+    event = None
+    with opener.open(url + f"gradio_api/call/{api_name}/{event_id}", timeout=120) as stream:
+        for raw in stream:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                payload = json.loads(line[5:])
+                if event == "complete":
+                    return True, payload
+                return False, payload.get("error") if isinstance(payload, dict) else payload
+    return False, "stream ended without a result"
+
+
+def upload(url: str, path: Path, opener) -> dict:
+    """`path` uploaded as a browser does (POST /gradio_api/upload): the file record to send."""
+    import urllib.request
+
+    boundary = "bench-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    server_path = json.loads(opener.open(request, timeout=30).read())[0]
+    return {"path": server_path, "meta": {"_type": "gradio.FileData"}}
+
+
+def login(url: str, user: str, password: str, opener=None) -> int:
+    import urllib.parse
+    import urllib.request
+
+    form = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    try:
+        with (opener or urllib.request.build_opener()).open(url + "login", data=form, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-password"
+BOMB_REPEATS = 3  # each format bomb sent this many times to /critique
+
+
+def bench_doors(work: Path) -> list[Row]:
+    """The app with a login: bad calls on the queue and REST routes, format bombs, wrong logins."""
+    import http.cookiejar
+    import urllib.request
+
+    app = AppProcess(work / "app", env={"IMG_STUDIO_AUTH": f"{BENCH_USER}:{BENCH_PASSWORD}"})
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    rows = []
+    try:
+        assert login(app.url, BENCH_USER, BENCH_PASSWORD, opener) == 200
+        cases = bad_app_inputs(work)
+        cases += [("prompt with a lone surrogate", "/generate", ["a \ud800 horse", 0]),
+                  ("refine: a file record outside the upload cache", "/refine",
+                   [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, APP_PROMPT, "", 0]),
+                  ("critique: a file record with a URL", "/critique",
+                   [{"url": "http://127.0.0.1:9/x.png", "meta": {"_type": "gradio.FileData"}}, APP_PROMPT])]
+        clean = {"queue": 0, "REST": 0}
+        same, unclean, differ = 0, [], []
+        for case, endpoint, arguments in cases:
+            if isinstance(arguments, list):
+                arguments = [upload(app.url, a, opener) if isinstance(a, Path) else a for a in arguments]
+            name = endpoint.lstrip("/")
+            answers = {"queue": queue_call(app.url, arguments, api_name=name, opener=opener,
+                                           session_hash=f"doors{time.monotonic_ns()}"),
+                       "REST": rest_call(app.url, arguments, name, opener)}
+            for route, (ok, message) in answers.items():
+                good, why = clean_refusal(message, app) if not ok else (False, "accepted")
+                clean[route] += good
+                if not good:
+                    unclean.append(f"{route} {case}: {why or short(str(message), 50)}")
+            if answers["queue"][1] == answers["REST"][1]:
+                same += 1
+            else:
+                differ.append(case)
+        for route in ("queue", "REST"):
+            rows.append(Row("doors", f"{len(cases)} bad API calls, {route} route", "all refused with a sentence",
+                            f"{clean[route]} refused cleanly", clean[route] == len(cases),
+                            "; ".join(u for u in unclean if u.startswith(route)) or "no bare error, no path"))
+        rows.append(Row("doors", "queue vs REST messages", "the same", f"{same} of {len(cases)} the same",
+                        same == len(cases), ", ".join(differ)))
+
+        bombs = format_bombs()
+        paths = []
+        for index, data in enumerate(bombs.values()):
+            paths.append(work / f"bomb-{index}.bin")
+            paths[-1].write_bytes(data)
+            queue_call(app.url, [upload(app.url, paths[-1], opener), APP_PROMPT], api_name="critique",
+                       opener=opener, session_hash=f"warm{index}")  # warm-up: the first refusal loads code
+        rss_before, refused, answers = app.rss_mb(), 0, []
+        for path in paths:
+            for _ in range(BOMB_REPEATS):
+                start = time.perf_counter()
+                ok, message = queue_call(app.url, [upload(app.url, path, opener), APP_PROMPT], api_name="critique",
+                                         opener=opener, session_hash=f"bomb{time.monotonic_ns()}")
+                answers.append(time.perf_counter() - start)
+                refused += (not ok) and clean_refusal(message, app)[0]
+        calls = len(bombs) * BOMB_REPEATS
+        rows.append(Row("doors", f"{calls} format bombs to /critique after one each", "refused; RSS grows < 20 MB",
+                        f"{refused} refused, RSS {rss_before:.0f} -> {app.rss_mb():.0f} MB",
+                        refused == calls and app.rss_mb() - rss_before < 20,
+                        f"{', '.join(bombs)}; {1e3 * sum(answers) / calls:.0f} ms per call (upload included)"))
+
+        statuses, start = [], time.perf_counter()
+        for attempt in range(20):
+            statuses.append(login(app.url, BENCH_USER, f"guess{attempt}"))
+        seconds = time.perf_counter() - start
+        answered = statuses.count(400)
+        rows.append(Row("doors", "20 wrong logins as fast as possible", "5 answered, then HTTP 429",
+                        f"{answered} answered, {statuses.count(429)} x 429", answered == 5 and statuses.count(429) == 15,
+                        f"{seconds:.2f} s; the 6th try is allowed 1 s after the 5th, then 2, 4, ... 60 s"))
+    finally:
+        status = app.stop()
+    rows.append(Row("doors", "SIGTERM", "exit 0", f"exit {status}", status == 0))
+    return rows
+
+
+SESSION_CALLS = 300
+
+
+def bench_sessions(work: Path) -> list[Row]:
+    """RSS and files per 100 /generate calls from new sessions with distinct seeds, idle sessions kept or freed."""
+    rows = []
+    for label, idle in (("kept (as before)", "1e9"), ("freed after 2 s idle", "2")):
+        app = AppProcess(work / f"idle-{idle}", "--session-idle-seconds", idle)
+        try:
+            for call in range(APP_WARMUP_CALLS):
+                queue_call(app.url, [APP_PROMPT, 10_000 + call], api_name="generate", session_hash=f"warm{call}")
+            rss, files = [app.rss_mb()], [len(app.files())]
+            start = time.perf_counter()
+            for call in range(1, SESSION_CALLS + 1):
+                ok, _ = queue_call(app.url, [APP_PROMPT, call], api_name="generate", session_hash=f"s{idle}-{call}")
+                if call % 100 == 0:
+                    rss.append(app.rss_mb())
+                    files.append(len(app.files()))
+            seconds = time.perf_counter() - start
+            time.sleep(35)  # one sweep after the last call
+            rss_end = app.rss_mb()
+        finally:
+            status = app.stop()
+        per_100 = (rss[-1] - rss[0]) / (SESSION_CALLS / 100)
+        rows.append(Row("sessions", f"{SESSION_CALLS} new API sessions, idle sessions {label}",
+                        "RSS grows < 5 MB/100 sessions" if idle == "2" else "(reference)",
+                        f"{per_100:+.1f} MB/100 sessions", per_100 < 5 or idle != "2",
+                        f"RSS per 100: {' '.join(f'{r:.0f}' for r in rss)} MB, {rss_end:.0f} MB 35 s later; files "
+                        f"{' '.join(map(str, files))}; {seconds / SESSION_CALLS * 1e3:.0f} ms/call; exit {status}"))
+    return rows
+
+
+def bench_sigterm(work: Path) -> list[Row]:
+    """SIGTERM while a page job runs and an API call waits in the queue."""
+    from gradio_client import Client
+
+    app = AppProcess(work / "app")
+    try:
+        visitor = Client(app.url, verbose=False)
+        visitor.predict(APP_PROMPT, 1, api_name="/generate")
+        event = next(d for d in visitor.config["dependencies"] if d.get("api_name") == "ui_generate")
+        components = {c["id"]: c for c in visitor.config["components"]}
+        values = {"prompt": APP_PROMPT, "seed": 3, "steps": 200}
+        arguments = [values.get((components[i]["props"].get("elem_id") or "").replace("-", "_"),
+                                components[i]["props"].get("value"))
+                     for i in event["inputs"] if components[i]["type"] != "state"]
+        job = visitor.submit(*arguments, api_name="/ui_generate")
+        deadline = time.monotonic() + 60
+        while len(job.outputs()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting = Client(app.url, verbose=False).submit(APP_PROMPT, 2, api_name="/generate")
+        time.sleep(0.5)
+        start = time.perf_counter()
+        app.process.terminate()
+        final = job.result(timeout=60)
+        page_told = next((str(v) for v in final if "shutting down" in str(v)), "")
+        try:
+            waiting.result(timeout=60)
+            api_told = "accepted"
+        except Exception as error:  # noqa: BLE001 - the message is the outcome
+            api_told = str(error)
+        status = app.process.wait(timeout=60)
+        seconds = time.perf_counter() - start
+    finally:
+        if app.alive:
+            app.process.kill()
+            app.process.wait()
+    log = app.log_path.read_text()
+    left = app.files()
+    return [
+        Row("sigterm", "SIGTERM during a 200-step page job", "exit 0 in < 20 s, nothing left",
+            f"exit {status} after {seconds:.1f} s, {len(left)} files left",
+            status == 0 and seconds < 20 and not left and "terminate called" not in log),
+        Row("sigterm", "the running page job", "stopped with a message", "told" if page_told else "not told",
+            bool(page_told), short(page_told.replace("*", ""), 100)),
+        Row("sigterm", "an API call waiting in the queue", "refused with a message",
+            "told" if "shutting down" in api_told else "not told", "shutting down" in api_told, short(api_told, 100)),
+    ]
+
+
 # ----------------------------------------------------------------------------------------- main
 
-SECTIONS = {"checkpoints": bench_checkpoints, "store": bench_store, "images": bench_images, "app": bench_app}
+SECTIONS = {"checkpoints": bench_checkpoints, "store": bench_store, "images": bench_images, "app": bench_app,
+            "doors": bench_doors, "sessions": bench_sessions, "sigterm": bench_sigterm}
 
 
 def print_table(rows: list[Row]) -> None:

@@ -53,6 +53,9 @@ class ServerStopping(gr.Error, IMGError):
     def __init__(self) -> None:
         super().__init__(SHUTDOWN_MESSAGE, print_exception=False)
 
+    def __str__(self) -> str:  # gr.Error's is the message's repr, in quotes
+        return SHUTDOWN_MESSAGE
+
 
 def stopping() -> bool:
     """Whether a shutdown was requested."""
