@@ -1,8 +1,11 @@
-"""Hardening of the app, its API and the CLI (issue 10: findings 5, 6 and 8).
+"""Hardening of the app, its API and the CLI (issue 10: findings 5, 6 and 8; issue 19: the REST route,
+login throttling, credentials, the app folder's lock, graceful SIGTERM, idle sessions, empty --out).
 
-One `python app.py --preset tiny-sdxl` subprocess (a login from $IMG_STUDIO_AUTH) for the module, with its own TMPDIR so that
-every file it writes can be counted; it is stopped with SIGTERM by the last test. Plain HTTP calls go
-through Gradio's queue as any script can (`queue_call`), without gradio_client's checks.
+One `python app.py --preset tiny-sdxl` subprocess (a login from $IMG_STUDIO_AUTH) for the module, with
+its own TMPDIR so that every file it writes can be counted; the login-throttle test and the idle SIGTERM
+test come last among its users. Plain HTTP calls go through Gradio's queue (`queue_call`) and its REST
+route (`rest_call`) as any script can, without gradio_client's checks. The busy-SIGTERM test starts its
+own app.
 """
 
 import argparse
