@@ -9,14 +9,22 @@ Sections (one function each, returning table rows):
   store        feature-store shards (flipped, truncated, empty, missing), manifests (shards null, a list,
                truncated JSON), a NaN sample and an all-NaN store: refused / skipped / stopped, and never
                a non-finite aligner saved
-  images       header bombs (PNG, JPEG, GIF declaring huge canvases), folders, non-images: refused
-               cleanly (InvalidInputError, no other exception, no PIL warning), time per refusal, and the
-               peak RSS of a fresh process refusing a 20000x20000 PNG bomb
+  images       header bombs (PNG, JPEG, GIF declaring huge canvases; ICO and ICNS holding a 13000x13000
+               PNG, an ICO holding a 20000x20000 one, a GIF frame larger than its screen, APNG, animated
+               WebP), folders, non-images: refused cleanly (InvalidInputError, no other exception, no PIL
+               warning), time per refusal, and the peak RSS growth of a fresh process refusing each bomb
   app          `python app.py --preset tiny-sdxl` with its own TMPDIR: malformed API calls (seeds 1.5 /
                true / "x" / NaN / lists, non-text prompts, missing values, non-images, a bomb, server
                paths) tried / refused cleanly (a sentence, no traceback, no server path) / tracebacks /
                server deaths; RSS and files under TMPDIR per 100 of 500 /refine calls after a warm-up;
                everything removed after SIGTERM (CPU, ~10 minutes)
+  doors        the app with a login: every bad API call on the queue route and on the REST route
+               (/gradio_api/call/NAME): refused cleanly, the same sentence on both; ICO/ICNS/GIF-frame bombs
+               sent to /critique (RSS before/after); wrong logins: how many are answered before HTTP 429
+  sessions     RSS per 100 API calls, each from a new session with its own seed, with idle sessions kept
+               (--session-idle-seconds 1e9, as before) and freed (--session-idle-seconds 2)
+  sigterm      SIGTERM while a page job runs (200 steps) and an API call waits: exit status, seconds to
+               exit, what each client was told, files left
 
 A row's `ok` says whether the outcome is the wanted one; the script exits 1 if any row is not ok. To add a
 section, write `def bench_<name>(work: Path) -> list[Row]` and add it to SECTIONS.
@@ -274,21 +282,84 @@ def gif_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def ico_holding(png: bytes) -> bytes:
+    """An ICO with one entry holding `png` (PIL's ICO reader decodes it while opening the file)."""
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def icns_holding(png: bytes) -> bytes:
+    """An ICNS declaring one 1024x1024 icon (ic10) whose PNG data is `png`, whatever its real size."""
+    body = b"ic10" + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(body)) + body
+
+
+def gif_with_frame(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
+    """A GIF whose first frame is `frame` pixels on a `screen`-sized canvas."""
+    header = b"GIF89a" + struct.pack("<HH", *screen) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+    return header + b"\x2c" + struct.pack("<HHHH", 0, 0, *frame) + b"\x00" + b"\x02\x02\x44\x01\x00\x3b"
+
+
+def apng_bomb(width: int, height: int) -> bytes:
+    """An animated PNG (acTL, fcTL) of width x height."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    control = chunk(b"acTL", struct.pack(">II", 1, 0))
+    frame = chunk(b"fcTL", struct.pack(">IIIIIHHBB", 0, width, height, 0, 0, 1, 10, 0, 0))
+    plain = png_bomb(width, height)
+    return plain[:33] + control + frame + plain[33:]
+
+
+def animated_webp(width: int, height: int) -> bytes:
+    """A real two-frame 16x16 WebP whose canvas (VP8X) is patched to declare width x height."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 255, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    data = bytearray(buffer.getvalue())
+    canvas = data.index(b"VP8X") + 12
+    data[canvas : canvas + 3] = (width - 1).to_bytes(3, "little")
+    data[canvas + 3 : canvas + 6] = (height - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+def format_bombs() -> dict[str, bytes]:
+    """The bombs of issue 19 (formats whose readers decoded, or raised PIL's own error)."""
+    return {
+        "ICO holding a 13000x13000 PNG": ico_holding(png_bomb(13_000, 13_000)),
+        f"ICO holding a {BOMB_SIDE}x{BOMB_SIDE} PNG": ico_holding(png_bomb(BOMB_SIDE, BOMB_SIDE)),
+        "ICNS holding a 13000x13000 PNG": icns_holding(png_bomb(13_000, 13_000)),
+        f"GIF: 16x16 screen, {BOMB_SIDE}x{BOMB_SIDE} frame": gif_with_frame((16, 16), (BOMB_SIDE, BOMB_SIDE)),
+        "GIF: 16x16 screen, 9000x9000 frame": gif_with_frame((16, 16), (9000, 9000)),
+        "APNG 13000x13000": apng_bomb(13_000, 13_000),
+        "animated WebP declaring 13000x13000": animated_webp(13_000, 13_000),
+    }
+
+
 RSS_PROBE = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {repo!r})
 from img_core.images import load_image
 from img_core.errors import InvalidInputError
+
+def peak_kb():  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
 data = open({path!r}, "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 start = time.perf_counter()
 try:
     load_image(data)
     outcome = "decoded"
 except InvalidInputError:
     outcome = "refused"
+except Exception as error:
+    outcome = type(error).__name__
 seconds = time.perf_counter() - start
-print(outcome, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, seconds)
+print(outcome, before, peak_kb(), seconds)
 """
 
 
@@ -306,6 +377,7 @@ def bench_images(work: Path) -> list[Row]:
         "PNG 8000x6000 (48 Mpx)": png_bomb(8000, 6000),
         "JPEG declaring 30000x30000": jpeg_declaring(30_000, 30_000),
         "GIF declaring 65535x65535": gif_declaring(65_535, 65_535),
+        **format_bombs(),
         "folder": work / "a folder.png",
         "missing file": work / "missing.png",
         "text file named .png": work / "notes.png",
@@ -327,16 +399,18 @@ def bench_images(work: Path) -> list[Row]:
         rows.append(Row("images", case, "refused cleanly", f"{status}{' + ' + ','.join(caught) if caught else ''}",
                         clean, f"{size}{seconds * 1e3:.1f} ms: {message}"))
 
-    bomb_path = work / "bomb.png"
-    bomb_path.write_bytes(cases[f"PNG {BOMB_SIDE}x{BOMB_SIDE} bomb"])
-    probe = subprocess.run([sys.executable, "-c", RSS_PROBE.format(repo=str(REPO), path=str(bomb_path))],
-                           capture_output=True, text=True, timeout=120)
-    outcome, before_kb, after_kb, seconds = probe.stdout.split()
-    growth_mb = (int(after_kb) - int(before_kb)) / 1024
-    rows.append(Row("images", f"PNG {BOMB_SIDE}x{BOMB_SIDE} bomb, fresh process", "refused, < 10 MB peak RSS growth",
-                    outcome, outcome == "refused" and growth_mb < 10,
-                    f"{float(seconds) * 1e3:.1f} ms, peak RSS {int(before_kb) / 1024:.0f} -> {int(after_kb) / 1024:.0f} MB "
-                    f"(+{growth_mb:.1f} MB); cap {MAX_MEGAPIXELS:g} Mpx"))
+    fresh = {f"PNG {BOMB_SIDE}x{BOMB_SIDE} bomb": cases[f"PNG {BOMB_SIDE}x{BOMB_SIDE} bomb"], **format_bombs()}
+    for index, (case, data) in enumerate(fresh.items()):
+        bomb_path = work / f"bomb-{index}"
+        bomb_path.write_bytes(data)
+        probe = subprocess.run([sys.executable, "-c", RSS_PROBE.format(repo=str(REPO), path=str(bomb_path))],
+                               capture_output=True, text=True, timeout=120)
+        outcome, before_kb, after_kb, seconds = probe.stdout.split()
+        growth_mb = (int(after_kb) - int(before_kb)) / 1024
+        rows.append(Row("images", f"{case}, fresh process", "refused, < 10 MB peak RSS growth", outcome,
+                        outcome == "refused" and growth_mb < 10,
+                        f"{float(seconds) * 1e3:.1f} ms, peak RSS {int(before_kb) / 1024:.0f} -> "
+                        f"{int(after_kb) / 1024:.0f} MB (+{growth_mb:.1f} MB); cap {MAX_MEGAPIXELS:g} Mpx"))
     return rows
 
 
@@ -362,17 +436,18 @@ class AppProcess:
     """`python app.py --preset tiny-sdxl` on a free local port, with its own TMPDIR (so every file it or
     Gradio writes lands in one folder this benchmark can count) and its log in a file."""
 
-    def __init__(self, work: Path, *flags: str):
+    def __init__(self, work: Path, *flags: str, env: dict[str, str] | None = None):
         self.tmp = work / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = work / "app.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(os.environ, TMPDIR=str(self.tmp), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
         env.pop("GRADIO_TEMP_DIR", None)
         command = [sys.executable, str(REPO / "app.py"), "--preset", "tiny-sdxl", "--device", "cpu",
                    "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.wait_until_up()
@@ -419,22 +494,24 @@ class AppProcess:
 
 
 def queue_call(url: str, data, fn_index: int | None = None, api_name: str | None = None,
-               session_hash: str = "bench") -> tuple[bool, object]:
+               session_hash: str = "bench", opener=None) -> tuple[bool, object]:
     """One event through Gradio's queue over plain HTTP (as any script can, without gradio_client):
-    (success, output data) or (False, the error message the client is shown)."""
+    (success, output data) or (False, the error message the client is shown). `opener`: a urllib opener
+    holding a login cookie."""
     import urllib.request
 
+    urllib_open = (opener or urllib.request.build_opener()).open
     if fn_index is None:
-        config = json.loads(urllib.request.urlopen(url + "config", timeout=10).read())
+        config = json.loads(urllib_open(url + "config", timeout=10).read())
         fn_index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)
     body = {"data": data, "fn_index": fn_index, "session_hash": session_hash, "event_data": None, "trigger_id": None}
     request = urllib.request.Request(url + "gradio_api/queue/join", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
-        urllib.request.urlopen(request, timeout=30).read()
+        urllib_open(request, timeout=30).read()
     except urllib.error.HTTPError as error:
         return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}"
-    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session_hash}", timeout=120) as stream:
+    with urllib_open(f"{url}gradio_api/queue/data?session_hash={session_hash}", timeout=120) as stream:
         for raw in stream:
             line = raw.decode().strip()
             if not line.startswith("data:"):
@@ -567,9 +644,221 @@ def bench_app(work: Path) -> list[Row]:
     return rows
 
 
+def rest_call(url: str, data, api_name: str, opener) -> tuple[bool, object]:
+    """One event over Gradio's REST route: POST /gradio_api/call/NAME, then read its event stream."""
+    import urllib.request
+
+    request = urllib.request.Request(url + f"gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        event_id = json.loads(opener.open(request, timeout=30).read())["event_id"]
+    except urllib.error.HTTPError as error:
+        return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}"
+    event = None
+    with opener.open(url + f"gradio_api/call/{api_name}/{event_id}", timeout=120) as stream:
+        for raw in stream:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                payload = json.loads(line[5:])
+                if event == "complete":
+                    return True, payload
+                return False, payload.get("error") if isinstance(payload, dict) else payload
+    return False, "stream ended without a result"
+
+
+def upload(url: str, path: Path, opener) -> dict:
+    """`path` uploaded as a browser does (POST /gradio_api/upload): the file record to send."""
+    import urllib.request
+
+    boundary = "bench-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    server_path = json.loads(opener.open(request, timeout=30).read())[0]
+    return {"path": server_path, "meta": {"_type": "gradio.FileData"}}
+
+
+def login(url: str, user: str, password: str, opener=None) -> int:
+    import urllib.parse
+    import urllib.request
+
+    form = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    try:
+        with (opener or urllib.request.build_opener()).open(url + "login", data=form, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-password"
+BOMB_REPEATS = 3  # each format bomb sent this many times to /critique (after BOMB_WARMUP_CALLS)
+BOMB_WARMUP_CALLS = 60
+
+
+def bench_doors(work: Path) -> list[Row]:
+    """The app with a login: bad calls on the queue and REST routes, format bombs, wrong logins."""
+    import http.cookiejar
+    import urllib.request
+
+    app = AppProcess(work / "app", env={"IMG_STUDIO_AUTH": f"{BENCH_USER}:{BENCH_PASSWORD}"})
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    rows = []
+    try:
+        assert login(app.url, BENCH_USER, BENCH_PASSWORD, opener) == 200
+        cases = bad_app_inputs(work)
+        cases += [("prompt with a lone surrogate", "/generate", ["a \ud800 horse", 0]),
+                  ("refine: a file record outside the upload cache", "/refine",
+                   [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, APP_PROMPT, "", 0]),
+                  ("critique: a file record with a URL", "/critique",
+                   [{"url": "http://127.0.0.1:9/x.png", "meta": {"_type": "gradio.FileData"}}, APP_PROMPT])]
+        clean = {"queue": 0, "REST": 0}
+        same, unclean, differ = 0, [], []
+        for case, endpoint, arguments in cases:
+            if isinstance(arguments, list):
+                arguments = [upload(app.url, a, opener) if isinstance(a, Path) else a for a in arguments]
+            name = endpoint.lstrip("/")
+            answers = {"queue": queue_call(app.url, arguments, api_name=name, opener=opener,
+                                           session_hash=f"doors{time.monotonic_ns()}"),
+                       "REST": rest_call(app.url, arguments, name, opener)}
+            for route, (ok, message) in answers.items():
+                good, why = clean_refusal(message, app) if not ok else (False, "accepted")
+                clean[route] += good
+                if not good:
+                    unclean.append(f"{route} {case}: {why or short(str(message), 50)}")
+            if answers["queue"][1] == answers["REST"][1]:
+                same += 1
+            else:
+                differ.append(case)
+        for route in ("queue", "REST"):
+            rows.append(Row("doors", f"{len(cases)} bad API calls, {route} route", "all refused with a sentence",
+                            f"{clean[route]} refused cleanly", clean[route] == len(cases),
+                            "; ".join(u for u in unclean if u.startswith(route)) or "no bare error, no path"))
+        rows.append(Row("doors", "queue vs REST messages", "the same", f"{same} of {len(cases)} the same",
+                        same == len(cases), ", ".join(differ)))
+
+        bombs = format_bombs()
+        paths = []
+        for index, data in enumerate(bombs.values()):
+            paths.append(work / f"bomb-{index}.bin")
+            paths[-1].write_bytes(data)
+        for call in range(BOMB_WARMUP_CALLS):  # the first refusals grow RSS by ~150 MB (code, caches), bombs or not
+            queue_call(app.url, [upload(app.url, paths[call % len(paths)], opener), APP_PROMPT], api_name="critique",
+                       opener=opener, session_hash=f"warm{call}")
+        rss_before, refused, answers = app.rss_mb(), 0, []
+        for path in paths:
+            for _ in range(BOMB_REPEATS):
+                start = time.perf_counter()
+                ok, message = queue_call(app.url, [upload(app.url, path, opener), APP_PROMPT], api_name="critique",
+                                         opener=opener, session_hash=f"bomb{time.monotonic_ns()}")
+                answers.append(time.perf_counter() - start)
+                refused += (not ok) and clean_refusal(message, app)[0]
+        calls = len(bombs) * BOMB_REPEATS
+        rows.append(Row("doors", f"{calls} format bombs to /critique after {BOMB_WARMUP_CALLS}", "refused; RSS grows < 20 MB",
+                        f"{refused} refused, RSS {rss_before:.0f} -> {app.rss_mb():.0f} MB",
+                        refused == calls and app.rss_mb() - rss_before < 20,
+                        f"{1e3 * sum(answers) / calls:.0f} ms per call (upload included); each a new session (~0.1 MB)"))
+
+        statuses, start = [], time.perf_counter()
+        for attempt in range(20):
+            statuses.append(login(app.url, BENCH_USER, f"guess{attempt}"))
+        seconds = time.perf_counter() - start
+        answered = statuses.count(400)
+        rows.append(Row("doors", "20 wrong logins as fast as possible", "5 answered, then HTTP 429",
+                        f"{answered} answered, {statuses.count(429)} x 429", answered == 5 and statuses.count(429) == 15,
+                        f"{seconds:.2f} s; the 6th try is allowed 1 s after the 5th, then 2, 4, ... 60 s"))
+    finally:
+        status = app.stop()
+    rows.append(Row("doors", "SIGTERM", "exit 0", f"exit {status}", status == 0))
+    return rows
+
+
+SESSION_CALLS = 300
+
+
+def bench_sessions(work: Path) -> list[Row]:
+    """RSS and files per 100 /generate calls from new sessions with distinct seeds, idle sessions kept or freed."""
+    rows = []
+    for label, idle in (("kept (as before)", "1e9"), ("freed after 2 s idle", "2")):
+        app = AppProcess(work / f"idle-{idle}", "--session-idle-seconds", idle)
+        try:
+            for call in range(APP_WARMUP_CALLS):
+                queue_call(app.url, [APP_PROMPT, 10_000 + call], api_name="generate", session_hash=f"warm{call}")
+            rss, files = [app.rss_mb()], [len(app.files())]
+            start = time.perf_counter()
+            for call in range(1, SESSION_CALLS + 1):
+                ok, _ = queue_call(app.url, [APP_PROMPT, call], api_name="generate", session_hash=f"s{idle}-{call}")
+                if call % 100 == 0:
+                    rss.append(app.rss_mb())
+                    files.append(len(app.files()))
+            seconds = time.perf_counter() - start
+            time.sleep(35)  # one sweep after the last call
+            rss_end = app.rss_mb()
+        finally:
+            status = app.stop()
+        per_100 = (rss[-1] - rss[0]) / (SESSION_CALLS / 100)
+        rows.append(Row("sessions", f"{SESSION_CALLS} new API sessions, idle sessions {label}",
+                        "RSS grows < 5 MB/100 sessions" if idle == "2" else "(reference)",
+                        f"{per_100:+.1f} MB/100 sessions", per_100 < 5 or idle != "2",
+                        f"RSS per 100: {' '.join(f'{r:.0f}' for r in rss)} MB, {rss_end:.0f} MB 35 s later; files "
+                        f"{' '.join(map(str, files))}; {seconds / SESSION_CALLS * 1e3:.0f} ms/call; exit {status}"))
+    return rows
+
+
+def bench_sigterm(work: Path) -> list[Row]:
+    """SIGTERM while a page job runs and an API call waits in the queue."""
+    from gradio_client import Client
+
+    app = AppProcess(work / "app")
+    try:
+        visitor = Client(app.url, verbose=False)
+        visitor.predict(APP_PROMPT, 1, api_name="/generate")
+        event = next(d for d in visitor.config["dependencies"] if d.get("api_name") == "ui_generate")
+        components = {c["id"]: c for c in visitor.config["components"]}
+        values = {"prompt": APP_PROMPT, "seed": 3, "steps": 200}
+        arguments = [values.get((components[i]["props"].get("elem_id") or "").replace("-", "_"),
+                                components[i]["props"].get("value"))
+                     for i in event["inputs"] if components[i]["type"] != "state"]
+        job = visitor.submit(*arguments, api_name="/ui_generate")
+        deadline = time.monotonic() + 60
+        while len(job.outputs()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting = Client(app.url, verbose=False).submit(APP_PROMPT, 2, api_name="/generate")
+        time.sleep(0.5)
+        start = time.perf_counter()
+        app.process.terminate()
+        final = job.result(timeout=60)
+        page_told = next((str(v) for v in final if "shutting down" in str(v)), "")
+        try:
+            waiting.result(timeout=60)
+            api_told = "accepted"
+        except Exception as error:  # noqa: BLE001 - the message is the outcome
+            api_told = str(error)
+        status = app.process.wait(timeout=60)
+        seconds = time.perf_counter() - start
+    finally:
+        if app.alive:
+            app.process.kill()
+            app.process.wait()
+    log = app.log_path.read_text()
+    left = app.files()
+    return [
+        Row("sigterm", "SIGTERM during a 200-step page job", "exit 0 in < 20 s, nothing left",
+            f"exit {status} after {seconds:.1f} s, {len(left)} files left",
+            status == 0 and seconds < 20 and not left and "terminate called" not in log),
+        Row("sigterm", "the running page job", "stopped with a message", "told" if page_told else "not told",
+            bool(page_told), short(page_told.replace("*", ""), 100)),
+        Row("sigterm", "an API call waiting in the queue", "refused with a message",
+            "told" if "shutting down" in api_told else "not told", "shutting down" in api_told, short(api_told, 100)),
+    ]
+
+
 # ----------------------------------------------------------------------------------------- main
 
-SECTIONS = {"checkpoints": bench_checkpoints, "store": bench_store, "images": bench_images, "app": bench_app}
+SECTIONS = {"checkpoints": bench_checkpoints, "store": bench_store, "images": bench_images, "app": bench_app,
+            "doors": bench_doors, "sessions": bench_sessions, "sigterm": bench_sigterm}
 
 
 def print_table(rows: list[Row]) -> None:

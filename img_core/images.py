@@ -1,17 +1,25 @@
 """Reading user images: any PIL-readable file or object becomes a bounded-size RGB image, or one clear
 InvalidInputError.
 
+Formats: only ACCEPTED_FORMATS (PNG and APNG, JPEG, WebP, GIF, BMP, TIFF) are opened; any other file
+PIL knows (ICO, ICNS, PSD, ...) is refused by name before its reader runs. Some readers decode pixels
+while "opening" (ICO decodes its embedded PNG; ICNS declares one size and decodes an embedded PNG of
+another), so no header check could bound them.
+
 Size limit: an image larger than MAX_MEGAPIXELS is refused from its header, before a single pixel is
 decoded, so a small file that declares a huge canvas (a "decompression bomb") costs neither memory nor
 time. The header is read through PIL's own format registry without PIL's global decompression-bomb
-check, so this module never changes PIL's process-wide settings (`Image.MAX_IMAGE_PIXELS`) and PIL's
-DecompressionBombWarning is never raised for an image this module refuses or accepts.
+check, so this module never changes PIL's process-wide settings (`Image.MAX_IMAGE_PIXELS`). The one
+reader that applies PIL's check itself is GIF's, when a frame is larger than the screen it declares: the
+canvas grows to the frame while the header is read; PIL's DecompressionBombError (above twice PIL's
+limit) becomes the same InvalidInputError, and a smaller grown canvas is refused by the cap here.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 from pathlib import Path
 
@@ -24,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 MAX_SIDE = 2048  # larger images are resized down (aspect kept); the models work at <= 1024 px anyway
 MAX_MEGAPIXELS = 40.0  # images with more pixels than this are refused before decoding (e.g. 8000x5000)
+# PIL reader ids of the formats a user image may have: their readers decode nothing before load().
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 # PIL errors that mean "these bytes are not a readable image of this format".
 _FORMAT_ERRORS = (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError, KeyError, struct.error)
 
@@ -74,21 +85,34 @@ def check_image_size(width: int, height: int, name: str, max_megapixels: float =
 
 
 def read_header(file: io.BufferedIOBase) -> ImageFile.ImageFile | None:
-    """Open `file` lazily (header only, no pixels decoded) with the first PIL format plugin that accepts
-    it, or return None. Unlike `Image.open` this applies no decompression-bomb check: the caller checks
-    the size itself, so no PIL global is read or changed and no warning is raised."""
+    """Open `file` lazily (header only, no pixels decoded) with the reader of the first accepted format
+    (ACCEPTED_FORMATS) that takes it, or return None. Unlike `Image.open` this applies no
+    decompression-bomb check: the caller checks the size itself, so no PIL global is read or changed."""
     prefix = file.read(16)
-    for load_plugins in (Image.preinit, Image.init):
-        load_plugins()
-        for format_id in list(Image.ID):
-            factory, accept = Image.OPEN[format_id]
-            file.seek(0)
-            try:
-                accepted = accept(prefix) if accept else True
-                if accepted and not isinstance(accepted, str):  # a string is PIL's "almost, but no" message
-                    return factory(file, "")
-            except _FORMAT_ERRORS:
-                continue
+    Image.init()
+    for format_id in ACCEPTED_FORMATS:
+        factory, accept = Image.OPEN[format_id]
+        file.seek(0)
+        try:
+            accepted = accept(prefix) if accept else True
+            if accepted and not isinstance(accepted, str):  # a string is PIL's "almost, but no" message
+                return factory(file, "")
+        except _FORMAT_ERRORS:
+            continue
+    return None
+
+
+def format_of(prefix: bytes) -> str | None:
+    """The name of the format PIL recognises from a file's first bytes (checked by signature only: no
+    reader runs), or None."""
+    Image.init()
+    for format_id in Image.ID:
+        accept = Image.OPEN[format_id][1]
+        try:
+            if accept is not None and accept(prefix) is True:
+                return format_id
+        except _FORMAT_ERRORS:
+            continue
     return None
 
 
@@ -112,17 +136,34 @@ def _open(source: str | Path | bytes, max_megapixels: float) -> Image.Image:
         file.seek(0)
         try:
             image = read_header(file)
+        except Image.DecompressionBombError as error:
+            raise _bomb_error(error, name, max_megapixels) from None
         except _FORMAT_ERRORS as error:
             raise InvalidInputError(f"{name} is corrupt or truncated ({error})") from error
         if image is None:
-            raise InvalidInputError(f"{name} is not an image PIL can read (PNG, JPEG, WebP, ...)")
+            file.seek(0)
+            known = format_of(file.read(16))
+            what = f"in {known} format" if known else "not an image"
+            raise InvalidInputError(f"{name} is {what}; upload a {ACCEPTED_NAMES} image (re-save it as PNG if needed)")
         check_image_size(*image.size, name, max_megapixels)
         try:
             image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size when the file is huge
             image.load()
+        except Image.DecompressionBombError as error:
+            raise _bomb_error(error, name, max_megapixels) from None
         except _FORMAT_ERRORS as error:
             raise InvalidInputError(f"{name} is corrupt or truncated ({error})") from error
         return image
+
+
+def _bomb_error(error: Image.DecompressionBombError, name: str, max_megapixels: float) -> InvalidInputError:
+    """PIL's own bomb check (a GIF frame larger than its screen) as the cap's message."""
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    size = f" of {int(pixels.group(1)) / 1e6:.1f} megapixels" if pixels else ""
+    return InvalidInputError(
+        f"{name} declares an image{size} (a frame larger than its canvas), more than the limit of "
+        f"{max_megapixels:g} megapixels; resize it (e.g. to 2048 px on the longer side) and try again"
+    )
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

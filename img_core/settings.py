@@ -109,6 +109,12 @@ def check_prompt(prompt: Any) -> CheckedPrompt:
     prompt = prompt.strip()
     if not prompt:
         raise InvalidInputError("the prompt is empty: describe the image you want")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone UTF-16 surrogate (JSON "\ud800"): no character at all
+        raise InvalidInputError(
+            f"the prompt is not valid text (character {error.start + 1} is half of a UTF-16 pair); type it again"
+        ) from None
     if len(prompt) > MAX_PROMPT_CHARS:
         cut = len(prompt) - MAX_PROMPT_CHARS
         return CheckedPrompt(

@@ -1,8 +1,11 @@
-"""Hardening of the app, its API and the CLI (issue 10: findings 5, 6 and 8).
+"""Hardening of the app, its API and the CLI (issue 10: findings 5, 6 and 8; issue 19: the REST route,
+login throttling, credentials, the app folder's lock, graceful SIGTERM, idle sessions, empty --out).
 
-One `python app.py --preset tiny-sdxl --auth ...` subprocess for the module, with its own TMPDIR so that
-every file it writes can be counted; it is stopped with SIGTERM by the last test. Plain HTTP calls go
-through Gradio's queue as any script can (`queue_call`), without gradio_client's checks.
+One `python app.py --preset tiny-sdxl` subprocess (a login from $IMG_STUDIO_AUTH) for the module, with
+its own TMPDIR so that every file it writes can be counted; the login-throttle test and the idle SIGTERM
+test come last among its users. Plain HTTP calls go through Gradio's queue (`queue_call`) and its REST
+route (`rest_call`) as any script can, without gradio_client's checks. The busy-SIGTERM test starts its
+own app.
 """
 
 import argparse
@@ -42,11 +45,11 @@ class RunningApp:
         self.log = tmp / "app.log"
         self.url = f"http://127.0.0.1:{free_port()}/"
         env = dict(os.environ, TMPDIR=str(self.tmp), HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
-                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", IMG_STUDIO_AUTH=f"{USER}:{PASSWORD}")  # not in ps
         env.pop("GRADIO_TEMP_DIR", None)
         port = urllib.parse.urlparse(self.url).port
         command = [sys.executable, "app.py", "--preset", "tiny-sdxl", "--device", "cpu", "--host", "127.0.0.1",
-                   "--port", str(port), "--auth", f"{USER}:{PASSWORD}"]
+                   "--port", str(port)]
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -105,6 +108,27 @@ class RunningApp:
                         return True, output.get("data"), logs
                     return False, output.get("error"), logs
         return False, "no result", logs
+
+    def rest_call(self, data, api_name: str) -> tuple[bool, object]:
+        """One event over Gradio's REST route (POST /gradio_api/call/NAME, then its event stream)."""
+        request = urllib.request.Request(self.url + f"gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            event_id = json.loads(self.opener.open(request, timeout=30).read())["event_id"]
+        except urllib.error.HTTPError as error:
+            return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}"
+        event = None
+        with self.opener.open(self.url + f"gradio_api/call/{api_name}/{event_id}", timeout=120) as stream:
+            for raw in stream:
+                line = raw.decode().strip()
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    payload = json.loads(line[5:])
+                    if event == "complete":
+                        return True, payload
+                    return False, payload.get("error") if isinstance(payload, dict) else payload
+        return False, "no result"
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +192,8 @@ def test_auth_flag_parsing(capsys):
     warnings = app_module.exposure_warnings(app_module.parse_args(["--share"]))
     assert len(warnings) == 1 and "public" in warnings[0] and "--auth" in warnings[0]
     warnings = app_module.exposure_warnings(app_module.parse_args(["--host", "0.0.0.0", "--auth", "a:b"]))
-    assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "--auth" not in warnings[0]
+    assert len(warnings) == 2 and "0.0.0.0" in warnings[1] and "--auth" not in warnings[1]
+    assert "ps" in warnings[0], "--auth on the command line is visible to every user"
 
 
 def test_space_variables_set_the_model_defaults(monkeypatch):
@@ -273,6 +298,42 @@ def test_api_messages_never_contain_server_paths(app, client, images):
     assert_clean_message(message, "no image was given")
 
 
+REST_AND_QUEUE_CASES = [
+    ("no values", "generate", [], "the prompt is empty"),
+    ("seed missing", "generate", [PROMPT], "the seed is missing"),
+    ("seed 1.5", "generate", [PROMPT, 1.5], "seed must be a whole number"),
+    ("prompt 123", "generate", [123, 0], "prompt must be text"),
+    ("a lone surrogate", "generate", ["a\ud800b", 0], "half of a UTF-16 pair"),
+    ("a server path as text", "critique", ["/etc/hostname", PROMPT], "no image was given"),
+    ("a file record outside the uploads", "critique",
+     [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, PROMPT], "no image was given"),
+    ("a file record with a URL", "critique",
+     [{"url": "http://127.0.0.1:9/x.png", "meta": {"_type": "gradio.FileData"}}, PROMPT], "no image was given"),
+    ("a record without meta", "refine", [{"path": "/etc/passwd"}, PROMPT, "", 0], "no image was given"),
+    ("refine: seed missing", "refine", [None, PROMPT, ""], "the seed is missing"),
+]
+
+
+@pytest.mark.parametrize("case, api_name, data, expected", REST_AND_QUEUE_CASES, ids=[c[0] for c in REST_AND_QUEUE_CASES])
+def test_rest_and_queue_routes_give_the_same_message(app, case, api_name, data, expected):
+    """The REST route (/gradio_api/call/NAME) gets the same input guard as the queue: one sentence, the
+    same on both, never Gradio's `{"error": null}`."""
+    answers = [app.queue_call(data, api_name=api_name), app.rest_call(data, api_name)]
+    for ok, message in answers:
+        assert not ok, f"{case}: accepted"
+        assert_clean_message(message, expected)
+    assert answers[0][1] == answers[1][1], f"{case}: queue {answers[0][1]!r} but REST {answers[1][1]!r}"
+
+
+def test_a_served_output_is_still_a_valid_input(app):
+    """The guard lets through file records inside Gradio's folder (an output of an earlier call)."""
+    ok, image = app.rest_call([PROMPT, 4], "generate")
+    assert ok, image
+    record = {"path": image[0]["path"], "meta": {"_type": "gradio.FileData"}}
+    ok, critique = app.rest_call([record, PROMPT], "critique")
+    assert ok and isinstance(critique[0], str) and critique[0], critique
+
+
 # --- finding 5: bounded resources ------------------------------------------------------------------
 
 
@@ -329,16 +390,120 @@ def test_a_browser_session_zip_is_removed_when_the_session_ends(app):
     assert not folders[0].exists(), "the session's zip outlived the session"
 
 
-def test_app_start_removes_folders_of_runs_that_are_gone(tmp_path):
-    from ui.files import remove_stale_folders
+LOCK_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_app_start_removes_only_folders_whose_lock_nobody_holds(tmp_path):
+    """A running app's folder survives another app's start-up even when its name is a process id that
+    does not exist here (an app in another container, another PID namespace); unlocked folders go."""
+    from ui.files import LOCK_NAME, remove_stale_folders
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    for pid in (dead.pid, os.getpid()):
-        (tmp_path / str(pid) / "gradio").mkdir(parents=True)
-        (tmp_path / str(pid) / "gradio" / "image.png").write_bytes(b"x")
-    assert remove_stale_folders(tmp_path) == [tmp_path / str(dead.pid)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getpid())], "a running app's folder was removed"
+    for name in (str(dead.pid), "left-by-kill-9", str(dead.pid + 1_000_000)):
+        (tmp_path / name / "gradio").mkdir(parents=True)
+        (tmp_path / name / "gradio" / "image.png").write_bytes(b"x")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / str(dead.pid) / LOCK_NAME)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        removed = remove_stale_folders(tmp_path)
+        assert sorted(p.name for p in removed) == sorted(["left-by-kill-9", str(dead.pid + 1_000_000)])
+        assert (tmp_path / str(dead.pid) / "gradio" / "image.png").is_file(), "a running app's folder was removed"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert remove_stale_folders(tmp_path) == [tmp_path / str(dead.pid)], "its lock is free once the app ended"
+
+
+def test_two_apps_folders_are_locked_and_removed_at_exit(tmp_path):
+    """`open_app_folder` in two processes: each holds its own folder's lock; each removes only its own."""
+    script = (
+        "import sys; from pathlib import Path; from ui.files import open_app_folder; "
+        "print(open_app_folder(Path(sys.argv[1])), flush=True); sys.stdin.read()"
+    )
+    apps = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    folders = [Path(app.stdout.readline().strip()) for app in apps]
+    assert folders[0] != folders[1] and all(folder.is_dir() for folder in folders)
+    from ui.files import remove_stale_folders
+
+    assert remove_stale_folders(tmp_path) == []
+    apps[0].stdin.close()
+    apps[0].wait(timeout=30)
+    assert not folders[0].exists() and folders[1].is_dir()
+    apps[1].kill()  # kill -9: no exit handler runs; the kernel drops the lock
+    apps[1].wait()
+    assert remove_stale_folders(tmp_path) == [folders[1]]
+
+
+def login(app, password: str) -> int:
+    """The HTTP status of one login try on the app's page."""
+    form = urllib.parse.urlencode({"username": USER, "password": password}).encode()
+    try:
+        with urllib.request.urlopen(app.url + "login", data=form, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_wrong_logins_are_throttled(app):
+    """Next to last in this module (it makes this address wait): 5 wrong passwords are answered, then
+    each try must wait 1, 2, 4, ... s, a right password too; after the wait the right one opens."""
+    from ui.api_inputs import FREE_LOGIN_FAILURES
+
+    start = time.perf_counter()
+    assert [login(app, f"wrong{i}") for i in range(FREE_LOGIN_FAILURES)] == [400] * FREE_LOGIN_FAILURES
+    assert login(app, "wrong") == 429 and login(app, PASSWORD) == 429, "no delay after 5 wrong logins"
+    time.sleep(1.1)
+    assert login(app, "wrong") == 400  # the 6th: now 2 s to wait
+    assert login(app, PASSWORD) == 429
+    time.sleep(2.1)
+    assert login(app, PASSWORD) == 200
+    assert login(app, "wrong") == 400, "a right login clears the count"
+    assert time.perf_counter() - start < 10
+
+
+def test_login_delay_doubles_up_to_a_minute():
+    from ui.api_inputs import FREE_LOGIN_FAILURES, MAX_LOGIN_DELAY_S, LoginThrottle
+
+    throttle = LoginThrottle(app=None)
+    for _ in range(FREE_LOGIN_FAILURES + 20):
+        throttle.record("10.0.0.1", success=False, now=1000.0)
+    assert throttle.seconds_to_wait("10.0.0.1", now=1000.0) == MAX_LOGIN_DELAY_S
+    assert throttle.seconds_to_wait("10.0.0.2", now=1000.0) == 0, "another address is not slowed down"
+    assert throttle.seconds_to_wait("10.0.0.1", now=1000.0 + MAX_LOGIN_DELAY_S) == 0
+
+
+def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    import app as app_module
+
+    monkeypatch.delenv(app_module.AUTH_VARIABLE, raising=False)
+    secrets_file = tmp_path / "auth"
+    secrets_file.write_text("# who may log in\nann:pa:ss\n\nbob:pw\n")
+    args = app_module.parse_args(["--auth-file", str(secrets_file)])
+    assert args.auth == [("ann", "pa:ss"), ("bob", "pw")] and app_module.exposure_warnings(args) == []
+    monkeypatch.setenv(app_module.AUTH_VARIABLE, "cat:pw")
+    assert app_module.parse_args([]).auth == [("cat", "pw")]
+    args = app_module.parse_args(["--auth", "dan:pw"])
+    assert args.auth == [("dan", "pw")], "a flag beats the variable"
+    assert any("ps" in warning and "--auth-file" in warning for warning in app_module.exposure_warnings(args))
+    for argv, expected in ((["--auth-file", str(tmp_path / "missing")], "cannot read"),
+                           (["--auth-file", str(secrets_file), "--auth", "a:b"], "not both")):
+        with pytest.raises(SystemExit):
+            app_module.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    secrets_file.write_text("ann\n")
+    with pytest.raises(SystemExit):
+        app_module.parse_args(["--auth-file", str(secrets_file)])
+    assert "line 1: expected USER:PASS" in capsys.readouterr().err
 
 
 def test_sigterm_removes_everything_the_app_wrote(app):
@@ -404,3 +569,126 @@ def test_session_refuses_a_missing_aligner_path(tiny_root, tmp_path):
                                      show_progress_bars=False)
     with pytest.raises(InvalidInputError, match="does not exist"):
         session._load_aligner()
+
+
+# --- SIGTERM during a job (issue 19, finding 4) ------------------------------------------------------
+
+
+def page_arguments(visitor: Client, api_name: str, values: dict) -> list:
+    """The values of a page event's inputs in order (widget defaults, `values` by elem_id)."""
+    event = next(d for d in visitor.config["dependencies"] if d.get("api_name") == api_name)
+    components = {c["id"]: c for c in visitor.config["components"]}
+    return [values.get((components[i]["props"].get("elem_id") or "").replace("-", "_"), components[i]["props"].get(
+        "value")) for i in event["inputs"] if components[i]["type"] != "state"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_job_stops_it_tells_the_clients_and_exits_0(tmp_path, tiny_root):
+    """A page job is running (many steps) and an API call waits in the queue: SIGTERM stops the job at
+    its next step, both clients get the shutdown message, and the app exits 0 with its files removed."""
+    running = RunningApp(tmp_path)
+    try:
+        visitor = Client(running.url, auth=(USER, PASSWORD), verbose=False)
+        visitor.predict(PROMPT, 1, api_name="/generate")  # models loaded: the job below is all steps
+        job = visitor.submit(*page_arguments(visitor, "ui_generate", {"prompt": PROMPT, "seed": 3, "steps": 200}),
+                             api_name="/ui_generate")
+        deadline = time.monotonic() + 60
+        while len(job.outputs()) < 2 and time.monotonic() < deadline:  # a stage update: steps are running
+            time.sleep(0.05)
+        assert len(job.outputs()) >= 2 and not job.done(), "the job did not start, or ended before SIGTERM"
+        waiting = Client(running.url, auth=(USER, PASSWORD), verbose=False).submit(PROMPT, 2, api_name="/generate")
+        time.sleep(0.5)
+        started = time.monotonic()
+        running.process.send_signal(signal.SIGTERM)
+        final = job.result(timeout=60)
+        with pytest.raises(Exception) as refused:
+            waiting.result(timeout=60)
+        status = running.process.wait(timeout=60)
+        seconds = time.monotonic() - started
+        log = running.log.read_text()
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+    assert status == 0, f"exit status {status}:\n{log[-3000:]}"
+    assert "terminate called" not in log and "Traceback" not in log, log[-3000:]
+    assert any("shutting down" in str(value) for value in final), f"the page was not told: {final}"
+    assert_clean_message(refused.value, "shutting down")
+    assert seconds < 20, f"took {seconds:.1f} s to stop"
+    assert running.files() == [], f"left behind: {running.files()[:5]}"
+
+
+def test_failing_cli_commands_leave_no_empty_out_folder(capsys, tmp_path, tiny_root):
+    """--out is created before the models load (to check it early); a command that then fails removes
+    the folders it created, but never one that existed or holds a file."""
+    from tests.test_images import ico_holding
+
+    icon = tmp_path / "icon.ico"
+    icon.write_bytes(ico_holding(b"\x89PNG\r\n\x1a\n"))
+    nested = tmp_path / "runs" / "a" / "b"
+    for argv in (["--scorer", "no-such-scorer"], ["--image", str(icon)], ["--aligner", str(tmp_path / "missing")]):
+        status, err = cli(capsys, "refine", "--prompt", PROMPT, "--out", str(nested), "--preset", "tiny-sdxl", *argv)
+        assert status == 2 and len(err) == 1, err
+        assert not (tmp_path / "runs").exists(), f"{argv}: left {sorted(tmp_path.rglob('*'))}"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    status, _ = cli(capsys, "refine", "--prompt", PROMPT, "--out", str(existing / "new"), "--scorer", "no-such")
+    assert status == 2 and existing.is_dir() and not (existing / "new").exists()
+
+
+def test_removed_if_left_empty_keeps_folders_with_files(tmp_path):
+    from img_core.cli.outputs import removed_if_left_empty
+
+    out = tmp_path / "x" / "y"
+    with pytest.raises(RuntimeError), removed_if_left_empty(out):
+        out.mkdir(parents=True)
+        (out / "round_0.png").write_bytes(b"partial")
+        raise RuntimeError("failed after writing")
+    assert (out / "round_0.png").is_file(), "a folder with a file is kept"
+    with removed_if_left_empty(tmp_path / "ok"):
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir(), "success keeps it"
+
+
+# --- bounded per-session memory (issue 19, finding 6) -------------------------------------------------
+
+
+def test_idle_api_sessions_are_freed_and_page_sessions_with_state_kept(tmp_path):
+    """Every API call from a new client is a Gradio session (~100 KB); idle ones without gr.State values
+    go, a session holding state stays."""
+    import gradio as gr
+
+    from ui.sessions import remove_idle_sessions
+
+    with gr.Blocks() as demo:
+        rounds = gr.State([])
+        text = gr.Textbox()
+        gr.Button().click(lambda value: value.upper(), text, text, api_name="shout")
+        gr.Button().click(lambda kept, value: [*kept, value], [rounds, text], rounds, api_name="keep")
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        url = demo.local_url
+        calls = [Client(url, verbose=False) for _ in range(6)]
+        for client in calls:
+            assert client.predict("hi", api_name="/shout") == "HI"
+        keeper = Client(url, verbose=False)
+        keeper.predict("x", api_name="/keep")
+        sessions = set(demo.state_holder.session_data)
+        assert {c.session_hash for c in calls} | {keeper.session_hash} <= sessions
+        assert remove_idle_sessions(demo, idle_seconds=60) == 0, "recent sessions must stay"
+        removed = remove_idle_sessions(demo, idle_seconds=0)
+        assert removed >= 6 and keeper.session_hash in demo.state_holder.session_data
+        assert not any(c.session_hash in demo.state_holder.session_data for c in calls)
+        assert calls[0].predict("again", api_name="/shout") == "AGAIN", "a freed session can call again"
+    finally:
+        demo.close()
+
+
+def test_served_files_age_out_in_minutes(tiny_root):
+    from img_core.session import IMGSession
+    from ui import build_demo
+
+    demo = build_demo(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False),
+                      prepare_models=False)
+    how_often, how_old = demo.delete_cache
+    assert how_often <= 600 and how_old <= 1800, demo.delete_cache

@@ -102,3 +102,155 @@ def test_a_folder_is_named_a_folder(tmp_path):
     with pytest.raises(InvalidInputError, match="empty.png is an empty file, not an image"):
         (tmp_path / "empty.png").write_bytes(b"")
         load_image(tmp_path / "empty.png")
+
+
+# --- one gate for every format (issue 19, finding 1) ---------------------------------------------------
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def ico_holding(png: bytes) -> bytes:
+    """An ICO file with one entry: `png` (Pillow's ICO reader decodes it while opening the file)."""
+    import struct
+
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)  # 0x0 means 256x256
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def icns_holding(png: bytes) -> bytes:
+    """An ICNS file declaring one 1024x1024 icon (ic10) whose data is `png`, whatever its real size."""
+    import struct
+
+    body = b"ic10" + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(body)) + body
+
+
+def gif_with_frame(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
+    """A GIF whose first frame is `frame` pixels on a `screen`-sized canvas (a few bytes of pixel data)."""
+    import struct
+
+    header = b"GIF89a" + struct.pack("<HH", *screen) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+    descriptor = b"\x2c" + struct.pack("<HHHH", 0, 0, *frame) + b"\x00"
+    return header + descriptor + b"\x02\x02\x44\x01\x00" + b"\x3b"
+
+
+def apng_bomb(width: int, height: int) -> bytes:
+    """An animated PNG (acTL + fcTL before the data) of width x height."""
+    import struct
+
+    control = png_chunk(b"acTL", struct.pack(">II", 1, 0))
+    frame = png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", 0, width, height, 0, 0, 1, 10, 0, 0))
+    plain = png_bomb(width, height)
+    return plain[:33] + control + frame + plain[33:]  # after the signature and IHDR
+
+
+def animated_webp(width: int = 16, height: int = 16) -> bytes:
+    """A real two-frame WebP of 16x16 whose canvas (VP8X) is patched to declare width x height."""
+    frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 255, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    data = bytearray(buffer.getvalue())
+    canvas = data.index(b"VP8X") + 12  # 24-bit width - 1, then height - 1
+    data[canvas : canvas + 3] = (width - 1).to_bytes(3, "little")
+    data[canvas + 3 : canvas + 6] = (height - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+SIDE = 13_000  # 169 Mpx: decoding one as RGB costs ~500 MB, as 1-bit ~165 MB
+HOSTILE = {
+    "png": lambda: png_bomb(SIDE, SIDE),
+    "ico": lambda: ico_holding(png_bomb(SIDE, SIDE)),
+    "ico-20000": lambda: ico_holding(png_bomb(20_000, 20_000)),
+    "icns": lambda: icns_holding(png_bomb(SIDE, SIDE)),
+    "gif-frame": lambda: gif_with_frame((16, 16), (20_000, 20_000)),
+    "gif-frame-9000": lambda: gif_with_frame((16, 16), (9000, 9000)),
+    "apng": lambda: apng_bomb(SIDE, SIDE),
+    "animated-webp": lambda: animated_webp(SIDE, SIDE),
+}
+
+RSS_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import tests.test_images as t
+from img_core.errors import InvalidInputError
+from img_core.images import load_image
+
+def peak_mb():  # VmHWM: this process's own peak (ru_maxrss would carry pytest's over exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+
+growth = {}
+for name, build in t.HOSTILE.items():
+    data = build()
+    before = peak_mb()
+    try:
+        load_image(data)
+        outcome = "accepted"
+    except InvalidInputError as error:
+        outcome = str(error)
+    except Exception as error:
+        outcome = f"UNCAUGHT {type(error).__name__}: {error}"
+    growth[name] = [peak_mb() - before, outcome]
+print(json.dumps(growth))
+"""
+
+
+def test_hostile_formats_are_refused_without_decoding():
+    """ICO, ICNS, a GIF frame larger than its screen, APNG and animated WebP bombs: each refused with one
+    line, and a fresh process's peak RSS grows no more than for a PNG header bomb (a decode: +165 MB)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = subprocess.run([sys.executable, "-c", RSS_PROBE, str(root)], capture_output=True, text=True, timeout=120,
+                           cwd=root)
+    assert probe.returncode == 0, probe.stderr
+    growth = json.loads(probe.stdout)
+    for name, (megabytes, message) in growth.items():
+        assert megabytes < 20, f"{name}: peak RSS +{megabytes:.0f} MB (decoded?)"
+        assert "\n" not in message and not message.startswith(("accepted", "UNCAUGHT")), f"{name}: {message}"
+    assert "in ICO format" in growth["ico"][1] and "PNG, JPEG, WebP, GIF, BMP or TIFF" in growth["ico"][1]
+    assert "in ICO format" in growth["ico-20000"][1] and "in ICNS format" in growth["icns"][1]
+    assert "400.0 megapixels" in growth["gif-frame"][1] and "limit of 40" in growth["gif-frame"][1]
+    assert "9000x9000 pixels" in growth["gif-frame-9000"][1]
+    for name in ("png", "apng", "animated-webp"):
+        assert f"{SIDE}x{SIDE} pixels" in growth[name][1], growth[name]
+
+
+@pytest.mark.parametrize("kind", ["gif", "apng", "webp", "bmp", "tiff"])
+def test_accepted_formats_still_load(tmp_path, kind):
+    frames = [Image.new("RGB", (24, 16), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    if kind == "apng":
+        frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    elif kind in ("gif", "webp", "tiff"):
+        frames[0].save(buffer, kind.upper(), save_all=True, append_images=frames[1:])
+    else:
+        frames[0].save(buffer, kind.upper())
+    loaded = load_image(buffer.getvalue())
+    assert loaded.size == (24, 16) and loaded.mode == "RGB"
+    red, green, blue = loaded.getpixel((5, 5))
+    assert red > 200 and blue < 50, "the first frame is the image"
+
+
+def test_other_formats_name_the_accepted_ones(tmp_path):
+    small_icon = ico_holding(_png_of(Image.new("RGB", (32, 32), (9, 9, 9))))
+    with pytest.raises(InvalidInputError, match=r"in ICO format; upload a PNG, JPEG, WebP, GIF, BMP or TIFF image"):
+        load_image(small_icon)
+    path = tmp_path / "picture.psd"
+    Image.new("RGB", (32, 32)).save(tmp_path / "picture.pcx")
+    path.write_bytes((tmp_path / "picture.pcx").read_bytes())
+    with pytest.raises(InvalidInputError, match=r"picture.psd is in PCX format; upload a PNG"):
+        load_image(path)
+
+
+def _png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()

@@ -1,34 +1,59 @@
-"""Guards of the stateless API in front of Gradio.
+"""The one input guard in front of every API route of Gradio, and the login throttle.
 
 The API's events run with `preprocess=False` (see `ui.layout.StudioUI._api_endpoints`): Gradio's Textbox
 would turn 123 into "123", a Number with a precision would round 1.5 to 2 and true to 1, and a File input
 leaves an empty temporary file per call, all before the handler could refuse anything. Without
 preprocessing the handlers get the values as sent (uploads still checked and cached by Gradio) and
-`img_core.settings` checks them with a message for the client. What Gradio still answers with a bare
-"Error" is a call with too few values or a file input that is not an uploaded file (a path as text);
-`MalformedValuesAsNone` (installed by app.py) passes None for those, which the handlers refuse with a
-sentence ("the seed is missing: ...", "no image was given: ...").
+`img_core.settings` checks them with a message for the client. What Gradio still refuses itself, with a
+bare "Error" (or `{"error": null}`) and a traceback in the server log, is a call with too few values, a
+file input that is not an uploaded file (a path as text), or a file record naming a file outside the
+upload folder (`/etc/hostname`, a URL). `ApiInputGuard` (installed by app.py) passes None for those, on
+every route that starts an event (GUARDED_ROUTES: the queue, `/call/*` REST, `/run/*`), so the
+handlers refuse them with the same sentence everywhere ("the seed is missing: ...", "no image was
+given: ...").
+
+`LoginThrottle` slows down password guessing with `--auth`: after FREE_LOGIN_FAILURES wrong logins from
+one client address, each further try must wait twice as long as the one before (up to
+MAX_LOGIN_DELAY_S), and gets HTTP 429 with the seconds left until then.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import threading
+import time
+from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
+
+# POST routes that start an event, and how each names it: by fn_index in the body, or by api_name in the path.
+QUEUE_JOIN = re.compile(r"/queue/join/?$")
+NAMED_CALL = re.compile(r"/(?:call|call/v2|run|api)/(?P<api_name>[^/]+)/?$")
+FREE_LOGIN_FAILURES = 5  # wrong logins per client address before the delay starts
+FIRST_LOGIN_DELAY_S = 1.0  # then 1, 2, 4, ... seconds between tries
+MAX_LOGIN_DELAY_S = 60.0  # at most one guess a minute, and a real user waits at most this long
+LOGIN_MEMORY_S = 3600.0  # failures older than this are forgotten
 
 
-class MalformedValuesAsNone:
-    """ASGI middleware for queued calls (`/gradio_api/queue/join`): missing values, and file inputs that
-    are not Gradio file records, become None, so the handler's checks answer them with a sentence instead
-    of Gradio's bare "Error" (Gradio refuses such calls after queueing them and shows the reason to
-    nobody). Everything else, authentication included, is Gradio's as before."""
+class ApiInputGuard:
+    """ASGI middleware: on every route that starts an event, missing values become None, and so do file
+    inputs that are not Gradio file records and file records outside the upload folder; the handler's
+    checks then answer with a sentence instead of Gradio's bare "Error". Everything else, authentication
+    included, is Gradio's as before."""
 
     def __init__(self, app, blocks: gr.Blocks):
         self.app = app
         self.blocks = blocks
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/queue/join"):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        named = NAMED_CALL.search(path)
+        if not QUEUE_JOIN.search(path) and not named:
             await self.app(scope, receive, send)
             return
         chunks, more = [], True
@@ -36,7 +61,7 @@ class MalformedValuesAsNone:
             message = await receive()
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
-        body = self.repaired(b"".join(chunks))
+        body = self.repaired(b"".join(chunks), named.group("api_name") if named else None, "/call/v2/" in path)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         sent = False
@@ -50,24 +75,99 @@ class MalformedValuesAsNone:
 
         await self.app(scope, replay, send)
 
-    def repaired(self, body: bytes) -> bytes:
-        """`body` with its data padded with None up to the event's number of inputs and None for file
-        inputs that are not file records (unchanged when there is nothing to repair)."""
+    def repaired(self, body: bytes, api_name: str | None = None, named_values: bool = False) -> bytes:
+        """`body` with its values repaired (see the class); unchanged when there is nothing to repair or
+        it is not a call this guard understands (Gradio then answers it as before)."""
         try:
             call = json.loads(body)
-            data, fn = call["data"], self.blocks.fns[int(call["fn_index"])]
-        except (ValueError, KeyError, TypeError):
+            if named_values:  # /call/v2: {"name": value, ...}
+                values = {name: allowed_file(value) for name, value in call.items()}
+                return body if values == call else json.dumps(values).encode()
+            data = call["data"]
+            fn = self.blocks.fns[int(call["fn_index"])] if api_name is None else self.function_named(api_name)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return body
-        if not isinstance(data, list):
+        if fn is None or not isinstance(data, list):
             return body
-        values = data + [None] * (len(fn.inputs) - len(data))
+        values = [allowed_file(value) for value in data] + [None] * (len(fn.inputs) - len(data))
         for index, component in enumerate(fn.inputs):
             if isinstance(component, gr.File) and values[index] is not None and not is_file_record(values[index]):
                 values[index] = None
         return body if values == data else json.dumps({**call, "data": values}).encode()
+
+    def function_named(self, api_name: str):
+        """The event whose api_name is `api_name`, or None."""
+        return next((fn for fn in self.blocks.fns.values() if fn.api_name == api_name), None)
 
 
 def is_file_record(value: object) -> bool:
     """Whether `value` is what gradio_client's handle_file sends (Gradio checks the rest)."""
     return isinstance(value, dict) and isinstance(value.get("meta"), dict) and value["meta"].get("_type") == \
         "gradio.FileData"
+
+
+def allowed_file(value: object) -> object:
+    """`value`, or None for a file record that names no file in Gradio's upload folder (another path on
+    the server, a URL): Gradio would refuse it with a bare error."""
+    if not is_file_record(value):
+        return value
+    path = value.get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        Path(path).resolve().relative_to(Path(get_upload_folder()).resolve())
+    except (ValueError, OSError):
+        return None
+    return value
+
+
+class LoginThrottle:
+    """ASGI middleware in front of Gradio's `/login`: counts wrong logins per client address (the answer
+    is HTTP 400) and answers HTTP 429 to a try that comes before the client's delay has passed."""
+
+    def __init__(self, app):
+        self.app = app
+        self._failures: dict[str, tuple[int, float]] = {}  # address -> (failures, time of the last)
+        self._lock = threading.Lock()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/login"):
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or ("unknown", 0))[0]
+        wait = self.seconds_to_wait(address)
+        if wait > 0:
+            message = json.dumps({"detail": f"Too many wrong logins: try again in {wait:.0f} s."}).encode()
+            await send({"type": "http.response.start", "status": 429, "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", str(int(wait + 0.999)).encode())]})
+            await send({"type": "http.response.body", "body": message})
+            return
+
+        async def watch(message) -> None:
+            if message["type"] == "http.response.start":
+                self.record(address, success=message["status"] < 400)
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+    def seconds_to_wait(self, address: str, now: float | None = None) -> float:
+        """How long `address` must wait before its next login try (0: it may try now)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            failures, last = self._failures.get(address, (0, 0.0))
+        if failures < FREE_LOGIN_FAILURES:
+            return 0.0
+        delay = min(FIRST_LOGIN_DELAY_S * 2 ** (failures - FREE_LOGIN_FAILURES), MAX_LOGIN_DELAY_S)
+        return max(0.0, last + delay - now)
+
+    def record(self, address: str, success: bool, now: float | None = None) -> None:
+        """Count a wrong login of `address` (a right one clears its count)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for old in [a for a, (_, last) in self._failures.items() if now - last > LOGIN_MEMORY_S]:
+                del self._failures[old]
+            if success:
+                self._failures.pop(address, None)
+            else:
+                failures, _ = self._failures.get(address, (0, 0.0))
+                self._failures[address] = (failures + 1, now)

@@ -1,10 +1,15 @@
 """The one folder for everything the app writes: page images, session zips, Gradio's uploads and cache.
 
 `open_app_folder()` (app.py calls it at start, before building the demo) creates
-`<temp dir>/img-studio-app/<pid>/`, removes the folders that earlier runs left behind (a process killed
-with -9 cannot clean up; only folders of processes that are gone are removed), points Gradio's temp dir
-(`GRADIO_TEMP_DIR`) and Python's `tempfile` into it, and removes it at exit: a normal exit, Ctrl-C, or
-SIGTERM (turned into a clean exit so that the exit handlers run).
+`<temp dir>/img-studio-app/<pid>-<random token>/`, owned by a lock: the process holds an exclusive
+`flock` on the folder's `.lock` file for its whole life (the kernel releases it when the process ends,
+even with kill -9). Start-up removes the folders that earlier runs left behind: exactly those whose lock
+nobody holds. A process id says nothing here: apps in other containers (other PID namespaces) that
+share the temp folder have ids that may not exist, or belong to someone else, in this one. A new
+folder is created under a dot-name and renamed once locked, so no app ever sees it unlocked.
+
+It points Gradio's temp dir (`GRADIO_TEMP_DIR`) and Python's `tempfile` into the folder, and removes it
+at exit (a normal exit, Ctrl-C, or SIGTERM: `ui.shutdown`).
 
 `app_subfolder(name)` is a folder inside it. Code that builds the demo without `open_app_folder` (tests,
 benchmarks) gets the same layout, created on first use and removed at exit.
@@ -14,40 +19,63 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
+import secrets
 import shutil
-import signal
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
-PARENT_NAME = "img-studio-app"  # <temp dir>/img-studio-app/<pid>: one folder per running app
+PARENT_NAME = "img-studio-app"  # <temp dir>/img-studio-app/<pid>-<token>: one folder per running app
+LOCK_NAME = ".lock"  # held (flock) by the folder's app while it runs
 GRADIO_SUBFOLDER = "gradio"  # Gradio's uploads and the files it serves
+# Gradio's `delete_cache`: every 5 minutes, remove uploads and served files older than 15 minutes (a
+# client fetches a result at once; the page shows its images from `ui.image_files`, written again on need).
+SERVED_FILES_DELETE_CACHE = (300, 900)  # (how often, how old) in seconds
 
 SYSTEM_TEMP = Path(tempfile.gettempdir())  # before open_app_folder points `tempfile` into the app's folder
 _folder: Path | None = None
 _owner_pid: int | None = None  # the process that created `_folder`
+_lock_fd: int | None = None  # the open, flock-ed `.lock` of `_folder`: kept open for the process's life
 _lock = threading.Lock()
 
 
 def open_app_folder(parent: Path | None = None) -> Path:
-    """Create this process's folder (removing stale ones), send Gradio's and Python's temporary files
-    into it and remove it at exit, SIGTERM included. Returns the folder. Call from the main thread."""
+    """Create this process's folder, locked (removing stale ones), send Gradio's and Python's temporary
+    files into it and remove it at exit. Returns the folder."""
+    global _lock_fd
     with _lock:
         parent = Path(parent) if parent is not None else SYSTEM_TEMP / PARENT_NAME
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_folders(parent)
-        folder = parent / str(os.getpid())
-        shutil.rmtree(folder, ignore_errors=True)  # a previous run with our pid (containers reuse pids)
-        folder.mkdir()
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        creating = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))  # dot-names are never removed
+        _lock_fd = lock_folder(creating)
+        if _lock_fd is None:
+            raise RuntimeError(f"could not lock the new app folder {creating}")
+        folder = creating.rename(parent / name)
         _set_folder(folder)
     gradio_folder = app_subfolder(GRADIO_SUBFOLDER)
     os.environ["GRADIO_TEMP_DIR"] = str(gradio_folder)  # read when the Blocks are built
     # Third-party temporary files too; Gradio serves files from under the temp dir, so it is the folder itself.
     tempfile.tempdir = str(folder)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return folder
+
+
+def lock_folder(folder: Path) -> int | None:
+    """An open descriptor of `folder`'s lock file, exclusively locked; None when another process holds
+    it (or it cannot be opened: someone else's folder)."""
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def app_folder() -> Path:
@@ -77,12 +105,20 @@ def remove_app_folder() -> None:
 
 
 def remove_stale_folders(parent: Path) -> list[Path]:
-    """Remove the folders under `parent` whose process no longer runs; returns them."""
+    """Remove the folders under `parent` whose lock no running process holds; returns them. Dot-names
+    (a folder being created) are left alone."""
     removed = []
-    for child in parent.iterdir():
-        if child.is_dir() and child.name.isdigit() and not _process_exists(int(child.name)):
+    for child in sorted(parent.iterdir()):
+        if not child.is_dir() or child.name.startswith("."):
+            continue
+        fd = lock_folder(child)
+        if fd is None:  # an app is running in it (here or in another container)
+            continue
+        try:
             shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
+        finally:
+            os.close(fd)
+        removed.append(child)
     return removed
 
 
@@ -92,19 +128,3 @@ def _set_folder(folder: Path) -> None:
     _folder, _owner_pid = folder, os.getpid()
     if first:
         atexit.register(remove_app_folder)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM (docker stop, systemd, Spaces restarts) exits like Ctrl-C: exit handlers run."""
-    print("IMG Studio: SIGTERM received, removing the app's files and exiting", file=sys.stderr)
-    sys.exit(0)

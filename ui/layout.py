@@ -37,6 +37,7 @@ from img_core.settings import (
 )
 from ui import views
 from ui.examples import EXAMPLES
+from ui.files import SERVED_FILES_DELETE_CACHE
 from ui.gpu import on_zero_gpu
 from ui.handlers import (
     PREPARATION_STEPS,
@@ -107,7 +108,7 @@ class StudioUI:
         self._stops: dict[str, threading.Event] = {}  # Stop flag of each browser tab's running job
         preparing = not host.is_loaded and prepare_models
         classes = ["img-studio-tiny"] if host.preset.is_tiny else []
-        with gr.Blocks(title="IMG Studio", delete_cache=(3600, 3600)) as self.demo:
+        with gr.Blocks(title="IMG Studio", delete_cache=SERVED_FILES_DELETE_CACHE) as self.demo:
             self.state = gr.State(StudioState())
             gr.Markdown(INTRO)
             self.banner = gr.Markdown(

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from img_core.cli.outputs import removed_if_left_empty
 from img_core.cli.parser import EXIT_BAD_INPUT, EXIT_FAILURE, OneLineErrorParser
 from img_core.errors import IMGError
 
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def refine(args: argparse.Namespace) -> int:
+    """Generate (or take) an image and refine it; a failure leaves no empty --out folder."""
+    with removed_if_left_empty(args.out):
+        return _refine(args)
+
+
+def _refine(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from img_core.record import check_output_folder
