@@ -375,3 +375,17 @@ def test_compare_refuses_runs_with_other_seeds_and_reports_intervals(tmp_path):
     with pytest.raises(InvalidInputError, match="the same prompts with other seeds"):
         compare_runs(a, other_seed, allow_mismatch=True)  # nothing pairs up: still nothing to compare
     assert compare_main([str(a), str(b), "--interval", "clopper-pearson"]) == 0
+
+
+def test_a_failing_evaluate_leaves_no_empty_out_folder(tmp_path, tiny_root):
+    """The folder is made before the models load; real weights are missing offline, so the run fails
+    after making it - and the empty folders it made go again."""
+    from img_core.cli.evaluate import main
+    from img_core.errors import IMGError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    out = tmp_path / "new" / "run"
+    with pytest.raises(IMGError):
+        main(["--preset", "sdxl", "--prompts", str(prompts), "--out", str(out), "--scorers", "clipscore", "--quiet"])
+    assert not (tmp_path / "new").exists()

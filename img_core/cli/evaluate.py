@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
+from img_core.cli.outputs import removed_if_left_empty
 from img_core.cli.parser import OneLineErrorParser
 from img_core.evaluation.evaluate import (
     DEFAULT_SCORE_BATCH,
     DEFAULT_SCORERS,
+    IMAGES_DIR,
     REPORT_FILE,
     SEED_STRIDE,
     SUMMARY_FILE,
@@ -52,7 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    result = run_evaluation(args)
+    new_folder = not Path(args.out).exists()
+    with removed_if_left_empty(args.out):  # then the empty folders on the way to --out go too
+        try:
+            result = run_evaluation(args)
+        except BaseException:
+            if new_folder and not any(Path(args.out).glob(f"**/{IMAGES_DIR}/*.png")):
+                shutil.rmtree(args.out, ignore_errors=True)  # only run.json and empty folders: nothing to resume
+            raise
     if not args.quiet and result.summary is not None:  # under accelerate, the main process prints
         print(format_summary(result.summary))
         print(f"generated {result.generated} images, scored {result.scored}; wrote {result.out_dir / SUMMARY_FILE} "
