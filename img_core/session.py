@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -39,6 +40,9 @@ from img_core.images import load_image
 from img_core.presets import Preset, get_preset
 from img_core.record import Round, SessionRecord
 from img_core.settings import RoundSettings, check_prompt, check_rounds, check_seed
+
+if TYPE_CHECKING:
+    from img_core.mllm.quantization import PrecisionChoice
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,7 @@ class IMGSession:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.base_preset = preset
         self.quantization = quantization
+        self.mllm_precision: PrecisionChoice | None = None  # chosen at load (img_core.mllm.quantization)
         self.mllm_name = mllm or preset.mllm
         self.aligner_source = aligner
         self.offload_requested = offload  # what the user asked for (None: automatic)
@@ -135,7 +140,8 @@ class IMGSession:
             preset = self.preset
 
             from img_core.backends import backend_class
-            from img_core.mllm import MLLMCritic, default_quantization
+            from img_core.mllm import MLLMCritic
+            from img_core.mllm.quantization import mllm_precision
             from img_core.questions import load_question_source
 
             if self.critic is None:  # first: a real MLLM may need downloading and converting (once, cached)
@@ -148,6 +154,8 @@ class IMGSession:
                     spec = resolve_prepared_spec(
                         self.mllm_name, self.tiny_root, progress=lambda *event: say(format_progress(*event))
                     )
+                # measured before anything of this session is on the GPU (the preset's estimates count the rest)
+                self.mllm_precision = mllm_precision(self.mllm_name, self.device, self.base_preset, self.quantization)
             if self.backend is None:
                 self.offload = self.offload_requested if self.offload_requested is not None else self._auto_offload(say)
                 with self._stage("load_diffusion", self.load_seconds):
@@ -161,8 +169,8 @@ class IMGSession:
                     self.backend.pipeline.set_progress_bar_config(disable=not self.show_progress_bars)
             if self.critic is None:
                 with self._stage("load_mllm", self.load_seconds):
-                    quantization = self.quantization or default_quantization(self.device)
-                    say(f"loading the MLLM {spec.model_id} (quantization: {quantization})")
+                    quantization = self.mllm_precision.quantization
+                    say(f"loading the MLLM {spec.model_id} in {self.mllm_precision.reason}")
                     critic = MLLMCritic.load(spec, device=self.device, quantization=quantization)
                     critic.questions = load_question_source(self.questions_spec)
                     self.critic = critic
