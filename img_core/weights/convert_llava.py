@@ -29,7 +29,8 @@ plain `from_pretrained`:
 Conversion runs shard by shard, so peak memory is one original shard and peak disk is the output plus one
 original shard when `delete_source_shards` is set. It writes into a temporary folder next to the output
 (`.<name>.partial`) with a journal of the shards done; a run that is killed resumes there, and the folder
-is renamed to the output only when complete, with a completion marker (`img_core.weights.prepare`). Source
+is renamed to the output only when complete, with a completion marker (`img_core.weights.prepare`), and only
+after a smoke forward of the converted folder (tokenize, one guidance pass on a tiny image) succeeded. Source
 folders with only a sentencepiece `tokenizer.model` (no tokenizer.json) need `sentencepiece` + `protobuf`.
 """
 
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from img_core.clip_processing import pil_clip_image_processor
 from img_core.errors import InvalidInputError, WeightsNotFoundError
 from img_core.mllm.chat import LLAVA_IMAGE_TOKEN
 from img_core.mllm.converted import (
@@ -52,7 +54,8 @@ from img_core.mllm.converted import (
     partial_folder,
     write_completion_marker,
 )
-from img_core.mllm.specs import CONVERSION_RECORD
+from img_core.mllm.critic import MLLMCritic
+from img_core.mllm.specs import CONVERSION_RECORD, spec_from_folder
 
 logger = logging.getLogger(__name__)
 
@@ -199,11 +202,11 @@ def convert_llava_checkpoint(
     once converted. Resumes an interrupted conversion with the same settings. Returns `output_dir`."""
     from accelerate import init_empty_weights
     from transformers import (
-        AutoTokenizer,
         CLIPImageProcessor,
         CLIPVisionConfig,
         GenerationConfig,
         LlamaConfig,
+        LlamaTokenizer,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -223,9 +226,10 @@ def convert_llava_checkpoint(
     keep_tower = bool(original.get("unfreeze_mm_vision_tower", False))
     shard_names = list(shard_names) if shard_names is not None else source_shard_names(source)
 
-    # 2. tokenizer: add <image> and <pad>
+    # 2. tokenizer: the checkpoint's Llama tokenizer, named explicitly (with `model_type: "llava"` in the
+    # original config AutoTokenizer builds another class); add <image> and <pad>
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = LlamaTokenizer.from_pretrained(source)
     except (ImportError, ValueError, OSError) as error:
         raise InvalidInputError(
             f"cannot read the tokenizer of {source} ({error}). A folder with only tokenizer.model needs "
@@ -355,11 +359,40 @@ def convert_llava_checkpoint(
         "converted_by": "img_core.weights.convert_llava",
     }
     _write_json(partial / CONVERSION_RECORD, record)
+    smoke_forward(partial)  # raises before the folder is marked complete: a rerun redoes only these steps
     (partial / JOURNAL).unlink()
     write_completion_marker(partial)
     _replace_folder(partial, output_dir)
     logger.info("converted %s -> %s (%s, vocabulary %d)", source, output_dir, dtype, vocab_size)
     return output_dir
+
+
+def smoke_forward(folder: Path, smoke_layers: int = 1) -> torch.Tensor:
+    """Load the converted `folder` as the app will (processor, chat template, LLaVA model) with its language
+    model cut to its first `smoke_layers` layers (LLaVA-13B: ~3 GB in float32 instead of 26 GB in fp16),
+    and compute the guidance of a prompt about a tiny image. Raises InvalidInputError when that fails (a
+    tokenizer, processor or image-token count that does not fit the model). Returns the guidance."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig.from_pretrained(folder)
+    config.text_config.num_hidden_layers = min(smoke_layers, config.text_config.num_hidden_layers)
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+        processor.image_processor = pil_clip_image_processor(processor.image_processor)
+        model = LlavaForConditionalGeneration.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+        critic = MLLMCritic(spec_from_folder(folder), model, processor, "none", "cpu", torch.float32)
+        guidance = critic.guidance(Image.new("RGB", (24, 16), (120, 60, 30)), "a small brown square")
+    except Exception as error:  # any failure of the converted folder: the conversion is not complete
+        raise InvalidInputError(
+            f"the converted model in {folder} failed its smoke forward ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); it was not marked complete"
+        ) from error
+    if not torch.isfinite(guidance).all():
+        raise InvalidInputError(f"the converted model in {folder} gives non-finite guidance: not marked complete")
+    del model
+    logger.info("smoke forward of %s passed: guidance %s", folder, tuple(guidance.shape))
+    return guidance
 
 
 def _tower_name(vision_tower: str | Path) -> str:
