@@ -9,6 +9,7 @@ on SIGTERM. Switching models changes them for every user, so the server refuses 
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -18,7 +19,7 @@ import ui
 from img_core.cli.parser import OneLineErrorParser
 from img_core.errors import IMGError
 from img_core.evaluation.scorers import SCORER_NAMES, VQA_SCORER, check_scorer_names
-from img_core.presets import default_preset_name
+from img_core.presets import default_preset_name, get_preset
 from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
 from ui.api_inputs import MalformedValuesAsNone
@@ -92,8 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     for warning in exposure_warnings(args):
         print(warning, file=sys.stderr)
     options = model_options_from_args(args)
-    session = IMGSession.from_preset(options.preset or default_preset_name(), **options.session_kwargs())
     zero_gpu = ui.gpu.on_zero_gpu()
+    preset = get_preset(options.preset or default_preset_name())
+    if zero_gpu and not options.quantization:  # no GPU to measure at start-up: the slice's memory counts
+        options = dataclasses.replace(options, quantization=ui.gpu.zero_gpu_precision(preset).quantization)
+    session = IMGSession(preset, **options.session_kwargs())
     if zero_gpu:  # ZeroGPU forks a worker per GPU call: models must exist before the first fork
         session.load()
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then

@@ -96,7 +96,7 @@ def mllm_precision(
     """What a session loads its MLLM with: `requested` (`--quantization`) when given, else
     `choose_quantization` on the GPU's memory measured now and the preset's estimates."""
     if requested:
-        return PrecisionChoice(requested, f"{requested} (asked for with --quantization)")
+        return PrecisionChoice(requested, f"{requested} (given: --quantization, $IMG_QUANTIZATION or ZeroGPU's slice)")
     total, free = measured_gpu_gib(device)
     other = preset_other_gib(preset.mllm, preset.resident_gib) if preset is not None else 0.0
     return choose_quantization(mllm, device, total, free, other)
