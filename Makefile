@@ -6,9 +6,9 @@ HOST ?= 127.0.0.1
 PORT ?= 7860
 PRESET ?=
 
-.PHONY: run test test-fast setup bench bench-gpu clean
+.PHONY: run test test-fast test-compat setup bench bench-gpu clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-lock.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -26,6 +26,23 @@ test: setup
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
+# The fast suite on the oldest supported set (requirements-compat.txt: torch 2.9.1, as ZeroGPU provides it,
+# with requirements.txt's ranges) in a venv of its own, plus the Space bundle's app answering /generate and
+# /refine there. COMPAT_PYTHON: the first of python3.12 (on PATH or a pyenv 3.12) and python3 that runs.
+COMPAT_VENV := .venv-compat
+COMPAT_CANDIDATES := python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3
+COMPAT_PYTHON ?= $(firstword $(foreach p,$(COMPAT_CANDIDATES),$(if $(shell $(p) -c "" 2>/dev/null && echo ok),$(p))))
+$(COMPAT_VENV)/.installed: requirements.txt requirements-compat.txt
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -r requirements-compat.txt -r requirements.txt "pytest>=8" "playwright>=1.50"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -c "import sys, torch; print('test-compat: Python', sys.version.split()[0], 'torch', torch.__version__)"
+	HF_HUB_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q tests/test_space_bundle.py
+
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_core.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_mllm.py
@@ -38,4 +55,4 @@ bench-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_gpu.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache

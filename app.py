@@ -13,6 +13,7 @@ nothing.
 """
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -24,6 +25,7 @@ import ui
 from img_core.cli.parser import OneLineErrorParser
 from img_core.errors import IMGError
 from img_core.evaluation.scorers import SCORER_NAMES, VQA_SCORER, check_scorer_names
+from img_core.presets import default_preset_name, get_preset
 from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
 from ui import shutdown
@@ -145,8 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for warning in exposure_warnings(args):
         print(warning, file=sys.stderr)
-    session = IMGSession(model_options_from_args(args))
+    options = model_options_from_args(args)
     zero_gpu = ui.gpu.on_zero_gpu()
+    if zero_gpu and not options.quantization:  # no GPU to measure at start-up: the slice's memory counts
+        preset = get_preset(options.preset or default_preset_name())
+        options = dataclasses.replace(options, quantization=ui.gpu.zero_gpu_precision(preset).quantization)
+    session = IMGSession(options)
     if zero_gpu:  # ZeroGPU forks a worker per GPU call: models must exist before the first fork
         session.load()
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then

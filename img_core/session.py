@@ -50,7 +50,7 @@ from img_core.hub import download_file
 from img_core.images import load_image
 from img_core.mllm.critic import MLLMCritic, MLLMReading
 from img_core.mllm.loading import load_mllm, resolve_mllm
-from img_core.mllm.quantization import default_quantization
+from img_core.mllm.quantization import PrecisionChoice, mllm_precision
 from img_core.presets import Preset, default_preset_name, get_preset, needs_offload
 from img_core.record import (
     GUIDED_BY_EDIT,
@@ -159,6 +159,7 @@ class IMGSession:
         self.preset = self.base_preset  # resolved to absolute tiny paths on load
         self.backend = None
         self.critic: MLLMCritic | None = None
+        self.mllm_precision: PrecisionChoice | None = None  # chosen at load (img_core.mllm.quantization)
         self.aligner: ImplicitAligner | None = None
         self.load_seconds: dict[str, float] = {}
         self.scorers: dict = {}  # name -> loaded scorer (img_core.evaluation.scorers), on first use
@@ -254,13 +255,14 @@ class IMGSession:
                         self.mllm_name, self.tiny_root,
                         on_progress=lambda *event: begin("prepare", format_progress(*event)),
                     )
+                # measured before anything of this session is on the GPU (the preset's estimates count the rest)
+                self.mllm_precision = mllm_precision(self.mllm_name, self.device, self.base_preset, self.quantization)
             if "diffusion" in missing:
                 self._load_backend(lambda message: begin("diffusion", message))
             if "mllm" in missing:
-                quantization = self.quantization or default_quantization(self.device)
-                begin("mllm", f"loading the MLLM {spec.name} (quantization: {quantization})")
+                begin("mllm", f"loading the MLLM {spec.name} in {self.mllm_precision.reason}")
                 with self._stage("load_mllm", self.load_seconds):
-                    self.critic = load_mllm(spec, device=self.device, quantization=quantization,
+                    self.critic = load_mllm(spec, device=self.device, quantization=self.mllm_precision.quantization,
                                             questions=self.questions_spec)
             if "aligner" in missing:
                 begin("aligner", "loading the Implicit Aligner")

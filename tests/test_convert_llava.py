@@ -17,6 +17,7 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from img_core.cli.convert_llava import main  # noqa: E402
 from img_core.errors import InvalidInputError  # noqa: E402
@@ -202,7 +203,8 @@ def test_frozen_tower_weights_are_dropped_with_a_note(tmp_path, converted, caplo
 
 def test_conversion_output_is_marked_complete_and_nothing_half_is_left(converted):
     assert is_prepared(converted["out"]) and (converted["out"] / COMPLETION_MARKER).is_file()
-    assert sorted(p.name for p in converted["out"].parent.iterdir() if p.name.startswith(".")) == []
+    # only the lock the command held (shared with `prepare`): no partial or previous folder
+    assert sorted(p.name for p in converted["out"].parent.iterdir() if p.name.startswith(".")) == [".hf.lock"]
 
 
 def test_tuned_vision_tower_is_kept_when_the_config_unfreezes_it(tmp_path, converted):
@@ -267,3 +269,47 @@ def test_non_finite_weights_are_refused_and_nothing_is_left(tmp_path, converted)
     with pytest.raises(InvalidInputError, match=f"{key.removeprefix('model.')} holds NaN"):
         convert_llava_checkpoint(source, out, vision_tower=converted["tower_dir"])
     assert not out.exists() and not is_prepared(out)
+
+
+def test_model_type_llava_converts_with_the_llama_tokenizer_and_release_token_ids(tmp_path, converted):
+    """Older original configs say `model_type: "llava"`; AutoTokenizer then builds another tokenizer class.
+    The conversion names LlamaTokenizer: the saved tokenizer is a Llama one with the release's token ids."""
+    from transformers import LlamaTokenizer
+
+    source, out = tmp_path / "llava", tmp_path / "hf"
+    source.mkdir()
+    write_original_layout(source, tmp_path / "llama")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    assert main(["--source", str(source), "--out", str(out), "--vision-tower", str(converted["tower_dir"])]) == 0
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+
+    release = LlamaTokenizer.from_pretrained(source)  # what the original code-base tokenizes with
+    saved = LlamaTokenizer.from_pretrained(out)
+    text = "###Human: What is in the picture? A red fox playing a trumpet.\n###Assistant:"
+    assert saved(text).input_ids == release(text).input_ids
+    assert saved.convert_tokens_to_ids("<image>") == len(release)
+    critic = MLLMCritic.load(resolve_spec(str(out)))
+    guidance = critic.guidance(Image.new("RGB", (40, 40)), "a blue square")
+    assert guidance.shape[-1] == 64 and torch.isfinite(guidance).all()
+
+
+def test_a_conversion_whose_smoke_forward_fails_is_not_marked_complete(tmp_path, converted):
+    """A vision tower folder whose image processor makes 36 patches for a tower (and image_seq_length) of
+    16: every guidance call would fail. The conversion raises and leaves no complete folder."""
+    from transformers import CLIPVisionModel
+
+    tower = tmp_path / "mismatched-tower"
+    CLIPVisionModel.from_pretrained(converted["tower_dir"]).save_pretrained(tower)
+    processor = tiny_clip_image_processor()
+    processor.size, processor.crop_size = {"shortest_edge": 48}, {"height": 48, "width": 48}
+    processor.save_pretrained(tower)
+    out = tmp_path / "hf"
+    with pytest.raises(InvalidInputError, match="smoke forward"):
+        convert_llava_checkpoint(converted["source"], out, vision_tower=tower)
+    assert not out.exists() and not is_prepared(out)
+    partial = out.with_name(f".{out.name}.partial")
+    assert not (partial / COMPLETION_MARKER).exists()
+    # the same source with a fitting tower converts (resuming the shards already done)
+    convert_llava_checkpoint(converted["source"], out, vision_tower=converted["tower_dir"])
+    assert is_prepared(out)

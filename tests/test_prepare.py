@@ -257,7 +257,8 @@ def test_low_disk_is_refused_before_anything_is_converted(hub, tmp_path, stand_i
 def test_one_preparation_at_a_time(tmp_path):
     import fcntl
 
-    from img_core.weights.prepare import PreparationBusyError, _exclusive_lock
+    from img_core.weights.convert_llava import PreparationBusyError
+    from img_core.weights.convert_llava import exclusive_lock as _exclusive_lock
 
     lock = tmp_path / ".img-llava-13b-hf.lock"
     with open(lock, "a") as other_process:  # another open file description: what another process holds
@@ -340,3 +341,163 @@ def test_shard_names_and_sizes_come_from_the_hub_listing_when_there_is_no_index(
     assert conversion_disk_need(sizes, done=set(), keep_original=False) == 16e9 + 9.9e9
     assert _shard_names(tmp_path, None, "llava") is None  # nothing says: fetch all weight files
     assert _shard_bytes(tmp_path, None, "llava", None, estimate=26.7e9) == {"(weights)": 26.7e9}
+
+
+# --- prepare --all: every hub file of the diffusion side ------------------------------------------------
+
+# The real repos' file names (each a few bytes here): what a preset loads, and what it must not fetch.
+DIFFUSION_REPOS = {
+    "stabilityai/stable-diffusion-xl-base-1.0": {
+        "needed": ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                   "text_encoder/model.fp16.safetensors", "text_encoder_2/config.json",
+                   "text_encoder_2/model.fp16.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json",
+                   "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer_2/merges.txt",
+                   "tokenizer_2/vocab.json", "tokenizer_2/tokenizer_config.json", "unet/config.json",
+                   "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
+                   "vae/diffusion_pytorch_model.fp16.safetensors"],
+        "not": ["sd_xl_base_1.0.safetensors", "sd_xl_refiner_example.safetensors", "text_encoder/model.safetensors",
+                "unet/diffusion_pytorch_model.safetensors", "unet/openvino_model.bin", "vae_1_0/config.json",
+                "vae/diffusion_pytorch_model.safetensors", "01.png"],
+    },
+    "mhdang/dpo-sdxl-text2image-v1": {
+        "needed": ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"], "not": ["README.md"],
+    },
+    "h94/IP-Adapter": {
+        "needed": ["sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors", "models/image_encoder/config.json",
+                   "models/image_encoder/model.safetensors"],
+        "not": ["sdxl_models/ip-adapter_sdxl.safetensors", "models/ip-adapter_sd15.bin",
+                "models/image_encoder/pytorch_model.bin", "sdxl_models/image_encoder/model.safetensors"],
+    },
+    "black-forest-labs/FLUX.1-dev": {
+        "needed": ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                   "text_encoder/model.safetensors", "text_encoder_2/config.json",
+                   "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/model-00002-of-00002.safetensors",
+                   "text_encoder_2/model.safetensors.index.json", "tokenizer/merges.txt", "tokenizer/vocab.json",
+                   "tokenizer_2/spiece.model", "tokenizer_2/tokenizer.json", "transformer/config.json",
+                   "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+                   "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+                   "vae/diffusion_pytorch_model.safetensors"],
+        "not": ["flux1-dev.safetensors", "ae.safetensors", "dev_grid.jpg"],
+    },
+    "XLabs-AI/flux-ip-adapter": {"needed": ["ip_adapter.safetensors"], "not": ["ip_adapter_workflow.json"]},
+    "openai/clip-vit-large-patch14": {
+        "needed": ["config.json", "preprocessor_config.json", "model.safetensors"],
+        "not": ["pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"],
+    },
+}
+PRESET_REPOS = {
+    "sdxl": ["stabilityai/stable-diffusion-xl-base-1.0", "h94/IP-Adapter"],
+    "sdxl-dpo": ["stabilityai/stable-diffusion-xl-base-1.0", "mhdang/dpo-sdxl-text2image-v1", "h94/IP-Adapter"],
+    "flux-dev": ["black-forest-labs/FLUX.1-dev", "XLabs-AI/flux-ip-adapter", "openai/clip-vit-large-patch14"],
+}
+
+
+@pytest.fixture(scope="module")
+def diffusion_repos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusion-hub")
+    for repo, files in DIFFUSION_REPOS.items():
+        for name in files["needed"] + files["not"]:
+            path = root / repo.replace("/", "--") / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(name)
+    return {repo: root / repo.replace("/", "--") for repo in DIFFUSION_REPOS}
+
+
+@pytest.mark.parametrize("preset_name", sorted(PRESET_REPOS))
+def test_prepare_all_fetches_every_file_the_preset_loads_and_nothing_else(
+    hub, stand_in, diffusion_repos, tmp_path, capsys, preset_name
+):
+    hub.repos = dict(hub.repos, **diffusion_repos, **{IMG_REPO: stand_in["repos"][IMG_REPO]})
+    exit_code = cli_main(["prepare", "--preset", preset_name, "--all", "--cache-dir", str(tmp_path / "cache"),
+                          "--quiet"])
+    assert exit_code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    unet_replaced = preset_name == "sdxl-dpo"
+    for repo in PRESET_REPOS[preset_name]:
+        fetched = sorted(p.relative_to(hub.snapshot(repo)).as_posix() for p in hub.snapshot(repo).rglob("*")
+                         if p.is_file())
+        needed = DIFFUSION_REPOS[repo]["needed"]
+        if unet_replaced and repo.startswith("stabilityai/"):  # the DPO UNet replaces the pipeline's
+            needed = [name for name in needed if not name.startswith("unet/")]
+        assert fetched == sorted(needed), repo
+        assert f"{repo} (" in printed and "GB estimated)" in printed  # offline: the estimate is shown
+    other = set(DIFFUSION_REPOS) - set(PRESET_REPOS[preset_name])
+    assert not any(hub.snapshot(repo).exists() for repo in other)
+    aligner = "aligner_sdxl.pth" if preset_name.startswith("sdxl") else "aligner_flux.pth"
+    assert aligner in printed and ("resampler.pth" in printed) == preset_name.startswith("sdxl")
+    assert is_prepared(tmp_path / "cache" / "img-llava-13b-hf")
+
+
+def test_prepare_all_checks_the_disk_for_everything_before_downloading(hub, diffusion_repos, tmp_path):
+    hub.repos = dict(hub.repos, **diffusion_repos)
+    from img_core.presets import get_preset
+    from img_core.weights.prepare import (
+        PrepareReport,
+        ProgressReporter,
+        _fetch_diffusion,
+    )
+
+    with pytest.raises(NotEnoughDiskError, match=r"flux-dev diffusion models needs about 37\.4 GB"):
+        _fetch_diffusion(get_preset("flux-dev"), 20 * 10**9, ProgressReporter(None, False), PrepareReport("flux-dev"))
+    assert hub.calls == []
+
+
+# --- interruptions: no full re-download, no stale full copy ---------------------------------------------
+
+
+def test_a_complete_partial_folder_left_by_a_kill_is_moved_into_place_without_converting(hub, tmp_path):
+    """Killed after the completion marker, before the journal was removed and the folder renamed."""
+    done = prepare("sdxl", cache_dir=tmp_path / "first", with_aligner=False, show_progress_bars=False).mllm_folder
+    cache = tmp_path / "cache"
+    target = prepared_folder("img-llava-13b", cache)
+    cache.mkdir()
+    shutil.copytree(done, partial_folder(target))
+    (partial_folder(target) / "conversion-progress.json").write_text('{"settings": {}, "done": []}')
+    hub.calls.clear()
+    report = prepare("sdxl", cache_dir=cache, with_aligner=False, show_progress_bars=False)
+    assert report.mllm_folder == target and is_prepared(target) and not partial_folder(target).exists()
+    assert not [p for p in hub.requested(IMG_REPO) if p.endswith(".bin")]  # no shard downloaded again
+    assert not (target / "conversion-progress.json").exists()
+
+
+def test_a_kill_inside_the_folder_swap_leaves_nothing_to_redo_and_no_stale_copy(hub, tmp_path):
+    """Killed between parking the old copy (`.previous`) and renaming the new one, or after the rename
+    before the old copy was deleted: the next run finishes the swap and deletes the parked copy."""
+    done = prepare("sdxl", cache_dir=tmp_path / "first", with_aligner=False, show_progress_bars=False).mllm_folder
+    cache = tmp_path / "cache"
+    target = prepared_folder("img-llava-13b", cache)
+    previous = target.with_name(f".{target.name}.previous")
+    cache.mkdir()
+    shutil.copytree(done, previous)  # window 1: old copy parked, new one still partial
+    shutil.copytree(done, partial_folder(target))
+    hub.calls.clear()
+    prepare("sdxl", cache_dir=cache, with_aligner=False, show_progress_bars=False)
+    assert is_prepared(target) and not previous.exists() and not partial_folder(target).exists()
+    assert not [p for p in hub.requested(IMG_REPO) if p.endswith(".bin")]
+
+    shutil.copytree(done, previous)  # window 2: new copy in place, old one not deleted yet
+    assert ensure_prepared("sdxl", cache_dir=cache) == target
+    assert not previous.exists() and is_prepared(target)
+
+
+def test_convert_llava_and_prepare_share_one_lock(hub, stand_in, tmp_path, capsys):
+    import fcntl
+
+    from img_core.weights.convert_llava import conversion_lock_path
+
+    out = tmp_path / "cache" / "img-llava-13b-hf"
+    assert conversion_lock_path(out) == tmp_path / "cache" / ".img-llava-13b-hf.lock"
+    prepare("sdxl", cache_dir=tmp_path / "cache", with_aligner=False, show_progress_bars=False)
+    assert conversion_lock_path(out).is_file()  # prepare took it
+    with open(conversion_lock_path(out), "a") as holder:  # another process preparing the same folder
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        script = ("import sys; from img_core.cli.convert_llava import main; "
+                  f"sys.exit(main(['--source', {str(tmp_path / 'nowhere')!r}, '--out', {str(out)!r}]))")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+        waiting = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, stderr=subprocess.PIPE,
+                                   text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=8)  # blocked on the lock: it has not even looked at --source
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    assert waiting.wait(timeout=60) == 1
+    assert "nowhere" in waiting.stderr.read()

@@ -40,11 +40,6 @@ from ui.gpu import gpu_task
 from ui.models import ModelHost
 from ui.state import RoundRequest, StudioState
 
-# ZeroGPU slot lengths in seconds (the real presets on one GPU; tiny presets need a fraction).
-GENERATE_SECONDS = 90
-CRITIQUE_SECONDS = 60
-REFINE_SECONDS = 120
-
 logger = logging.getLogger(__name__)
 
 
@@ -63,14 +58,15 @@ class Studio:
         """`scorer`: the name (img_core.evaluation.scorers) that scores every round; None or "none": no scores."""
         self.host = host
         self.scorer_name = check_scorer_names([scorer])[0] if scorer and scorer != "none" else None
-        self.generate = gpu_task(GENERATE_SECONDS)(self._generate)
-        self.start_from_image = gpu_task(GENERATE_SECONDS)(self._start_from_image)
-        self.critique = gpu_task(CRITIQUE_SECONDS)(self._critique)
-        self.refine = gpu_task(REFINE_SECONDS)(self._refine)
-        self.auto_refine = gpu_task(_auto_refine_seconds)(self._auto_refine)
-        self.api_generate = gpu_task(GENERATE_SECONDS)(self._api_generate)
-        self.api_critique = gpu_task(CRITIQUE_SECONDS)(self._api_critique)
-        self.api_refine = gpu_task(REFINE_SECONDS)(self._api_refine)
+        preset = host.preset  # ZeroGPU: one bounded call per action (ui/gpu.py); Auto-refine loops `refine`
+        self.generate = gpu_task("generate", preset)(self._generate)
+        self.start_from_image = gpu_task("generate", preset)(self._start_from_image)
+        self.critique = gpu_task("critique", preset)(self._critique)
+        self.refine = gpu_task("refine", preset)(self._refine)
+        self.auto_refine = self._auto_refine
+        self.api_generate = gpu_task("generate", preset)(self._api_generate)
+        self.api_critique = gpu_task("critique", preset)(self._api_critique)
+        self.api_refine = gpu_task("refine", preset)(self._api_refine)
 
     # --- one browser session's rounds -------------------------------------------------------------
     # These raise IMGError for what the user can fix; `ui.layout` shows it and keeps the page usable.
@@ -116,14 +112,20 @@ class Studio:
         )
 
     def _refine(
-        self, request: RoundRequest, state: StudioState, critique: str | None, on_stage: StageCallback | None = None
+        self,
+        request: RoundRequest,
+        state: StudioState,
+        critique: str | None,
+        on_stage: StageCallback | None = None,
+        prompt: CheckedPrompt | None = None,
     ) -> StudioState:
         """One IMG round from the base round. `critique` (possibly edited by the user) steers it in
-        dialogue mode; empty means the MLLM critiques the base itself."""
+        dialogue mode; empty means the MLLM critiques the base itself. `prompt`: the click's prompt when
+        the caller checked it already (Auto-refine checks once for all its rounds)."""
         state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
-        prompt = session.check_prompt(request.checked_prompt)  # once per click
+        prompt = session.check_prompt(prompt or request.checked_prompt)  # once per click
         return self._next_round(session, request, prompt, state, critique, report)
 
     def _auto_refine(
@@ -137,14 +139,14 @@ class Studio:
     ) -> Iterator[tuple[StudioState, str | None]]:
         """Up to `rounds` IMG rounds in a row, each from the previous one, yielding (state, why it stopped
         early or None) after each. Only the first uses `critique`; later rounds are critiqued by the MLLM.
-        With `stop_when_flat` it stops once a round's score is not above its base's."""
+        With `stop_when_flat` it stops once a round's score is not above its base's. Each round is one
+        `refine` call (one bounded GPU call on ZeroGPU); Stop is seen at every stage event and between them."""
         rounds = int(LIMITS["auto_rounds"].check("auto-refine rounds", _whole(rounds)))
         state.base_round()
         report = on_stage or _ignore
-        session = self._loaded(report)
-        prompt = session.check_prompt(request.checked_prompt)  # once per click, for every round
+        prompt = self._loaded(report).check_prompt(request.checked_prompt)  # once per click, for every round
         for step in range(rounds):
-            state = self._next_round(session, request, prompt, state, critique if step == 0 else None, report)
+            state = self.refine(request, state, critique if step == 0 else None, report, prompt=prompt)
             stalled = self.score_stalled(state) if stop_when_flat and step < rounds - 1 else None
             yield state, stalled
             if stalled:
@@ -290,15 +292,6 @@ def _api_image(image: object) -> bytes | str | Path | Image.Image | None:
     if image is not None and not isinstance(image, (bytes, bytearray, str, Path, Image.Image)):
         raise InvalidInputError("the image must be an uploaded file (gradio_client: handle_file(path))")
     return image
-
-
-def _auto_refine_seconds(request, state, critique, rounds, *args, **kwargs) -> int:
-    """ZeroGPU slot for an Auto-refine call: one refine slot per round."""
-    try:
-        rounds = int(rounds)
-    except (TypeError, ValueError):
-        rounds = 1  # the handler refuses it with a message
-    return REFINE_SECONDS * max(1, min(rounds, int(LIMITS["auto_rounds"].high)))
 
 
 def _ignore(event: StageEvent) -> None:

@@ -38,11 +38,9 @@ from img_core.settings import (
 from ui import views
 from ui.examples import EXAMPLES
 from ui.files import SERVED_FILES_DELETE_CACHE
-from ui.gpu import on_zero_gpu
 from ui.handlers import (
     PREPARATION_STEPS,
     ModelPreparation,
-    Produced,
     StopRequested,
     Studio,
     run_in_worker,
@@ -454,10 +452,8 @@ class StudioUI:
             round_request = self._request(values)
             warn(round_request.warnings)
             auto = (state.next_index, auto_rounds) if auto_rounds else None
-            if on_zero_gpu():  # the job runs in a forked worker: no callback crosses; results at the end
-                batches = [[Produced(value) for value in produce(round_request, None)]]
-            else:
-                batches = run_in_worker(lambda on_stage: produce(round_request, on_stage), stop)
+            # on ZeroGPU too: each GPU call streams its events back (ui/gpu.py)
+            batches = run_in_worker(lambda on_stage: produce(round_request, on_stage), stop)
             for batch in batches:
                 update: dict = {}
                 for item in batch:

@@ -47,8 +47,9 @@ class ModelHost:
 
     @property
     def quantization(self) -> str:
-        """The MLLM quantization in effect (the session's, or the device's default)."""
-        return self._session.quantization or default_quantization(self._session.device)
+        """The MLLM quantization in effect (as loaded, else the requested one, else the device's default)."""
+        chosen = self._session.mllm_precision
+        return chosen.quantization if chosen else self._session.quantization or default_quantization(self._session.device)
 
     @property
     def is_loaded(self) -> bool:

@@ -12,7 +12,9 @@ from img_core.weights.convert_llava import (
     DEFAULT_VISION_TOWER,
     DTYPES,
     check_push_target,
+    conversion_lock_path,
     convert_llava_checkpoint,
+    exclusive_lock,
     push_to_hub,
 )
 
@@ -41,13 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.push_to_hub:
             check_push_target(args.push_to_hub)  # refuse a bad id or offline mode before converting
         if args.source:
-            out = convert_llava_checkpoint(
-                args.source,
-                Path(args.out),
-                vision_tower=args.vision_tower,
-                chat_template=args.chat_template,
-                dtype=DTYPES[args.dtype] if args.dtype else None,
-            )
+            with exclusive_lock(conversion_lock_path(Path(args.out))):  # the same lock as `prepare`
+                out = convert_llava_checkpoint(
+                    args.source,
+                    Path(args.out),
+                    vision_tower=args.vision_tower,
+                    chat_template=args.chat_template,
+                    dtype=DTYPES[args.dtype] if args.dtype else None,
+                )
             print(f"converted {args.source} -> {out}")
         elif not args.push_to_hub:
             raise InvalidInputError("--source is required (unless --push-to-hub uploads an existing --out folder)")

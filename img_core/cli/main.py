@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("convert-llava", help="convert the released IMG LLaVA folder to transformers format", add_help=False)
     commands.add_parser("prepare", help="fetch and convert what a preset needs, ahead of time", add_help=False)
+    commands.add_parser("space-bundle", help="write (and upload) the folder a Hugging Face Space needs", add_help=False)
     commands.add_parser("evaluate", help="generate, refine and score a prompt set (win rates, report)", add_help=False)
     commands.add_parser("evaluate-compare", help="means and win rates of one evaluate run over another", add_help=False)
     commands.add_parser("study", help="serve a blind A/B page over an evaluate folder (human study)", add_help=False)
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         from img_core.cli.prepare import main as prepare_main
 
         return _guarded(lambda: prepare_main(argv[1:]), debug="--debug" in argv)
+    if argv and argv[0] == "space-bundle":
+        from img_core.cli.space_bundle import main as space_bundle_main
+
+        return _guarded(lambda: space_bundle_main(argv[1:]), debug="--debug" in argv)
     if argv and argv[0] in ("evaluate", "evaluate-compare"):
         from img_core.cli.evaluate import compare_main
         from img_core.cli.evaluate import main as evaluate_main

@@ -24,12 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help=f"converted models go here (default ${CACHE_ENV} or "
                         f"{DEFAULT_CACHE_DIR})")
     parser.add_argument("--no-aligner", action="store_true", help="do not fetch the aligner file")
+    parser.add_argument("--all", action="store_true", dest="everything",
+                        help="also fetch the diffusion model (or UNet), the IP-Adapter and the encoders: every hub "
+                        "file the preset loads, so the machine can then run it offline (HF_HUB_OFFLINE=1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m img_core prepare --preset NAME [--mllm HUB_ID_OR_DIR] [--keep-original]`."""
+    """`python -m img_core prepare --preset NAME [--all] [--mllm HUB_ID_OR_DIR] [--keep-original]`."""
     args = build_parser().parse_args(argv)
     try:
         report = prepare(
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_original=args.keep_original,
             with_aligner=not args.no_aligner,
             show_progress_bars=not args.quiet,
+            everything=args.everything,
         )
     except IMGError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -43,7 +43,7 @@ def write_completion_marker(folder: Path) -> None:
     files = {
         str(path.relative_to(folder)): path.stat().st_size
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != COMPLETION_MARKER
+        if path.is_file() and path.name not in (COMPLETION_MARKER, JOURNAL)  # the journal goes right after
     }
     temporary = folder / (COMPLETION_MARKER + ".tmp")
     temporary.write_text(json.dumps({"files": files}, indent=2) + "\n")

@@ -29,7 +29,8 @@ plain `from_pretrained`:
 Conversion runs shard by shard, so peak memory is one original shard and peak disk is the output plus one
 original shard when `delete_source_shards` is set. It writes into a temporary folder next to the output
 (`.<name>.partial`) with a journal of the shards done; a run that is killed resumes there, and the folder
-is renamed to the output only when complete, with a completion marker (`img_core.weights.prepare`). Source
+is renamed to the output only when complete, with a completion marker (`img_core.weights.prepare`), and only
+after a smoke forward of the converted folder (tokenize, one guidance pass on a tiny image) succeeded. Source
 folders with only a sentencepiece `tokenizer.model` (no tokenizer.json) need `sentencepiece` + `protobuf`.
 """
 
@@ -39,20 +40,25 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from img_core.errors import InvalidInputError, WeightsNotFoundError
+from img_core.clip_processing import pil_clip_image_processor
+from img_core.errors import IMGError, InvalidInputError, WeightsNotFoundError
 from img_core.mllm.chat import LLAVA_IMAGE_TOKEN
 from img_core.mllm.converted import (
     JOURNAL,
     check_prepared_folder,
+    is_prepared,
     partial_folder,
     write_completion_marker,
 )
-from img_core.mllm.specs import CONVERSION_RECORD
+from img_core.mllm.critic import MLLMCritic
+from img_core.mllm.specs import CONVERSION_RECORD, spec_from_folder
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,48 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 # progress(stage, done, total, unit), as in img_core.weights.prepare
 ProgressCallback = Callable[[str, float, float, str | None], None]
+
+
+class PreparationBusyError(IMGError, RuntimeError):
+    """Another process is preparing or converting the same model and did not finish in time."""
+
+
+def conversion_lock_path(output_dir: Path) -> Path:
+    """The lock file of a conversion into `output_dir` (`.<name>.lock` next to it): `prepare` and the
+    `convert-llava` command both hold it while they write that folder."""
+    output_dir = Path(output_dir).expanduser()
+    return output_dir.with_name(f".{output_dir.name}.lock")
+
+
+@contextmanager
+def exclusive_lock(path: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (one preparation or conversion of a folder at a time, across
+    processes such as a `prepare` command, a `convert-llava` command and an app starting); waits for it,
+    up to `timeout_s` when given."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with open(path, "a") as handle:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PreparationBusyError(
+                        f"another process is preparing {path.name.removesuffix('.lock').lstrip('.')} "
+                        f"(lock {path}): wait for it to finish"
+                    ) from None
+                if not waiting:
+                    logger.warning("waiting for another process that is preparing the same model (%s)", path)
+                    waiting = True
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def add_image_and_pad_tokens(tokenizer) -> None:
@@ -199,11 +247,11 @@ def convert_llava_checkpoint(
     once converted. Resumes an interrupted conversion with the same settings. Returns `output_dir`."""
     from accelerate import init_empty_weights
     from transformers import (
-        AutoTokenizer,
         CLIPImageProcessor,
         CLIPVisionConfig,
         GenerationConfig,
         LlamaConfig,
+        LlamaTokenizer,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -211,8 +259,12 @@ def convert_llava_checkpoint(
 
     report = progress or (lambda stage, done, total, unit: None)
 
-    # 1. check inputs
+    # 1. check inputs; a complete partial folder (killed before its rename) only needs renaming
     source, output_dir = Path(source).expanduser(), Path(output_dir).expanduser()
+    if is_prepared(partial_folder(output_dir)):
+        logger.info("%s was converted completely before an interruption: moving it into place", output_dir)
+        _finish(partial_folder(output_dir), output_dir)
+        return output_dir
     if chat_template not in CHAT_TEMPLATES:
         raise InvalidInputError(f"chat_template must be one of {CHAT_TEMPLATES}, got {chat_template!r}")
     original = read_original_config(source)
@@ -223,9 +275,10 @@ def convert_llava_checkpoint(
     keep_tower = bool(original.get("unfreeze_mm_vision_tower", False))
     shard_names = list(shard_names) if shard_names is not None else source_shard_names(source)
 
-    # 2. tokenizer: add <image> and <pad>
+    # 2. tokenizer: the checkpoint's Llama tokenizer, named explicitly (with `model_type: "llava"` in the
+    # original config AutoTokenizer builds another class); add <image> and <pad>
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = LlamaTokenizer.from_pretrained(source)
     except (ImportError, ValueError, OSError) as error:
         raise InvalidInputError(
             f"cannot read the tokenizer of {source} ({error}). A folder with only tokenizer.model needs "
@@ -355,11 +408,45 @@ def convert_llava_checkpoint(
         "converted_by": "img_core.weights.convert_llava",
     }
     _write_json(partial / CONVERSION_RECORD, record)
-    (partial / JOURNAL).unlink()
-    write_completion_marker(partial)
-    _replace_folder(partial, output_dir)
+    smoke_forward(partial)  # raises before the folder is marked complete: a rerun redoes only these steps
+    write_completion_marker(partial)  # (the journal is not listed in it)
+    _finish(partial, output_dir)
     logger.info("converted %s -> %s (%s, vocabulary %d)", source, output_dir, dtype, vocab_size)
     return output_dir
+
+
+def smoke_forward(folder: Path, smoke_layers: int = 1) -> torch.Tensor:
+    """Load the converted `folder` as the app will (processor, chat template, LLaVA model) with its language
+    model cut to its first `smoke_layers` layers (LLaVA-13B: ~3 GB in float32 instead of 26 GB in fp16),
+    and compute the guidance of a prompt about a tiny image. Raises InvalidInputError when that fails (a
+    tokenizer, processor or image-token count that does not fit the model). Returns the guidance."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.utils import logging as transformers_logging
+
+    config = LlavaConfig.from_pretrained(folder)
+    config.text_config.num_hidden_layers = min(smoke_layers, config.text_config.num_hidden_layers)
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+        processor.image_processor = pil_clip_image_processor(processor.image_processor)
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # the layers left out would be listed as "unexpected"
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        critic = MLLMCritic(spec_from_folder(folder), model, processor, "none", "cpu", torch.float32)
+        guidance = critic.guidance(Image.new("RGB", (24, 16), (120, 60, 30)), "a small brown square")
+    except Exception as error:  # any failure of the converted folder: the conversion is not complete
+        raise InvalidInputError(
+            f"the converted model in {folder} failed its smoke forward ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); it was not marked complete"
+        ) from error
+    if not torch.isfinite(guidance).all():
+        raise InvalidInputError(f"the converted model in {folder} gives non-finite guidance: not marked complete")
+    del model
+    logger.info("smoke forward of %s passed: guidance %s", folder, tuple(guidance.shape))
+    return guidance
 
 
 def _tower_name(vision_tower: str | Path) -> str:
@@ -445,15 +532,36 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(temporary, path)
 
 
+def _finish(complete: Path, output_dir: Path) -> None:
+    """Drop the journal of the complete partial folder and move it into place (see `_replace_folder`)."""
+    (complete / JOURNAL).unlink(missing_ok=True)
+    _replace_folder(complete, output_dir)
+
+
+def previous_folder(output_dir: Path) -> Path:
+    """Where `_replace_folder` parks the copy it replaces (`.<name>.previous`), until the new one is in place."""
+    return output_dir.with_name(f".{output_dir.name}.previous")
+
+
+def remove_stale_copies(output_dir: Path) -> None:
+    """Delete a replaced copy left by an interrupted `_replace_folder` once `output_dir` is complete (a
+    full model's worth of disk otherwise kept forever)."""
+    previous = previous_folder(output_dir)
+    if previous.exists() and is_prepared(output_dir):
+        logger.info("removing %s, left by an interrupted replacement", previous)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
 def _replace_folder(complete: Path, output_dir: Path) -> None:
-    """Rename `complete` to `output_dir`; an existing `output_dir` is replaced only after that succeeds."""
+    """Rename `complete` to `output_dir`; an existing `output_dir` is replaced only after that succeeds.
+
+    Every interruption leaves a state the next run finishes without converting again: the complete
+    partial folder is renamed (with or without a parked previous copy), and a parked copy is removed."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    if not output_dir.exists():
-        os.rename(complete, output_dir)
-        return
-    previous = output_dir.with_name(f".{output_dir.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    os.rename(output_dir, previous)
+    previous = previous_folder(output_dir)
+    if output_dir.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(output_dir, previous)
     os.rename(complete, output_dir)
     shutil.rmtree(previous, ignore_errors=True)
 

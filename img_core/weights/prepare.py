@@ -19,7 +19,9 @@ converted folder without the completion marker or with files whose sizes changed
 Progress goes to a callback `progress(stage, done, total, unit)`, e.g. ("downloading IMG LLaVA", 7.1, 26,
 "GB") or ("converting shard", 2, 3, None), and to tqdm bars in the terminal.
 
-    python -m img_core prepare --preset sdxl [--mllm HUB_ID_OR_DIR] [--keep-original]
+    python -m img_core prepare --preset sdxl [--all] [--mllm HUB_ID_OR_DIR] [--keep-original]
+
+`--all` also fetches the diffusion side (`diffusion_downloads`: pipeline or UNet, IP-Adapter, encoders).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import os
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -55,7 +56,13 @@ from img_core.mllm.specs import (
 from img_core.paths import CACHE_ENV
 from img_core.presets import IMG_HUB_REPO, PRESETS, Preset, get_preset
 from img_core.resampler import RESAMPLER_FILENAME
-from img_core.weights.convert_llava import convert_llava_checkpoint, source_shard_names
+from img_core.weights.convert_llava import (
+    conversion_lock_path,
+    convert_llava_checkpoint,
+    exclusive_lock,
+    remove_stale_copies,
+    source_shard_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +99,18 @@ ESTIMATED_FILE_BYTES = {  # estimates for the hub files below when the hub's met
     "aligner_flux.pth": 2.7 * GB,  # 675 M fp32 parameters
     RESAMPLER_FILENAME: 0.2 * GB,
 }
+# `prepare --all`: the diffusion side's downloads when the hub cannot say their sizes (estimates from the
+# parameter counts in the README memory table: fp16 SDXL, bf16 FLUX, fp32 image encoders).
+ESTIMATED_REPO_BYTES = {
+    "stabilityai/stable-diffusion-xl-base-1.0": 6.9 * GB,  # fp16 variant: UNet 5.1, text encoders 1.6, VAE 0.2
+    "mhdang/dpo-sdxl-text2image-v1": 10.3 * GB,  # unet/ in fp32
+    "black-forest-labs/FLUX.1-dev": 33.7 * GB,  # transformer 23.8, T5-XXL 9.5, CLIP-L and VAE 0.4
+    "h94/IP-Adapter": 3.4 * GB,  # ip-adapter-plus_sdxl_vit-h 0.8 + ViT-H image encoder (fp32) 2.5
+    "XLabs-AI/flux-ip-adapter": 1.0 * GB,
+    "openai/clip-vit-large-patch14": 1.7 * GB,
+}
+SDXL_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae")
+FLUX_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 TOWER_CONFIG_FILES = ["config.json", "preprocessor_config.json"]
 TOWER_WEIGHT_FILES = ["model.safetensors", "pytorch_model.bin"]  # the first one the repo has is fetched
 
@@ -100,8 +119,52 @@ class NotEnoughDiskError(IMGError, OSError):
     """Preparation needs more free disk space than there is."""
 
 
-class PreparationBusyError(IMGError, RuntimeError):
-    """Another process is preparing the same model and did not finish in time."""
+@dataclass(frozen=True)
+class HubDownload:
+    """Files of one hub repo that a preset loads (`prepare --all` fetches them into the HF cache)."""
+
+    what: str
+    repo: str
+    patterns: tuple[str, ...]
+
+
+def diffusion_downloads(preset: Preset) -> list[HubDownload]:
+    """The hub files of `preset`'s diffusion side, as its backend loads them (img_core/backends): the
+    pipeline's components (the fp16 variant where the preset has one; not the UNet a `unet_id` replaces),
+    that UNet, the IP-Adapter weights and its image encoder. Nothing else of those repos (no single-file
+    checkpoints, no other variants)."""
+    components = SDXL_COMPONENTS if preset.family == "sdxl" else FLUX_COMPONENTS
+    weights = f"*.{preset.variant}.safetensors" if preset.variant else "*.safetensors"
+    pipeline = ["model_index.json"]
+    for component in components:
+        if component == "unet" and preset.unet_id:
+            continue
+        pipeline += [f"{component}/*.json", f"{component}/*.txt", f"{component}/*.model", f"{component}/{weights}"]
+    downloads = [HubDownload(f"{preset.family} pipeline", preset.pipeline_id, tuple(pipeline))]
+    if preset.unet_id:
+        downloads.append(HubDownload("UNet", preset.unet_id, ("unet/*.json", "unet/*.safetensors")))
+    ip = preset.ip_adapter
+    ip_weights = f"{ip.subfolder}/{ip.weight_name}" if ip.subfolder else ip.weight_name
+    if preset.family == "sdxl":  # h94 layout: the image encoder is a folder of the IP-Adapter repo
+        encoder = ip.image_encoder
+        downloads.append(HubDownload("IP-Adapter + image encoder", ip.repo,
+                                     (ip_weights, f"{encoder}/config.json", f"{encoder}/model.safetensors")))
+    else:  # XLabs layout: the image encoder is a repo of its own
+        downloads.append(HubDownload("IP-Adapter", ip.repo, (ip_weights,)))
+        downloads.append(HubDownload("image encoder", ip.image_encoder,
+                                     ("config.json", "preprocessor_config.json", "model.safetensors")))
+    return downloads
+
+
+def download_bytes(download: HubDownload, sizes: dict[str, int] | None) -> tuple[float, bool]:
+    """(bytes, measured): the matching files' sizes from the hub's metadata, else the repo's estimate."""
+    from fnmatch import fnmatch
+
+    if sizes:
+        matching = [size for path, size in sizes.items() if any(fnmatch(path, p) for p in download.patterns)]
+        if matching:
+            return float(sum(matching)), True
+    return ESTIMATED_REPO_BYTES.get(download.repo, 0.0), False
 
 
 @dataclass
@@ -279,9 +342,11 @@ def prepare(
     free_bytes: int | None = None,
     progress: ProgressCallback | None = None,
     show_progress_bars: bool = True,
+    everything: bool = False,
 ) -> PrepareReport:
     """Make `preset` ready to load: convert its release MLLM into the cache if it is not there, fetch
-    its aligner (and the SDXL release Resampler) into the Hugging Face cache.
+    its aligner (and the SDXL release Resampler) into the Hugging Face cache; with `everything` also the
+    diffusion side (`diffusion_downloads`), so the machine can then run the preset offline.
 
     `mllm` overrides the preset's MLLM: a known name, a local converted folder (checked), or the hub id of
     an already converted copy (downloaded as is). `vision_tower` overrides the release MLLM's CLIP tower
@@ -296,8 +361,10 @@ def prepare(
         report.mllm_folder = _prepare_mllm(
             mllm or preset.mllm, cache_dir, keep_original, vision_tower, free_bytes, reporter, report
         )
-        if with_aligner:
+        if with_aligner or everything:
             _fetch_aligner(preset, free_bytes, reporter, report)
+        if everything:
+            _fetch_diffusion(preset, free_bytes, reporter, report)
     finally:
         reporter.close()
     return report
@@ -374,9 +441,11 @@ def _prepare_release_mllm(
     target = prepared_folder(name, cache_dir)
     spec = replace(KNOWN_MLLMS[name], model_id=str(target))  # for the "not found" message
     if is_prepared(target):
+        remove_stale_copies(target)
         return target
-    with _exclusive_lock(target.with_name(f".{target.name}.lock")):
+    with exclusive_lock(conversion_lock_path(target)):
         if is_prepared(target):  # another process finished it while this one waited
+            remove_stale_copies(target)
             return target
         return _convert_release_mllm(name, release, target, spec, keep_original, vision_tower, free_bytes,
                                      reporter, report)
@@ -467,36 +536,6 @@ def _convert_release_mllm(
     return target
 
 
-@contextmanager
-def _exclusive_lock(path: Path, timeout_s: float | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (one preparation of a target at a time, across processes such as
-    a `prepare` command and an app starting); waits for it, up to `timeout_s` when given."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    with open(path, "a") as handle:
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise PreparationBusyError(
-                        f"another process is preparing {path.name.removesuffix('.lock').lstrip('.')} "
-                        f"(lock {path}): wait for it to finish"
-                    ) from None
-                if not waiting:
-                    logger.warning("waiting for another process that is preparing the same model (%s)", path)
-                    waiting = True
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _fetch_aligner(preset: Preset, free_bytes: int | None, reporter: ProgressReporter, report: PrepareReport) -> None:
     """The preset's official aligner file, plus the release Resampler for SDXL, into the HF cache."""
     aligner = preset.aligner
@@ -509,6 +548,25 @@ def _fetch_aligner(preset: Preset, free_bytes: int | None, reporter: ProgressRep
     folder = _fetch(aligner.repo, files, None, "downloading aligner", sizes, reporter)
     for name in files:
         report.fetched.append((name, str(folder / name)))
+
+
+def _fetch_diffusion(
+    preset: Preset, free_bytes: int | None, reporter: ProgressReporter, report: PrepareReport
+) -> None:
+    """Every `diffusion_downloads` file into the HF cache: sizes first (one disk check for all), then each
+    repo with a progress bar in GB."""
+    downloads = diffusion_downloads(preset)
+    planned = [(download, *download_bytes(download, _hub_file_sizes(download.repo))) for download in downloads]
+    check_free_space(_hf_cache_dir(), sum(size for _, size, _ in planned), free_bytes,
+                     f"downloading the {preset.name} diffusion models")
+    for download, size, measured in planned:
+        stage = f"downloading {download.what} {download.repo}"
+        repo_cache = _hf_cache_dir() / f"models--{download.repo.replace('/', '--')}"
+        with _watch_download(repo_cache, lambda added: reporter(stage, added / GB, size / GB, "GB")):
+            folder = _fetch(download.repo, list(download.patterns), None, None, None, None)
+        reporter(stage, size / GB, size / GB, "GB")
+        shown = f"{size / GB:.1f} GB" + ("" if measured else " estimated")
+        report.fetched.append((f"{download.what} {download.repo} ({shown})", str(folder)))
 
 
 def _fetch(
