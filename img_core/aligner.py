@@ -1,7 +1,6 @@
 """The Implicit Aligner: maps (image features, MLLM guidance) to better-aligned image features.
 
 Architecture (REFERENCE §2, matching the authors' released module so their checkpoints load):
-
     g' = proj_in(guidance)                                    # (B, Sg, Dg) -> (B, Sg, D)
     c  = image_features                                       # (B, Si, D)
     repeat depth times:
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from img_core.errors import CorruptFileError
+from img_core.hub import download_file
 from img_core.integrity import check_finite, load_state_dict_file
 
 logger = logging.getLogger(__name__)
@@ -229,8 +229,6 @@ class ImplicitAligner(nn.Module):
                 if not required.is_file():
                     raise FileNotFoundError(f"{required} is missing: not a saved Implicit Aligner folder")
         else:
-            from img_core.hub import download_file
-
             config_path = download_file(str(name_or_path), CONFIG_NAME, subfolder=subfolder, revision=revision)
             weights_path = download_file(str(name_or_path), WEIGHTS_NAME, subfolder=subfolder, revision=revision)
         config = AlignerConfig.from_dict(json.loads(Path(config_path).read_text()))

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from img_core.errors import InvalidInputError
+
 IMG_HUB_REPO = "shi-labs/IMG"
 
 
@@ -229,8 +231,6 @@ def needs_offload(preset: Preset, gpu_total_gib: float) -> bool:
 
 
 def get_preset(name: str) -> Preset:
-    from img_core.errors import InvalidInputError
-
     if name not in PRESETS:
         raise InvalidInputError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]

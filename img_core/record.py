@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from img_core.errors import InvalidInputError
+
 SESSION_FORMAT = "img-session/1"
 # Round fields that are not written to session.json (the image is its own file; features and the kept
 # reading are caches).
@@ -122,7 +124,6 @@ def check_output_folder(folder: str | Path, argument: str = "the output folder")
     """Make sure `folder` can be written (creating it), before any work is done for it.
 
     Raises InvalidInputError naming `argument` when it is a file or cannot be created or written."""
-    from img_core.errors import InvalidInputError
 
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():

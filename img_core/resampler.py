@@ -5,7 +5,6 @@ from `shi-labs/IMG`'s `resampler.pth` over CLIP `hidden_states[-2]` (REFERENCE Â
 IP-Adapter's own image projection; the re-generation still uses the IP-Adapter (and its projection for
 the negative tokens). The Resampler has the IP-Adapter-plus layout, so it loads into diffusers'
 `IPAdapterPlusImageProjection` with this key map (release -> diffusers):
-
     latents, proj_in.*, proj_out.*, norm_out.*   -> same names
     layers.{i}.0.norm1.* / norm2.*               -> layers.{i}.ln0.* / ln1.*
     layers.{i}.0.to_q.weight                     -> layers.{i}.attn.to_q.weight
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from img_core.errors import IncompatibleAlignerError, WeightsNotFoundError
+from img_core.hub import download_file
 from img_core.integrity import load_state_dict_file
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,6 @@ def find_release_resampler(aligner_repo: str | Path, aligner_filename: str | Non
     if folder.is_dir():
         candidate = folder / RESAMPLER_FILENAME
         return candidate if candidate.is_file() else None
-    from img_core.hub import download_file
 
     try:
         return download_file(str(aligner_repo), RESAMPLER_FILENAME)

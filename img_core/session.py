@@ -46,6 +46,7 @@ from img_core.errors import (
     InvalidInputError,
     OutOfMemoryError,
 )
+from img_core.evaluation.scorers import check_scorer_names, load_scorer
 from img_core.hub import download_file
 from img_core.images import load_image
 from img_core.mllm.critic import MLLMCritic, MLLMReading
@@ -537,7 +538,6 @@ class IMGSession:
     def score(self, made: Round, scorers: list[str] | tuple[str, ...]) -> dict[str, float]:
         """Alignment scores of a round against its prompt (img_core.evaluation.scorers: `vqascore` asks this session's
         MLLM; others load their own weights once). They are recorded in `made.scores` and returned."""
-        from img_core.evaluation.scorers import check_scorer_names, load_scorer
 
         names = check_scorer_names(list(scorers))
         self.load()
@@ -563,8 +563,6 @@ class IMGSession:
         `scorers`, every round's scores are recorded."""
         rounds = check_rounds(rounds)
         if scorers:
-            from img_core.evaluation.scorers import check_scorer_names
-
             check_scorer_names(list(scorers))
         settings = settings or RoundSettings()
         settings.resolve(self.base_preset)

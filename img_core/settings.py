@@ -20,12 +20,10 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from img_core.errors import InvalidInputError
-
-if TYPE_CHECKING:
-    from img_core.presets import Preset
+from img_core.presets import PRESETS, Preset
 
 # How the MLLM computes guidance features (`MLLMCritic.read`, aligner training, feature extraction):
 # question: over image + question, as released; dialogue: the critique teacher-forced after the question.
@@ -256,7 +254,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     --quantization default to $IMG_PRESET, $IMG_MLLM and $IMG_QUANTIZATION when set (`MODEL_ENVIRONMENT`)."""
     import os
 
-    from img_core.presets import PRESETS
 
     # Not checked here (argparse checks only typed values): the session refuses an unknown preset or quantization.
     from_env = {name: os.environ.get(variable) or None for name, variable in MODEL_ENVIRONMENT.items()}

@@ -43,8 +43,10 @@ from pathlib import Path
 
 import torch
 
-from img_core.errors import CorruptFileError
+from img_core.errors import CorruptFileError, InvalidInputError
+from img_core.images import load_image
 from img_core.integrity import sha256_file
+from img_core.session import IMGSession
 from img_core.settings import DEFAULT_MAX_CRITIQUE_TOKENS, MLLM_GUIDANCE_MODES
 from trainer import option, parse_config
 from trainer.data import PreferencePairs
@@ -110,8 +112,6 @@ class FeatureExtractor:
 
     def __init__(self, preset: str, device: str | torch.device, mllm: str | None = None,
                  quantization: str | None = None, tiny_root: str | Path | None = None, questions: str | None = None):
-        from img_core.session import IMGSession
-
         session = IMGSession.from_preset(
             preset, device=device, mllm=mllm, quantization=quantization, tiny_root=tiny_root,
             show_progress_bars=False, questions=questions,
@@ -156,8 +156,6 @@ class FeatureExtractor:
 
 def read_pair(pairs: PreferencePairs, row: int):
     """(caption, winner image, loser image), or the reason the row is skipped."""
-    from img_core.errors import InvalidInputError
-    from img_core.images import load_image
 
     try:
         pair = pairs[row]

@@ -6,7 +6,6 @@
 
 Each triplet (original image, edited prompt, edit instruction) becomes one conversation in the MLLM's
 own chat template, built by img_core's `MLLMCritic` exactly as at inference:
-
     [system] [image tokens] "How can the image match the intended prompt: {edited prompt}?" [assistant] {edit}
     labels:  -100 ........................................................................... answer tokens + end
 
@@ -41,6 +40,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from img_core.errors import InvalidInputError
+from img_core.images import load_image
+from img_core.mllm.loading import resolve_mllm
 from trainer import loop, option, parse_config
 from trainer.data import EditTriplets
 
@@ -108,7 +110,6 @@ class FinetuneConfig:
 def base_spec(base: str, tiny_root: str | Path | None = None):
     """MLLMSpec for a known name, a known hub id (e.g. llava-hf/llava-1.5-13b-hf) or a local folder, its
     folder ready (img_core's one MLLM loader: prepared into the cache, tiny models built)."""
-    from img_core.mllm.loading import resolve_mllm
 
     return resolve_mllm(base, tiny_root)
 
@@ -150,9 +151,6 @@ def collate(examples: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[
 
 
 def read_example(critic, triplets: EditTriplets, row: int, seed: int) -> dict[str, torch.Tensor] | None:
-    from img_core.errors import InvalidInputError
-    from img_core.images import load_image
-
     try:
         triplet = triplets[row]
         image = load_image(triplet.image)

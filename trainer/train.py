@@ -40,10 +40,17 @@ from pathlib import Path
 
 import torch
 
+from img_core.aligner import (
+    FLUX_FEATURES,
+    SDXL_FEATURES,
+    AlignerConfig,
+    ImplicitAligner,
+)
 from img_core.errors import CorruptFileError
 from img_core.integrity import check_finite, nonfinite_tensors
 from img_core.settings import MLLM_GUIDANCE_MODES
 from trainer import loop, option, parse_config
+from trainer.extract import OnlineTriplets
 from trainer.loop import checkpoint_dirs  # noqa: F401 - re-exported: benchmarks/bench_reliability.py imports it here
 from trainer.objective import REDUCTIONS, ReferenceUpdater, iupo_loss, squared_distance
 from trainer.store import FeatureStore, collate_features
@@ -170,12 +177,6 @@ class StreamBatchSampler(torch.utils.data.Sampler):
 
 def build_aligner(cfg: TrainConfig, manifest: dict):
     """A fresh aligner shaped to the data (or the --init-from one), carrying the data's metadata."""
-    from img_core.aligner import (
-        FLUX_FEATURES,
-        SDXL_FEATURES,
-        AlignerConfig,
-        ImplicitAligner,
-    )
 
     kind = manifest.get("image_feature_kind") or (FLUX_FEATURES if manifest["image_dim"] == 4096 else SDXL_FEATURES)
     metadata = {
@@ -251,7 +252,6 @@ def load_checkpoint(folder: Path) -> dict:
 def open_source(cfg: TrainConfig, device: torch.device):
     if not cfg.online:
         return FeatureStore(cfg.features)
-    from trainer.extract import OnlineTriplets
 
     return OnlineTriplets(cfg.dataset, cfg.preset, cfg.guidance_mode, device=cfg.device or str(device), seed=cfg.seed,
                           questions=cfg.questions)

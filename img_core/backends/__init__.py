@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from img_core.backends.flux import FluxBackend
+from img_core.backends.sdxl import SDXLBackend
+
 
 def backend_class(family: str):
     """The backend class for a preset family ("sdxl" covers SDXL-DPO too)."""
     if family == "sdxl":
-        from img_core.backends.sdxl import SDXLBackend
-
         return SDXLBackend
     if family == "flux":
-        from img_core.backends.flux import FluxBackend
-
         return FluxBackend
     raise ValueError(f"unknown diffusion family {family!r}; expected 'sdxl' or 'flux'")

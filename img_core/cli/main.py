@@ -8,6 +8,9 @@ Bad input exits non-zero with one line on stderr.
 
 from __future__ import annotations
 
+# The library and the other command modules are imported inside the functions that use them, on purpose:
+# `python -m img_core --help` and usage errors answer before torch and transformers load (~3 s).
+
 import argparse
 import logging
 import sys

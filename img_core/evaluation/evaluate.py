@@ -59,7 +59,12 @@ from PIL import Image
 
 from img_core.errors import InvalidInputError
 from img_core.evaluation.prompt_sets import load_prompt_set
-from img_core.evaluation.scorers import describe_scorer
+from img_core.evaluation.scorers import (
+    check_scorer_names,
+    describe_scorer,
+    load_scorer,
+    scorer_needs_own_weights,
+)
 from img_core.evaluation.statistics import (
     DEFAULT_INTERVAL_METHOD,
     bootstrap_interval,
@@ -68,8 +73,14 @@ from img_core.evaluation.statistics import (
     win_rate_interval,
 )
 from img_core.presets import default_preset_name, get_preset
+from img_core.questions import load_question_source
 from img_core.session import SESSION_PARTS, IMGSession
-from img_core.settings import model_options_from_args, round_settings_from_args
+from img_core.settings import (
+    check_rounds,
+    check_seed,
+    model_options_from_args,
+    round_settings_from_args,
+)
 from img_core.tiny.models import ensure_tiny_models
 
 logger = logging.getLogger(__name__)
@@ -115,8 +126,6 @@ class EvaluationResult:
 
 def check_arguments(args: argparse.Namespace) -> list[str]:
     """Cheap checks before anything loads; returns the scorer names."""
-    from img_core.evaluation.scorers import check_scorer_names
-    from img_core.settings import check_rounds, check_seed
 
     if check_rounds(args.rounds) < 1:
         raise InvalidInputError("--rounds must be at least 1: the win rates compare rounds >= 1 with round 0")
@@ -135,7 +144,6 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
 def question_record(requested: str) -> dict:
     """The question source a run actually asks (offline, "release" falls back to ours): its name, the sha256
     of its templates and, when it is not what was asked for, a note saying so."""
-    from img_core.questions import load_question_source
 
     source = load_question_source(requested)
     digest = hashlib.sha256(json.dumps(list(source.templates)).encode("utf-8")).hexdigest()
@@ -313,7 +321,6 @@ def score_missing(session, scorer_names: list[str], samples: list[tuple[int, int
     """Score every image of `samples` a scorer has not scored yet; one scorer's weights resident at a time."""
     from tqdm.auto import tqdm
 
-    from img_core.evaluation.scorers import load_scorer, scorer_needs_own_weights
 
     keys = [(i, j, r) for i, j in samples for r in range(rounds + 1)]
     tiny_root = _tiny_root(session)

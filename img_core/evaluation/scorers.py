@@ -69,8 +69,10 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from img_core.clip_processing import pil_clip_image_processor
 from img_core.errors import IMGError, InvalidInputError
 from img_core.hub import download_file, from_pretrained_or_explain
+from img_core.mllm import resolve_spec
 from img_core.mllm.loading import load_mllm
 from img_core.tiny.scorers import ensure_tiny_scorers, tiny_scorer_overrides
 
@@ -353,7 +355,6 @@ class CLIPScorer:
 
         if self.model is not None:
             return self
-        from img_core.clip_processing import pil_clip_image_processor
 
         spec = self.spec
         processor = from_pretrained_or_explain(CLIPProcessor, spec.processor_id)
@@ -434,7 +435,6 @@ def parse_vqa_name(name: str) -> VQAScorerName | None:
 
 def judge_is_available(mllm: str, tiny_root: str | Path | None) -> bool:
     """A judge counts as available when its weights are here already: never a surprise 26 GB download."""
-    from img_core.mllm import resolve_spec
 
     try:
         spec = resolve_spec(mllm, Path(tiny_root) if tiny_root else None)

@@ -2,7 +2,6 @@
 
 They are built from configs with the real transformers classes and saved with `save_pretrained`, model
 and processor side by side, in the same layout as the hub repos they stand in for:
-
     <root>/tiny-llava/   like llava-hf/llava-1.5-13b-hf  (LlavaForConditionalGeneration + LlavaProcessor)
     <root>/tiny-qwen/    like Qwen/Qwen2.5-VL-7B-Instruct (Qwen2_5_VLForConditionalGeneration + processor)
 
@@ -25,6 +24,9 @@ import string
 from pathlib import Path
 
 import torch
+
+from img_core.mllm import LLAVA_IMAGE_TOKEN
+from img_core.weights.convert_llava import add_image_and_pad_tokens
 
 TINY_LLAVA_NAME = "tiny-llava"
 TINY_QWEN_NAME = "tiny-qwen"
@@ -149,8 +151,6 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
     """Build and save a tiny `LlavaForConditionalGeneration` + `LlavaProcessor` into `out_dir`."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from img_core.mllm import LLAVA_IMAGE_TOKEN
-    from img_core.weights.convert_llava import add_image_and_pad_tokens
 
     out_dir = Path(out_dir)
     tokenizer = build_tiny_llama_tokenizer()

@@ -14,7 +14,22 @@ from pathlib import Path
 
 import torch
 
+from img_core.aligner import (
+    FLUX_FEATURES,
+    SDXL_FEATURES,
+    AlignerConfig,
+    ImplicitAligner,
+)
 from img_core.paths import tiny_models_root
+from img_core.tiny.diffusion import (
+    FLUX_IP_TOKENS,
+    FLUX_JOINT_ATTENTION_DIM,
+    SDXL_CROSS_ATTENTION_DIM,
+    SDXL_IP_TOKENS,
+    build_tiny_flux,
+    build_tiny_sdxl,
+)
+from img_core.tiny.mllm import build_tiny_llava, build_tiny_qwen
 
 TINY_VERSION = "v2"  # bump when the tiny architectures change, so stale caches are rebuilt
 TINY_GUIDANCE_DIM = 64  # hidden size of tiny-llava and tiny-qwen
@@ -45,17 +60,6 @@ def ensure_tiny_models(base: Path | None = None, seed: int = 0) -> Path:
 
 
 def build_all(root: Path, seed: int = 0) -> None:
-    from img_core.aligner import FLUX_FEATURES, SDXL_FEATURES
-    from img_core.tiny.diffusion import (
-        FLUX_IP_TOKENS,
-        FLUX_JOINT_ATTENTION_DIM,
-        SDXL_CROSS_ATTENTION_DIM,
-        SDXL_IP_TOKENS,
-        build_tiny_flux,
-        build_tiny_sdxl,
-    )
-    from img_core.tiny.mllm import build_tiny_llava, build_tiny_qwen
-
     build_tiny_sdxl(root, seed)
     build_tiny_flux(root, seed)
     build_tiny_llava(root / "tiny-llava", seed)
@@ -68,7 +72,6 @@ def build_tiny_aligner(
     out_dir: Path, image_dim: int, num_tokens: int, feature_kind: str, mllm: str, seed: int = 0
 ) -> Path:
     """A tiny aligner whose zero_linear is random (not zero), so it visibly changes the features."""
-    from img_core.aligner import AlignerConfig, ImplicitAligner
 
     torch.manual_seed(seed)
     config = AlignerConfig(

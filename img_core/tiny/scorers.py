@@ -2,7 +2,6 @@
 
 Built from configs with transformers' `CLIPModel` / `CLIPProcessor`, saved in the layouts of the hub repos
 they stand in for, and loaded by img_core.evaluation.scorers through the very same loaders as the real ids:
-
     <tiny_root>/scorers-v2/tiny-clip-h/       like laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, processor, weights)
     <tiny_root>/scorers-v2/tiny-pickscore/    like yuvalkirstain/PickScore_v1 (CLIPModel weights)
     <tiny_root>/scorers-v2/tiny-hpsv2/HPS_v2.1_compressed.pt   like xswu/HPSv2 (open_clip keys, {"state_dict": ...})
@@ -24,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from img_core.tiny.diffusion import build_clip_tokenizer
 
 TINY_SCORERS_VERSION = "scorers-v2"  # bump when the tiny scorer architectures change
 TINY_SCORER_IMAGE_SIZE = 32
@@ -72,7 +73,6 @@ def tiny_clip_config(hidden_act: str):
     """A CLIP with 32-wide towers, 32 px images and 16-d embeddings (ViT-H uses gelu, OpenAI's ViT-L quick_gelu)."""
     from transformers import CLIPConfig
 
-    from img_core.tiny.diffusion import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -87,7 +87,6 @@ def tiny_clip_config(hidden_act: str):
 def tiny_clip_processor():
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from img_core.tiny.diffusion import build_clip_tokenizer
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": TINY_SCORER_IMAGE_SIZE},
