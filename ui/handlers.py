@@ -5,26 +5,21 @@ round path and scores each round; it knows nothing of Gradio components (`ui.lay
 page's methods raise `IMGError` for what the user can fix (the layout shows it and keeps the page
 usable); the stateless API methods turn it into `gr.Error`. The methods that run the models are
 wrapped with `gpu_task` (ZeroGPU) on the instance, so their pickled arguments never include the
-session itself. `run_in_worker` runs a job beside the page and hands its stage events over in batches
-(live status, the critique streamed token by token, Stop); `ModelPreparation` loads the models in the
+session itself (`ui.jobs` runs them beside the page). `ModelPreparation` loads the models in the
 background so the page shows at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import logging
-import queue
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 from PIL import Image
@@ -302,85 +297,6 @@ def _with_warnings(made: Round, request_warnings: tuple[str, ...]) -> Round:
     """`made` carrying the request's warnings too (a prompt cut to the length limit, ...), each once."""
     warnings = list(dict.fromkeys([*request_warnings, *made.warnings]))
     return made if warnings == made.warnings else dataclasses.replace(made, warnings=warnings)
-
-
-# --- running a job beside the page ---------------------------------------------------------------------
-
-
-STOP_POLL_SECONDS = 0.25  # how often a waiting job looks whether Stop was clicked
-
-
-class StopRequested(Exception):
-    """The user clicked Stop: the job ends at its next stage event; finished rounds are kept."""
-
-
-@dataclass(frozen=True)
-class Produced:
-    """A value a job produced (a state, a critique), as opposed to a StageEvent."""
-
-    value: Any
-
-
-def run_in_worker(
-    produce: Callable[[StageCallback], Iterable[Any]], stop: threading.Event | None = None
-) -> Iterator[list[StageEvent | Produced]]:
-    """Run `produce(on_stage)` in a worker thread and yield what it reports, in batches: every
-    StageEvent and every value it yields (as `Produced`) since the last batch. The caller turns each
-    batch into one page update, so a fast stream of steps or tokens never floods the page. When `stop`
-    is set, the next stage event raises StopRequested inside the job. An exception of the job is
-    raised here, after the batches before it. The worker runs in a copy of the caller's context, so
-    gr.Warning works inside it."""
-    items: queue.Queue = queue.Queue()
-    done = object()
-
-    def on_stage(event: StageEvent) -> None:
-        if stop is not None and stop.is_set():
-            raise StopRequested("stopped by the user")
-        items.put(event)
-
-    def work() -> None:
-        try:
-            for value in produce(on_stage):
-                items.put(Produced(value))
-                if stop is not None and stop.is_set():
-                    raise StopRequested("stopped by the user")
-        except BaseException as error:  # handed to the caller's thread, which decides
-            items.put(error)
-        finally:
-            items.put(done)
-
-    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="img-studio-job", daemon=True)
-    worker.start()
-    finished = False
-    announced = False  # the page was told that the job is stopping
-    try:
-        while not finished:
-            try:
-                batch = [items.get(timeout=STOP_POLL_SECONDS)]
-            except queue.Empty:
-                if stop is not None and stop.is_set() and not announced:
-                    announced = True
-                    yield [StageEvent("stopping")]  # at once, even while a long step runs
-                continue
-            while True:
-                try:
-                    batch.append(items.get_nowait())
-                except queue.Empty:
-                    break
-            if batch[-1] is done:
-                batch.pop()
-                finished = True
-            failures = [item for item in batch if isinstance(item, BaseException)]
-            reported = [item for item in batch if not isinstance(item, BaseException)]
-            if reported:
-                yield reported
-            if failures:
-                worker.join()
-                raise failures[0]
-        worker.join()
-    finally:
-        if not finished and stop is not None:  # the page went away mid-job: end it at its next step
-            stop.set()
 
 
 # --- models prepared in the background -----------------------------------------------------------------

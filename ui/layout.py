@@ -19,15 +19,14 @@ own `gr.State`.
 
 import logging
 import random
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 
 from img_core.errors import IMGError
 from img_core.evaluation.scorers import VQA_SCORER
 from img_core.presets import PRESETS
-from img_core.session import IMGSession, StageCallback, StageEvent
+from img_core.session import IMGSession
 from img_core.settings import (
     DEFAULT_AUTO_ROUNDS,
     GUIDANCE_MODES,
@@ -37,17 +36,9 @@ from img_core.settings import (
 )
 from ui import views
 from ui.examples import EXAMPLES
-from ui.gpu import on_zero_gpu
-from ui.handlers import (
-    PREPARATION_STEPS,
-    ModelPreparation,
-    Produced,
-    StopRequested,
-    Studio,
-    run_in_worker,
-    user_errors,
-)
+from ui.handlers import PREPARATION_STEPS, ModelPreparation, Studio, user_errors
 from ui.image_files import png_file
+from ui.jobs import JobInputs, Jobs, JobUpdate
 from ui.models import ModelHost, compatible_mllms
 from ui.state import RoundRequest, StudioState
 
@@ -104,7 +95,7 @@ class StudioUI:
         # Cheap events that change the tab's rounds: queued (Gradio reports state changes, which re-render
         # the strip, only for queued events) but outside the GPU group, so they never wait for a job.
         self.state_change = {"concurrency_limit": None, "api_visibility": "private", "show_progress": "hidden"}
-        self._stops: dict[str, threading.Event] = {}  # Stop flag of each browser tab's running job
+        self.jobs = Jobs(self.studio, self.preparation)
         preparing = not host.is_loaded and prepare_models
         classes = ["img-studio-tiny"] if host.preset.is_tiny else []
         with gr.Blocks(title="IMG Studio", delete_cache=(3600, 3600)) as self.demo:
@@ -289,11 +280,13 @@ class StudioUI:
         self.job_outputs = [
             self.current, self.status, self.state, self.critique, self.next_use, *buttons, self.timer,
         ]  # fmt: skip  (the base image first: `scroll_to_output` brings it into view on a phone)
-        request_inputs = {
-            self.state, self.prompt, self.seed, self.steps, self.guidance_scale, self.ip_scale,
-            self.aligner_passes, self.guidance_mode, self.critique, self.auto_rounds, self.upload,
-            self.stop_when_flat,
+        self._job_inputs = {  # ui.jobs.JobInputs field -> the component it is read from
+            "state": self.state, "prompt": self.prompt, "seed": self.seed, "steps": self.steps,
+            "guidance_scale": self.guidance_scale, "ip_scale": self.ip_scale, "aligner_passes": self.aligner_passes,
+            "guidance_mode": self.guidance_mode, "critique": self.critique, "auto_rounds": self.auto_rounds,
+            "upload": self.upload, "stop_when_flat": self.stop_when_flat,
         }  # fmt: skip
+        request_inputs = set(self._job_inputs.values())
         instant = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
         job = {
             "concurrency_id": GPU_QUEUE,
@@ -313,12 +306,13 @@ class StudioUI:
             running.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             return running
 
-        chain(self.buttons["generate"].click, self._on_generate, request_inputs, "ui_generate", scroll_to_output=True)
-        chain(self.prompt.submit, self._on_generate, request_inputs, scroll_to_output=True)
-        chain(self.buttons["use_upload"].click, self._on_use_upload, request_inputs, "ui_use_upload")
-        chain(self.buttons["critique"].click, self._on_critique, request_inputs, "ui_critique")
-        chain(self.buttons["refine"].click, self._on_refine, request_inputs, "ui_refine")
-        chain(self.buttons["auto_refine"].click, self._on_auto_refine, request_inputs, "ui_auto_refine")
+        run = self._job_handler
+        chain(self.buttons["generate"].click, run("generate"), request_inputs, "ui_generate", scroll_to_output=True)
+        chain(self.prompt.submit, run("generate"), request_inputs, scroll_to_output=True)
+        chain(self.buttons["use_upload"].click, run("use_upload"), request_inputs, "ui_use_upload")
+        chain(self.buttons["critique"].click, run("critique"), request_inputs, "ui_critique")
+        chain(self.buttons["refine"].click, run("refine"), request_inputs, "ui_refine")
+        chain(self.buttons["auto_refine"].click, run("auto_refine"), request_inputs, "ui_auto_refine")
         if self.allow_model_switch:
             switch_outputs = [
                 self.status, self.banner, self.preset, self.mllm, self.quantization,
@@ -378,18 +372,24 @@ class StudioUI:
                 updates[button] = gr.update(interactive=can_run[name], value=views.button_label(name, step))
         return updates
 
-    def _state_views(self, state: StudioState, values: dict | None = None, session_id: str = "default") -> dict:
+    def _state_views(
+        self, state: StudioState, values: dict | None = None, checked: RoundRequest | None = None,
+        session_id: str = "default",
+    ) -> dict:  # fmt: skip
         """The base image, the critique box (emptied: its base changed), the next-round note and the
-        download (always every round made so far)."""
+        download (always every round made so far). `checked`: the click's request, whose prompt was
+        checked already."""
         values = values or {}
         mode = values.get(self.guidance_mode, "question")
+        prompt = checked.prompt if checked else values.get(self.prompt)
+        seed = checked.seed if checked else values.get(self.seed)
         updates = {
             self.state: state,
             self.current: gr.update(
                 value=None if state.is_empty else png_file(state.base_round().image), label=views.base_label(state)
             ),
             self.critique: gr.update(value="", label=views.critique_label(state)),
-            self.next_use: self._next_use_note(state, mode, "", values.get(self.prompt), values.get(self.seed)),
+            self.next_use: self._next_use_note(state, mode, "", prompt, seed, checked=checked is not None),
         }
         download = self.buttons["download"]
         if state.is_empty:
@@ -401,164 +401,73 @@ class StudioUI:
                 logger.exception("writing the session zip failed")
         return updates
 
-    def _next_use_note(self, state: StudioState, mode: str, critique: str | None, prompt=None, seed=None) -> str:
+    def _next_use_note(
+        self, state: StudioState, mode: str, critique: str | None, prompt=None, seed=None, checked: bool = False
+    ) -> str:
+        """What the next round will use. `checked`: `prompt` is a job's already checked prompt."""
         question = None
         if mode == "question" and not state.is_empty and self.host.is_loaded:
             try:
-                text = check_prompt(prompt).prompt if prompt else state.rounds[0].prompt
+                if not prompt:
+                    text = state.rounds[0].prompt
+                else:
+                    text = prompt if checked else check_prompt(prompt).prompt
                 question = self.host.session.critic.question_for(text, int(seed if seed is not None else 0))
             except (IMGError, TypeError, ValueError):
                 question = None
         return views.next_round_note(state, mode, question, critique)
 
-    # --- jobs -------------------------------------------------------------------------------------
+    # --- jobs (ui.jobs runs them; here their updates become the page's) -----------------------------
 
-    def _request(self, values: dict) -> RoundRequest:
-        return RoundRequest.from_values(
-            prompt=values[self.prompt],
-            seed=values[self.seed],
-            steps=values[self.steps],
-            max_critique_tokens=None,
-            guidance_scale=values[self.guidance_scale],
-            ip_scale=values[self.ip_scale],
-            aligner_passes=values[self.aligner_passes],
-            guidance_mode=values[self.guidance_mode],
-        )
+    def _job_handler(self, action: str) -> Callable[[dict, gr.Request], Iterator[dict]]:
+        """The event handler of a model job: the page's values by name in, `ui.jobs.JobUpdate`s out as
+        updates of the components."""
 
-    def _job(
-        self,
-        values: dict,
-        request: gr.Request,
-        action: str,
-        produce: Callable[[RoundRequest, StageCallback | None], Iterable],
-        auto_rounds: int | None = None,
-    ) -> Iterator[dict]:
-        """Run `produce` (which yields states, critiques or (state, stop reason) pairs) and show its
-        progress; every error ends as a message, and the last update re-enables the buttons."""
-        state = values[self.state]
-        session_id = getattr(request, "session_hash", None) or "default"
-        stop = self._stops.setdefault(session_id, threading.Event())
-        stop.clear()
-        note = None
-        streamed = False  # the critique box shows text of a round that may not finish
-        shown_warnings: set[str] = set()
+        def handler(values: dict, request: gr.Request) -> Iterator[dict]:
+            inputs = JobInputs(**{name: values[component] for name, component in self._job_inputs.items()})
+            tab = tab_id(request)
+            for update in self.jobs.run(action, inputs, tab):
+                yield self._shown(update, values, tab)
 
-        def warn(messages: Iterable[str]) -> None:
-            for message in messages:
-                if message not in shown_warnings:
-                    shown_warnings.add(message)
-                    gr.Warning(message)
+        return handler
 
-        try:
-            round_request = self._request(values)
-            warn(round_request.warnings)
-            auto = (state.next_index, auto_rounds) if auto_rounds else None
-            if on_zero_gpu():  # the job runs in a forked worker: no callback crosses; results at the end
-                batches = [[Produced(value) for value in produce(round_request, None)]]
-            else:
-                batches = run_in_worker(lambda on_stage: produce(round_request, on_stage), stop)
-            for batch in batches:
-                update: dict = {}
-                for item in batch:
-                    if isinstance(item, StageEvent):
-                        if item.stage == "load" and item.message:
-                            self.preparation.note(item.message)
-                        update[self.status] = self._status_text(
-                            views.stage_line(item, self.preparation.step_text or None, auto)
-                        )
-                        if item.text is not None:
-                            update[self.critique] = item.text
-                            streamed = True
-                        continue
-                    value = item.value
-                    if isinstance(value, tuple):
-                        value, note = value
-                    streamed = False
-                    if isinstance(value, StudioState):
-                        state = value
-                        update.update(self._state_views(state, values, session_id))
-                        warn(state.base_round().warnings)
-                    elif isinstance(value, str):
-                        update[self.critique] = value
-                yield update
-        except StopRequested:
-            note = "Stopped. The rounds made so far are kept."
-            gr.Info(note)
-        except IMGError as error:  # the user can fix it: one log line, a message on the page
-            logger.warning("%s refused: %s", action, error)
-            note = f"⚠️ {error}"
-            gr.Warning(str(error))
-        except Exception as error:  # a real failure: traceback in the log, the page stays usable
-            logger.exception("%s failed", action)
-            note = (
-                f"⚠️ {action} failed ({type(error).__name__}: {error}). The rounds so far are kept; try again, "
-                "or with fewer steps or a smaller preset."
-            )
-            gr.Warning(note)
-        if note and note.startswith("Auto-refine stopped"):
-            gr.Info(note)
-        final = {self.status: self._status_text(note), **self._button_updates(state, busy=False),
-                 self.timer: gr.Timer(active=False)}  # fmt: skip
-        if streamed:  # the round it belonged to did not finish: back to the box's text for this base
-            final[self.critique] = values[self.critique] if state is values[self.state] else ""
-        yield final
-
-    def _on_generate(self, values: dict, request: gr.Request):
-        def produce(req, on_stage):
-            return [self.studio.generate(req, values[self.state], on_stage)]
-
-        yield from self._job(values, request, "Generate", produce)
-
-    def _on_use_upload(self, values: dict, request: gr.Request):
-        def produce(req, on_stage):
-            return [self.studio.start_from_image(values[self.upload], req, values[self.state], on_stage)]
-
-        yield from self._job(values, request, "Use your image", produce)
-
-    def _on_critique(self, values: dict, request: gr.Request):
-        def produce(req, on_stage):
-            return [self.studio.critique(req, values[self.state], on_stage)]
-
-        yield from self._job(values, request, "Critique", produce)
-
-    def _on_refine(self, values: dict, request: gr.Request):
-        def produce(req, on_stage):
-            return [self.studio.refine(req, values[self.state], values[self.critique], on_stage)]
-
-        yield from self._job(values, request, "Refine", produce)
-
-    def _on_auto_refine(self, values: dict, request: gr.Request):
-        rounds = values[self.auto_rounds]
-
-        def produce(req, on_stage):
-            return self.studio.auto_refine(
-                req, values[self.state], values[self.critique], rounds, bool(values[self.stop_when_flat]), on_stage
-            )
-
-        try:
-            shown_rounds = int(rounds)
-        except (TypeError, ValueError):
-            shown_rounds = None
-        yield from self._job(values, request, "Auto-refine", produce, auto_rounds=shown_rounds)
+    def _shown(self, update: JobUpdate, values: dict, tab: str) -> dict:
+        """A job's update as component updates; the last one re-enables the buttons."""
+        if update.finished:
+            final = {self.status: self._status_text(update.status),
+                     **self._button_updates(update.state, busy=False), self.timer: gr.Timer(active=False)}  # fmt: skip
+            if update.critique is not None:
+                final[self.critique] = update.critique
+            return final
+        shown: dict = {}
+        if update.status is not None:
+            shown[self.status] = self._status_text(update.status)
+        if update.state is not None:
+            shown.update(self._state_views(update.state, values, update.request, tab))
+        if update.critique is not None:
+            shown[self.critique] = update.critique
+        return shown
 
     # --- instant events ---------------------------------------------------------------------------
 
-    def _lock(self, state: StudioState) -> dict:
+    def _lock(self, state: StudioState, request: gr.Request) -> dict:
+        """A job was clicked: it waits in the GPU queue from now on (Stop ends it there too)."""
+        self.jobs.queued(tab_id(request))
         return self._button_updates(state, busy=True)
 
-    def _unlock(self, state: StudioState) -> dict:
+    def _unlock(self, state: StudioState, request: gr.Request) -> dict:
+        self.jobs.idle(tab_id(request))
         return self._button_updates(state, busy=False)
 
-    def _unlock_after_failure(self, state: StudioState) -> dict:
+    def _unlock_after_failure(self, state: StudioState, request: gr.Request) -> dict:
         """After an error Gradio raised before or after the handler (its message is already shown)."""
+        self.jobs.idle(tab_id(request))
         note = "⚠️ That did not work (see the message). Your rounds are kept; correct the input and try again."
         return {**self._button_updates(state, busy=False), self.status: self._status_text(note)}
 
     def _on_stop(self, request: gr.Request) -> None:
-        """Ask this tab's running job to end at its next step (it says so in the status at once)."""
-        stop = self._stops.get(getattr(request, "session_hash", None) or "default")
-        if stop is not None:
-            stop.set()
+        """End this tab's job: a queued one before it runs, a running one at its next step (it says so)."""
+        self.jobs.stop(tab_id(request))
 
     def _on_reset(self) -> dict:
         state = StudioState()
@@ -598,9 +507,8 @@ class StudioUI:
         return self._on_tick(state)
 
     def _on_unload(self, request: gr.Request) -> None:
-        session_id = getattr(request, "session_hash", None) or "default"
-        self._stops.pop(session_id, None)
-        Studio.end_session(session_id)
+        self.jobs.end(tab_id(request))
+        Studio.end_session(tab_id(request))
 
     def _on_preset_choice(self, preset_name: str) -> dict:
         """Offer the MLLMs this preset's aligner takes guidance from (its own first)."""
@@ -628,6 +536,11 @@ class StudioUI:
             self.ip_scale: preset.ip_scale,
             self.aligner_passes: preset.aligner_passes,
         }
+
+
+def tab_id(request: gr.Request | None) -> str:
+    """The browser tab an event came from (Gradio's session hash)."""
+    return getattr(request, "session_hash", None) or "default"
 
 
 def setting_slider(name: str, value: float, note: str = "") -> gr.Slider:
