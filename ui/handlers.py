@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 import shutil
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from img_core.session import IMGSession, StageCallback, StageEvent
 from img_core.settings import LIMITS
 from ui.files import app_subfolder
 from ui.gpu import gpu_task
+from ui.image_files import png_file
 from ui.models import ModelHost
 from ui.state import RoundRequest, StudioState
 
@@ -198,9 +201,10 @@ class Studio:
             return state.with_base(index)
 
     def export(self, state: StudioState, session_id: str = "default") -> Path:
-        """A zip of round_0.png, round_1.png, ... and session.json (the CLI's format). One file per browser
-        session (`session_id`, Gradio's session hash): each download replaces the previous one, and
-        `end_session` removes it."""
+        """A zip of round_0.png, round_1.png, ... and session.json (the CLI's format), built when Download
+        is clicked from the PNGs the page already wrote (`ui.image_files`), stored as they are (PNG is
+        compressed already). One file per browser session (`session_id`, Gradio's session hash): each
+        download replaces the previous one, and `end_session` removes it."""
         with user_errors():
             if state.is_empty:
                 raise InvalidInputError("there is nothing to download yet: Generate an image first")
@@ -209,7 +213,14 @@ class Studio:
             folder = _export_folder(session_id)
             for old in folder.iterdir():
                 old.unlink(missing_ok=True)
-            return record.write_zip(folder / f"img-studio-{_slug(first.prompt)}-{time.strftime('%Y%m%d-%H%M%S')}.zip")
+            path = folder / f"img-studio-{_slug(first.prompt)}-{time.strftime('%Y%m%d-%H%M%S')}.zip"
+            partial = path.with_suffix(".partial")
+            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
+                for made in state.rounds:
+                    archive.write(png_file(made.image), f"round_{made.index}.png")
+                archive.writestr("session.json", json.dumps(record.to_dict(), indent=2) + "\n")
+            partial.replace(path)  # a half-written zip is never offered
+            return path
 
     @staticmethod
     def end_session(session_id: str) -> None:

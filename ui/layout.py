@@ -59,7 +59,46 @@ CSS = """
 #round-strip > .round-card.is-base { outline: 3px solid var(--color-accent); outline-offset: -3px; }
 .round-card img { image-rendering: pixelated; object-fit: contain; }
 .round-card .prose { overflow-wrap: anywhere; }
+.gradio-container { overflow: clip visible !important; }  /* hidden would make a scroll box: sticky needs clip */
+#status-bar { position: sticky; top: 0; z-index: 50; flex-wrap: nowrap; align-items: center; gap: 8px;
+  padding: 4px 8px; background: var(--background-fill-primary); border-bottom: 1px solid var(--border-color-primary); }
+#status-bar > #status { flex: 1 1 auto; min-width: 0; }
+#status p { margin: 0; }
+@media (max-width: 640px) { #status { font-size: 0.85em; line-height: 1.25; } }
+#round-strip > .round-card { scroll-margin-top: 88px; }
 """
+
+# Brings the newest round card into view whenever a new one appears (after each round, on any screen);
+# again shortly after, once its image has its height.
+SCROLL_TO_NEWEST_JS = """() => {
+  let newest = null;
+  const show = (card) => {
+    const box = card.getBoundingClientRect();
+    const strip = card.parentElement.getBoundingClientRect();
+    if (box.top < 0 || box.bottom > window.innerHeight || box.left < strip.left || box.right > strip.right) {
+      card.scrollIntoView({block: "nearest", inline: "nearest"});
+    }
+  };
+  new MutationObserver(() => {
+    const cards = document.querySelectorAll("#round-strip > .round-card");
+    const last = cards.length ? cards[cards.length - 1] : null;
+    if (!last || last.id === newest) { newest = last ? newest : null; return; }
+    newest = last.id;
+    [0, 300, 1000].forEach((ms) => setTimeout(() => last.isConnected && show(last), ms));
+  }).observe(document.body, {childList: true, subtree: true});
+}"""
+
+# Downloads the zip that Download just wrote into the hidden file component (a DownloadButton would offer
+# the file it held before the click).
+DOWNLOAD_JS = """(file) => {
+  if (!file || !file.url) return;
+  const link = document.createElement("a");
+  link.href = file.url;
+  link.download = file.orig_name || "img-studio-session.zip";
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+}"""
 
 INTRO = """# IMG Studio
 Generate an image, let a multimodal LLM critique how it misses the prompt, and re-generate it with
@@ -105,6 +144,8 @@ class StudioUI:
                 views.TINY_BANNER.format(preset=host.preset.name), visible=host.preset.is_tiny, elem_id="tiny-banner"
             )
             self.timer = gr.Timer(PREPARATION_POLL_SECONDS, active=preparing)
+            self.buttons: dict[str, gr.Button] = {}
+            self._status_bar(preparing)
             # On a phone the columns stack: only closed accordions lie between Generate and the result.
             with gr.Row(elem_classes=classes):
                 with gr.Column(scale=2, min_width=320):
@@ -137,10 +178,22 @@ class StudioUI:
         self.buttons[name] = button
         return button
 
+    def _status_bar(self, preparing: bool) -> None:
+        """One compact line, what runs now (or the models' state), with Stop: it stays at the top of the
+        window while the page scrolls (CSS position: sticky), on a phone too."""
+        with gr.Row(elem_id="status-bar", equal_height=True):
+            self.status = gr.Markdown(self._status_text(None, preparing), elem_id="status")
+            self._button("stop", preparing, variant="stop", scale=0, min_width=90)
+
     def _inputs(self, preparing: bool) -> None:
-        self.buttons: dict[str, gr.Button | gr.DownloadButton] = {}
+        # One line that grows to six: Enter generates, Shift+Enter adds a line.
         self.prompt = gr.Textbox(
-            label="Prompt", lines=2, max_lines=6, placeholder="A green banana and a brown horse.", elem_id="prompt"
+            label="Prompt",
+            lines=1,
+            max_lines=6,
+            placeholder="A green banana and a brown horse.",
+            info="Enter generates; Shift+Enter adds a line.",
+            elem_id="prompt",
         )
         with gr.Row():
             self.seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", min_width=120)
@@ -156,7 +209,6 @@ class StudioUI:
             self._button("use_upload", preparing)
 
     def _base_panel(self, preparing: bool) -> None:
-        self.status = gr.Markdown(self._status_text(None, preparing), elem_id="status")
         self.current = gr.Image(
             label="Base of the next round", type="pil", format="png", interactive=False, height=384,
             elem_id="current-image",
@@ -173,7 +225,6 @@ class StudioUI:
             self._button("refine", preparing, variant="primary")
         with gr.Row():
             self._button("auto_refine", preparing, variant="secondary")
-            self._button("stop", preparing, variant="stop")
         with gr.Row():
             self.auto_rounds = setting_slider("auto_rounds", DEFAULT_AUTO_ROUNDS)
             self.stop_when_flat = gr.Checkbox(
@@ -183,10 +234,9 @@ class StudioUI:
                 elem_id="stop-rule",
             )
         with gr.Row():
-            self.buttons["download"] = gr.DownloadButton(
-                views.BUTTON_LABELS["download"], value=None, interactive=False, elem_id="download-btn"
-            )
+            self._button("download", preparing)
             self._button("reset", preparing, variant="stop", size="sm")
+        self.download_file = gr.File(visible=False, elem_id="download-file")
 
     def _settings(self) -> None:
         preset = self.host.preset
@@ -279,7 +329,7 @@ class StudioUI:
         buttons = list(self.buttons.values())
         self.job_outputs = [
             self.current, self.status, self.state, self.critique, self.next_use, *buttons, self.timer,
-        ]  # fmt: skip  (the base image first: `scroll_to_output` brings it into view on a phone)
+        ]  # fmt: skip
         self._job_inputs = {  # ui.jobs.JobInputs field -> the component it is read from
             "state": self.state, "prompt": self.prompt, "seed": self.seed, "steps": self.steps,
             "guidance_scale": self.guidance_scale, "ip_scale": self.ip_scale, "aligner_passes": self.aligner_passes,
@@ -307,8 +357,8 @@ class StudioUI:
             return running
 
         run = self._job_handler
-        chain(self.buttons["generate"].click, run("generate"), request_inputs, "ui_generate", scroll_to_output=True)
-        chain(self.prompt.submit, run("generate"), request_inputs, scroll_to_output=True)
+        chain(self.buttons["generate"].click, run("generate"), request_inputs, "ui_generate")
+        chain(self.prompt.submit, run("generate"), request_inputs)
         chain(self.buttons["use_upload"].click, run("use_upload"), request_inputs, "ui_use_upload")
         chain(self.buttons["critique"].click, run("critique"), request_inputs, "ui_critique")
         chain(self.buttons["refine"].click, run("refine"), request_inputs, "ui_refine")
@@ -326,6 +376,11 @@ class StudioUI:
             switching.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             self.preset.change(self._on_preset_choice, self.preset, self.mllm, **instant)
         self.buttons["stop"].click(self._on_stop, None, None, **instant)  # the job itself says it stops
+        # The zip is built on the click, into a hidden file that the page then downloads.
+        self.buttons["download"].click(
+            self._on_download, self.state, self.download_file, api_name="ui_download", api_visibility="undocumented",
+            concurrency_limit=None, show_progress="hidden",
+        ).then(None, self.download_file, None, js=DOWNLOAD_JS)  # fmt: skip
         self.buttons["reset"].click(self._on_reset, None, self.job_outputs, **self.state_change)
         self.randomize.click(lambda: random.randint(0, int(LIMITS["seed"].high)), None, self.seed, **instant)
         self.guidance_mode.change(views.CRITIQUE_NOTES.get, self.guidance_mode, self.critique_note, **instant)
@@ -344,7 +399,10 @@ class StudioUI:
     # --- what the page shows ----------------------------------------------------------------------
 
     def _status_text(self, now: str | None, preparing: bool | None = None) -> str:
-        """The one status area: the models (preparing k/n, failed, loaded) and what runs now."""
+        """The one status line: what runs now (or how the last job ended), else the models (preparing k/n,
+        failed, loaded)."""
+        if now:
+            return now
         preparation = self.preparation
         preparing = preparation.running if preparing is None else preparing
         if preparing and not self.host.is_loaded:
@@ -357,7 +415,7 @@ class StudioUI:
             )
         else:
             models = self.host.status_line()
-        return f"{models}\n\n{now}" if now else models
+        return models
 
     def _button_updates(self, state: StudioState, busy: bool) -> dict:
         preparing = self.preparation.running and not self.host.is_loaded
@@ -366,24 +424,17 @@ class StudioUI:
         step = self.preparation.step_text if preparing else None
         updates = {}
         for name, button in self.buttons.items():
-            if name == "download":  # its value is the file; the label stays
-                updates[button] = gr.update(interactive=can_run[name])
-            else:
-                updates[button] = gr.update(interactive=can_run[name], value=views.button_label(name, step))
+            updates[button] = gr.update(interactive=can_run[name], value=views.button_label(name, step))
         return updates
 
-    def _state_views(
-        self, state: StudioState, values: dict | None = None, checked: RoundRequest | None = None,
-        session_id: str = "default",
-    ) -> dict:  # fmt: skip
-        """The base image, the critique box (emptied: its base changed), the next-round note and the
-        download (always every round made so far). `checked`: the click's request, whose prompt was
-        checked already."""
+    def _state_views(self, state: StudioState, values: dict | None = None, checked: RoundRequest | None = None) -> dict:
+        """The base image, the critique box (emptied: its base changed) and the next-round note.
+        `checked`: the click's request, whose prompt was checked already."""
         values = values or {}
         mode = values.get(self.guidance_mode, "question")
         prompt = checked.prompt if checked else values.get(self.prompt)
         seed = checked.seed if checked else values.get(self.seed)
-        updates = {
+        return {
             self.state: state,
             self.current: gr.update(
                 value=None if state.is_empty else png_file(state.base_round().image), label=views.base_label(state)
@@ -391,15 +442,17 @@ class StudioUI:
             self.critique: gr.update(value="", label=views.critique_label(state)),
             self.next_use: self._next_use_note(state, mode, "", prompt, seed, checked=checked is not None),
         }
-        download = self.buttons["download"]
-        if state.is_empty:
-            updates[download] = gr.update(value=None, interactive=False)
-        else:
-            try:
-                updates[download] = gr.update(value=str(self.studio.export(state, session_id)), interactive=True)
-            except Exception:  # the rounds are still on the page; the next round tries again
-                logger.exception("writing the session zip failed")
-        return updates
+
+    def _on_download(self, state: StudioState, request: gr.Request) -> str | None:
+        """Download: the zip of every round so far, built now (nothing is zipped while rounds are made)."""
+        try:
+            return str(self.studio.export(state, tab_id(request)))
+        except gr.Error as error:
+            gr.Warning(str(error))
+        except Exception:  # the rounds are still on the page; the next click tries again
+            logger.exception("writing the session zip failed")
+            gr.Warning("the zip could not be written; your rounds are kept, try Download again")
+        return None
 
     def _next_use_note(
         self, state: StudioState, mode: str, critique: str | None, prompt=None, seed=None, checked: bool = False
@@ -425,13 +478,12 @@ class StudioUI:
 
         def handler(values: dict, request: gr.Request) -> Iterator[dict]:
             inputs = JobInputs(**{name: values[component] for name, component in self._job_inputs.items()})
-            tab = tab_id(request)
-            for update in self.jobs.run(action, inputs, tab):
-                yield self._shown(update, values, tab)
+            for update in self.jobs.run(action, inputs, tab_id(request)):
+                yield self._shown(update, values)
 
         return handler
 
-    def _shown(self, update: JobUpdate, values: dict, tab: str) -> dict:
+    def _shown(self, update: JobUpdate, values: dict) -> dict:
         """A job's update as component updates; the last one re-enables the buttons."""
         if update.finished:
             final = {self.status: self._status_text(update.status),
@@ -443,7 +495,7 @@ class StudioUI:
         if update.status is not None:
             shown[self.status] = self._status_text(update.status)
         if update.state is not None:
-            shown.update(self._state_views(update.state, values, update.request, tab))
+            shown.update(self._state_views(update.state, values, update.request))
         if update.critique is not None:
             shown[self.critique] = update.critique
         return shown
@@ -570,4 +622,4 @@ def build_demo(
 
 def launch_kwargs() -> dict:
     """What `demo.launch()` needs besides host and port: theme and CSS, and an upload size limit."""
-    return {"theme": gr.themes.Soft(), "css": CSS, "max_file_size": MAX_UPLOAD}
+    return {"theme": gr.themes.Soft(), "css": CSS, "js": SCROLL_TO_NEWEST_JS, "max_file_size": MAX_UPLOAD}
