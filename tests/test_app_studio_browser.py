@@ -8,20 +8,23 @@ import re
 from pathlib import Path
 
 import pytest
-from test_app_browser import (  # noqa: F401  (app and browser are fixtures used by name)
+import test_app_browser
+from test_app_browser import (
     ARTIFACTS,
     PROMPT,
-    app,
-    browser,
+    cards,
     click,
     close_toasts,
     expect_cards,
     idle,
     open_page,
     screenshot,
+    set_number,
     set_prompt,
     toast,
 )
+
+app, browser = test_app_browser.app, test_app_browser.browser  # the same server and browser fixtures
 
 pytestmark = [
     pytest.mark.slow,
@@ -77,3 +80,48 @@ def test_shift_enter_adds_a_line_to_the_prompt(app, browser):
     page.wait_for_timeout(500)
     assert page.locator("#round-strip .round-card").count() == 0, "Shift+Enter started a job"
     page.close()
+
+
+def test_a_queued_job_shows_its_place_and_stop_cancels_it(app, browser):
+    """Tab A runs a long Auto-refine; tab B's Refine waits behind it and says so; Stop in B cancels B's job
+    before it runs (B's rounds stay as they were); 'Refine from here' in A during its job is refused with a
+    message, never silently overridden."""
+    from playwright.sync_api import expect
+
+    first, second = open_page(browser, app[0]), open_page(browser, app[0])
+    for page in (first, second):
+        idle(page)
+        set_prompt(page, PROMPT)
+        click(page, "generate")
+        expect_cards(page, 1)
+        idle(page)
+    set_number(first, "auto-rounds", "5")
+    first.locator("#stop-rule input[type=checkbox]").uncheck()
+    first.get_by_text("Advanced settings").click()
+    set_number(first, "steps", "40")  # slow rounds: B waits long enough to be looked at
+    click(first, "auto-refine")
+    expect(first.locator("#status")).to_contain_text(" of 5 · ")
+
+    click(second, "refine")
+    expect(second.locator("#status")).to_contain_text("Waiting in the queue: 1 job ahead of yours")
+    expect(second.locator("#stop-btn")).to_be_enabled()
+    screenshot(second, "queued-job")
+    click(second, "stop")
+    toast(second, "Stopped while it waited in the queue")
+    idle(second)  # at once, while A still runs
+    expect(first.locator("#stop-btn")).to_be_enabled()
+
+    expect_cards(first, 2)
+    first.locator("#refine-from-0").click()  # during A's job: refused, with a message
+    toast(first, "Refine from here' works once it ends")
+    click(first, "stop")
+    idle(first)
+    made = cards(first).count()
+    assert made >= 2
+    expect(first.locator(f"#round-card-{made - 1}")).to_have_class(re.compile("is-base"))  # not round 0
+    second.wait_for_timeout(1500)  # B's cancelled job has left the queue by now
+    expect(cards(second)).to_have_count(1)  # it never ran
+    idle(second)
+    for page in (first, second):
+        close_toasts(page)
+        page.close()

@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
@@ -93,62 +93,97 @@ class JobUpdate:
     finished: bool = False
 
 
+@dataclass(eq=False)
+class Ticket:
+    """One clicked job of one tab, from the click (it waits in the GPU queue) to its end."""
+
+    tab: str
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
 class Jobs:
-    """Runs the model jobs of every browser tab against one `Studio`."""
+    """Runs the model jobs of every browser tab against one `Studio`, and keeps the line of jobs waiting
+    for the GPU (a tab's jobs start in the order they were clicked: Gradio's queue is first in, first out)."""
 
     def __init__(self, studio: Studio, preparation: ModelPreparation):
         self.studio = studio
         self.preparation = preparation
-        self._tickets: dict[str, threading.Event] = {}  # Stop flag of each tab's queued or running job
-        self._busy: set[str] = set()
+        self._waiting: list[Ticket] = []  # clicked, not started, oldest first
+        self._running: dict[str, Ticket] = {}
         self._lock = threading.Lock()
 
-    # --- a tab's ticket -----------------------------------------------------------------------------
+    # --- the line of jobs ---------------------------------------------------------------------------
 
     def queued(self, tab: str) -> None:
-        """A job of `tab` was clicked: it now waits in the GPU queue (Stop from here on ends it)."""
+        """A job of `tab` was clicked: it waits in the GPU queue from now on (Stop from here on ends it)."""
         with self._lock:
-            self._tickets[tab] = threading.Event()
-            self._busy.add(tab)
-
-    def idle(self, tab: str) -> None:
-        """`tab` has no job queued or running any more."""
-        with self._lock:
-            self._busy.discard(tab)
+            self._waiting.append(Ticket(tab))
 
     def busy(self, tab: str) -> bool:
+        """`tab` has a job running, or waiting and not stopped."""
         with self._lock:
-            return tab in self._busy
+            return tab in self._running or any(t.tab == tab and not t.stop.is_set() for t in self._waiting)
 
-    def stop(self, tab: str) -> None:
-        """Ask `tab`'s job to end: at once if it still waits in the queue, else at its next step."""
+    def waiting(self, tab: str) -> bool:
+        """`tab`'s job waits in the queue (and was not stopped)."""
+        return self.jobs_ahead(tab) is not None
+
+    def jobs_ahead(self, tab: str) -> int | None:
+        """How many page jobs run or wait before `tab`'s waiting job; None when it has none waiting."""
         with self._lock:
-            ticket = self._tickets.get(tab)
-        if ticket is not None:
-            ticket.set()
+            ahead = len(self._running)
+            for ticket in self._waiting:
+                if ticket.stop.is_set():
+                    continue
+                if ticket.tab == tab:
+                    return ahead
+                ahead += 1
+        return None
+
+    def stop(self, tab: str) -> bool:
+        """Stop `tab`'s jobs: a waiting one ends without running, a running one at its next step. True when
+        a waiting job was stopped (the page can say so at once)."""
+        with self._lock:
+            waiting = [t for t in self._waiting if t.tab == tab and not t.stop.is_set()]
+            for ticket in waiting:
+                ticket.stop.set()
+            running = self._running.get(tab)
+        if running is not None:
+            running.stop.set()
+        return bool(waiting) and running is None
+
+    def forget_waiting(self, tab: str) -> None:
+        """Gradio refused `tab`'s job before it ran (its message is shown): it waits no more."""
+        with self._lock:
+            self._waiting = [t for t in self._waiting if t.tab != tab]
 
     def end(self, tab: str) -> None:
-        """The tab is gone: stop its job and forget it."""
+        """The tab is gone: stop its jobs and forget the waiting ones."""
         self.stop(tab)
-        with self._lock:
-            self._tickets.pop(tab, None)
-            self._busy.discard(tab)
+        self.forget_waiting(tab)
 
-    def _ticket(self, tab: str) -> threading.Event:
-        """The ticket of the job starting now: the one `queued` gave it, or a fresh one for a job that
-        came without that step (an API client calling the event directly)."""
+    def _start(self, tab: str) -> Ticket:
+        """The ticket of `tab`'s job starting now: its oldest waiting one, or a fresh one for a job that
+        came without the click step (an API client calling the event directly)."""
         with self._lock:
-            if tab not in self._busy or tab not in self._tickets:
-                self._tickets[tab] = threading.Event()
-            self._busy.add(tab)
-            return self._tickets[tab]
+            ticket = next((t for t in self._waiting if t.tab == tab), None) or Ticket(tab)
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+            self._running[tab] = ticket
+            return ticket
+
+    def _finish(self, ticket: Ticket) -> None:
+        with self._lock:
+            if self._running.get(ticket.tab) is ticket:
+                del self._running[ticket.tab]
 
     # --- running a job ------------------------------------------------------------------------------
 
     def run(self, action: str, inputs: JobInputs, tab: str) -> Iterator[JobUpdate]:
         """Run `action` (a key of ACTIONS) for `tab` and yield what the page shows; never raises."""
         name = ACTIONS[action]
-        stop = self._ticket(tab)
+        ticket = self._start(tab)
+        stop = ticket.stop
         state = inputs.state
         note = None
         streamed = False  # the critique box shows text of a round that may not finish
@@ -161,9 +196,11 @@ class Jobs:
                     shown_warnings.add(message)
                     gr.Warning(message)
 
+        if stop.is_set():  # Stopped while it waited in the queue: the page said so then; nothing to show
+            self._finish(ticket)
+            yield JobUpdate()
+            return
         try:
-            if stop.is_set():  # Stop was clicked while the job waited in the queue
-                raise StopRequested(STOPPED_IN_QUEUE_NOTE)
             checked = round_request(inputs)
             warn(checked.warnings)
             auto = _auto_rounds(inputs) if action == "auto_refine" else None
@@ -196,8 +233,8 @@ class Jobs:
                         critique = value
                 changed = state if state is not inputs.state else None
                 yield JobUpdate(status=status, state=changed, critique=critique, request=checked)
-        except StopRequested as stopped:
-            note = STOPPED_IN_QUEUE_NOTE if str(stopped) == STOPPED_IN_QUEUE_NOTE else STOPPED_NOTE
+        except StopRequested:
+            note = STOPPED_NOTE
             gr.Info(note)
         except IMGError as error:  # the user can fix it: one log line, a message on the page
             logger.warning("%s refused: %s", name, error)
@@ -211,7 +248,7 @@ class Jobs:
             )
             gr.Warning(note)
         finally:
-            self.idle(tab)
+            self._finish(ticket)
         if note and note.startswith("Auto-refine stopped"):
             gr.Info(note)
         # A critique streamed for a round that did not finish: back to the box's text for this base.

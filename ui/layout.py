@@ -38,7 +38,7 @@ from ui import views
 from ui.examples import EXAMPLES
 from ui.handlers import PREPARATION_STEPS, ModelPreparation, Studio, user_errors
 from ui.image_files import png_file
-from ui.jobs import JobInputs, Jobs, JobUpdate
+from ui.jobs import STOPPED_IN_QUEUE_NOTE, JobInputs, Jobs, JobUpdate
 from ui.models import ModelHost, compatible_mllms
 from ui.state import RoundRequest, StudioState
 
@@ -48,6 +48,9 @@ GPU_QUEUE = "gpu"  # concurrency id shared by every event that runs a model
 MAX_UPLOAD = "25mb"  # larger uploads are refused before they reach the models
 PREPARATION_POLL_SECONDS = 1.0  # how often the page asks how the model preparation goes
 CARD_IMAGE_PX = 256  # height of a round card's image
+REBASE_DURING_A_JOB = (
+    "a job of this tab is running or waiting: 'Refine from here' works once it ends (or click Stop first)"
+)
 
 CSS = """
 #tiny-banner { border: 2px solid #d97706; border-radius: 8px; padding: 4px 12px; background: #fffbeb; }
@@ -300,7 +303,7 @@ class StudioUI:
                             elem_id=f"refine-from-{index}",
                         )
                         rebase.click(
-                            lambda *values, chosen=index: self._rebased(chosen, *values),
+                            self._rebase_handler(index),
                             [self.state, self.guidance_mode, self.prompt, self.seed],
                             [self.state, self.current, self.critique, self.next_use],
                             **self.state_change,
@@ -341,15 +344,14 @@ class StudioUI:
         job = {
             "concurrency_id": GPU_QUEUE,
             "concurrency_limit": 1,
-            "show_progress": "minimal",
-            "show_progress_on": [self.status],  # outputs keep their last value during a job
+            "show_progress": "hidden",  # outputs keep their last value; the status line says what runs
         }
 
         def chain(trigger, fn, inputs, api_name=None, **kwargs):
             """Disable the buttons, run `fn` through the GPU queue, re-enable what can run next, whatever
             happened (`.then` runs after success, `.failure` after an error Gradio raised itself)."""
             visibility = {"api_visibility": "undocumented"} if api_name else {"api_visibility": "private"}
-            running = trigger(self._lock, self.state, buttons, **instant).then(
+            running = trigger(self._lock, self.state, [*buttons, self.status, self.timer], **instant).then(
                 fn, inputs, self.job_outputs, api_name=api_name, **job, **visibility, **kwargs
             )
             running.then(self._unlock, self.state, buttons, **instant)  # the job's own message stays
@@ -368,14 +370,15 @@ class StudioUI:
                 self.status, self.banner, self.preset, self.mllm, self.quantization,
                 self.steps, self.guidance_scale, self.ip_scale, self.aligner_passes,
             ]  # fmt: skip
-            switching = self.buttons["switch"].click(self._lock, self.state, buttons, **instant).then(
+            switching = self.buttons["switch"].click(self._disable, self.state, buttons, **instant).then(
                 self._on_switch, {self.preset, self.mllm, self.quantization}, switch_outputs,
                 concurrency_id=GPU_QUEUE, concurrency_limit=1, api_visibility="private",
             )  # fmt: skip
             switching.then(self._unlock, self.state, buttons, **instant)
             switching.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             self.preset.change(self._on_preset_choice, self.preset, self.mllm, **instant)
-        self.buttons["stop"].click(self._on_stop, None, None, **instant)  # the job itself says it stops
+        # Queued (outside the GPU group: it never waits) so that its message shows.
+        self.buttons["stop"].click(self._on_stop, self.state, [*buttons, self.status, self.timer], **self.state_change)
         # The zip is built on the click, into a hidden file that the page then downloads.
         self.buttons["download"].click(
             self._on_download, self.state, self.download_file, api_name="ui_download", api_visibility="undocumented",
@@ -503,23 +506,43 @@ class StudioUI:
     # --- instant events ---------------------------------------------------------------------------
 
     def _lock(self, state: StudioState, request: gr.Request) -> dict:
-        """A job was clicked: it waits in the GPU queue from now on (Stop ends it there too)."""
-        self.jobs.queued(tab_id(request))
+        """A job was clicked: it waits in the GPU queue from now on (Stop ends it there too); the status
+        says where it stands, and the timer keeps saying so until it starts."""
+        tab = tab_id(request)
+        self.jobs.queued(tab)
+        return {
+            **self._button_updates(state, busy=True),
+            self.status: self._status_text(views.queue_line(self.jobs.jobs_ahead(tab))),
+            self.timer: gr.Timer(active=True),
+        }
+
+    def _disable(self, state: StudioState) -> dict:
+        """A model switch was clicked: only Stop stays usable."""
         return self._button_updates(state, busy=True)
 
     def _unlock(self, state: StudioState, request: gr.Request) -> dict:
-        self.jobs.idle(tab_id(request))
+        """After a job: what can run now (nothing changes while another job of this tab waits)."""
+        if self.jobs.busy(tab_id(request)):
+            return {}
         return self._button_updates(state, busy=False)
 
     def _unlock_after_failure(self, state: StudioState, request: gr.Request) -> dict:
         """After an error Gradio raised before or after the handler (its message is already shown)."""
-        self.jobs.idle(tab_id(request))
+        self.jobs.forget_waiting(tab_id(request))
         note = "⚠️ That did not work (see the message). Your rounds are kept; correct the input and try again."
         return {**self._button_updates(state, busy=False), self.status: self._status_text(note)}
 
-    def _on_stop(self, request: gr.Request) -> None:
-        """End this tab's job: a queued one before it runs, a running one at its next step (it says so)."""
-        self.jobs.stop(tab_id(request))
+    def _on_stop(self, state: StudioState, request: gr.Request) -> dict:
+        """End this tab's job: a waiting one at once, without running (said here), a running one at its next
+        step (the job says so)."""
+        if not self.jobs.stop(tab_id(request)):
+            return {}
+        gr.Info(STOPPED_IN_QUEUE_NOTE)
+        return {
+            **self._button_updates(state, busy=False),
+            self.status: self._status_text(STOPPED_IN_QUEUE_NOTE),
+            self.timer: gr.Timer(active=self.preparation.running),
+        }
 
     def _on_reset(self) -> dict:
         state = StudioState()
@@ -530,8 +553,18 @@ class StudioUI:
             self.timer: gr.Timer(active=self.preparation.running),
         }
 
-    def _rebased(self, index: int, state: StudioState, mode: str, prompt: str, seed) -> dict:
-        """'Refine from here': round `index` becomes the base of the next round (nothing runs)."""
+    def _rebase_handler(self, index: int) -> Callable[..., dict]:
+        def rebase(state: StudioState, mode: str, prompt: str, seed, request: gr.Request) -> dict:
+            return self._rebased(index, state, mode, prompt, seed, tab_id(request))
+
+        return rebase
+
+    def _rebased(self, index: int, state: StudioState, mode: str, prompt: str, seed, tab: str = "default") -> dict:
+        """'Refine from here': round `index` becomes the base of the next round (nothing runs). Refused,
+        with a message, while a job of this tab waits or runs: its result would override the choice."""
+        if self.jobs.busy(tab):
+            gr.Warning(REBASE_DURING_A_JOB)
+            return {}
         try:
             state = state.with_base(index)
         except IMGError as error:
@@ -544,19 +577,25 @@ class StudioUI:
             self.next_use: self._next_use_note(state, mode, "", prompt, seed),
         }
 
-    def _on_tick(self, state: StudioState) -> dict:
-        """While the models prepare: the stage in the status and the button labels; stops when done."""
+    def _on_tick(self, state: StudioState, request: gr.Request) -> dict:
+        """While this tab's job waits: where it stands in the queue. While the models prepare: the stage in
+        the status and the button labels. Stops when neither."""
+        tab = tab_id(request)
+        if self.jobs.waiting(tab):
+            return {self.status: self._status_text(views.queue_line(self.jobs.jobs_ahead(tab)))}
+        if self.jobs.busy(tab):  # running: the job shows its own progress
+            return {self.timer: gr.Timer(active=False)}
         return {
             **self._button_updates(state, busy=False),
             self.status: self._status_text(None),
             self.timer: gr.Timer(active=self.preparation.running),
         }
 
-    def _on_page_load(self, state: StudioState) -> dict:
+    def _on_page_load(self, state: StudioState, request: gr.Request) -> dict:
         """A new tab: start preparing the models if nothing else did (a failed preparation is retried)."""
         if not self.host.is_loaded and not self.preparation.running:
             self.preparation.start()
-        return self._on_tick(state)
+        return self._on_tick(state, request)
 
     def _on_unload(self, request: gr.Request) -> None:
         self.jobs.end(tab_id(request))

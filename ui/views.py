@@ -167,6 +167,14 @@ def next_round_note(state: StudioState, mode: str, question: str | None, critiqu
     return head + "the MLLM's question (shown once the models are loaded)."
 
 
+def queue_line(jobs_ahead: int | None) -> str:
+    """The status of a clicked job before it starts: where it stands in the GPU queue."""
+    if not jobs_ahead:
+        return "Starting…"
+    jobs = "1 job" if jobs_ahead == 1 else f"{jobs_ahead} jobs"
+    return f"⏳ Waiting in the queue: {jobs} ahead of yours (position {jobs_ahead + 1}). Stop cancels it."
+
+
 # --- status ---------------------------------------------------------------------------------------
 
 
