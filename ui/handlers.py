@@ -66,6 +66,7 @@ class Studio:
         self.critique = gpu_task(CRITIQUE_SECONDS)(self._critique)
         self.refine = gpu_task(REFINE_SECONDS)(self._refine)
         self.auto_refine = gpu_task(_auto_refine_seconds)(self._auto_refine)
+        self.example_rounds = gpu_task(GENERATE_SECONDS + REFINE_SECONDS)(self._example_rounds)
         self.api_generate = gpu_task(GENERATE_SECONDS)(self._api_generate)
         self.api_critique = gpu_task(CRITIQUE_SECONDS)(self._api_critique)
         self.api_refine = gpu_task(REFINE_SECONDS)(self._api_refine)
@@ -112,14 +113,19 @@ class Studio:
         )
 
     def _refine(
-        self, request: RoundRequest, state: StudioState, critique: str | None, on_stage: StageCallback | None = None
+        self,
+        request: RoundRequest,
+        state: StudioState,
+        critique: str | None,
+        on_stage: StageCallback | None = None,
+        edited: bool = False,
     ) -> StudioState:
         """One IMG round from the base round. `critique` (possibly edited by the user) steers it in
         dialogue mode; empty means the MLLM critiques the base itself."""
         state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
-        return self._next_round(session, request, state, critique, report)
+        return self._next_round(session, request, state, critique, report, edited)
 
     def _auto_refine(
         self,
@@ -129,37 +135,55 @@ class Studio:
         rounds: int,
         stop_when_flat: bool = True,
         on_stage: StageCallback | None = None,
+        edited: bool = False,
+        later_mode: str | None = None,
     ) -> Iterator[tuple[StudioState, str | None]]:
         """Up to `rounds` IMG rounds in a row, each from the previous one, yielding (state, why it stopped
         early or None) after each. Only the first uses `critique`; later rounds are critiqued by the MLLM.
-        With `stop_when_flat` it stops once a round's score is not above its base's."""
+        With `stop_when_flat` it stops once a round's score is not above its base's. `edited`: `critique` is
+        the user's edit; `later_mode`: the guidance mode of the rounds after the first (default: the
+        request's; the page's "auto" makes them question mode, since no edit steers them)."""
         rounds = int(LIMITS["auto_rounds"].check("auto-refine rounds", _whole(rounds)))
         state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
+        later = request
+        if later_mode is not None:
+            later = dataclasses.replace(request, settings=dataclasses.replace(request.settings, guidance_mode=later_mode))
         for step in range(rounds):
-            state = self._next_round(session, request, state, critique if step == 0 else None, report)
+            if step == 0:
+                state = self._next_round(session, request, state, critique, report, edited)
+            else:
+                state = self._next_round(session, later, state, None, report)
             stalled = self.score_stalled(state) if stop_when_flat and step < rounds - 1 else None
             yield state, stalled
             if stalled:
                 return
 
     def score_stalled(self, state: StudioState) -> str | None:
-        """Why Auto-refine stops after the base round of `state`: its score is not above its own base's."""
+        """Why Auto-refine stops after the base round of `state`: its score, as the page shows it (rounded,
+        `StudioState.shown_score`), is not above its own base's."""
         made = state.base_round()
         name = self.scorer_name
         if not name or made.base_index is None:
             return None
-        before, after = state.rounds[made.base_index].scores.get(name), made.scores.get(name)
+        before, after = state.shown_score(made.base_index, name), state.shown_score(made.index, name)
         if before is None or after is None or after > before:
             return None
+        digits = state.score_digits(name)
         return (
-            f"Auto-refine stopped after round {made.index}: its {name} score {after:.3f} is not above round "
-            f"{made.base_index}'s {before:.3f}. Untick 'stop when the score stops improving' to keep going."
+            f"Auto-refine stopped after round {made.index}: its {name} score {after:.{digits}f} is not above round "
+            f"{made.base_index}'s {before:.{digits}f}. Untick 'stop when the score stops improving' to keep going."
         )
 
     def _next_round(
-        self, session: IMGSession, request: RoundRequest, state: StudioState, critique: str | None, report
+        self,
+        session: IMGSession,
+        request: RoundRequest,
+        state: StudioState,
+        critique: str | None,
+        report: StageCallback,
+        edited: bool = False,
     ) -> StudioState:
         """One IMG round from the base of `state`, through the session's one round path, then scored."""
         refined = session.refine(
@@ -172,7 +196,8 @@ class Studio:
             base_index=state.base,
             on_stage=report,
         )
-        return state.extended(self._scored(session, _with_warnings(refined, request.warnings), report))
+        made = self._scored(session, _with_warnings(refined, request.warnings), report)
+        return state.extended(made, edited=edited and request.settings.guidance_mode == "dialogue")
 
     def _loaded(self, report: StageCallback) -> IMGSession:
         """The loaded session; a load here (the first click, or a retry after a failed preparation) is
@@ -226,6 +251,16 @@ class Studio:
     def end_session(session_id: str) -> None:
         """Remove what `export` wrote for a browser session that has ended."""
         shutil.rmtree(_export_folder(session_id), ignore_errors=True)
+
+    def _example_rounds(self, prompt: str, seed: int) -> tuple[Image.Image, Image.Image]:
+        """An example's before/after: round 0 and one Refine with the preset's defaults (the paper's
+        question-mode guidance). The page caches them on first use (gr.Examples, lazily)."""
+        with user_errors():
+            request = RoundRequest.from_values(prompt=prompt, seed=seed)
+            session = self.host.loaded_session()
+            first = session.generate(request.prompt, request.seed, request.settings)
+            refined = session.refine(first, request.prompt, request.seed, settings=request.settings, index=1)
+            return first.image, refined.image
 
     # --- stateless API: /generate, /critique, /refine ---------------------------------------------
 

@@ -32,7 +32,7 @@ from img_core.session import StageCallback, StageEvent
 from ui import views
 from ui.gpu import on_zero_gpu
 from ui.handlers import ModelPreparation, Studio
-from ui.state import RoundRequest, StudioState
+from ui.state import RoundRequest, StudioState, effective_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class Jobs:
                 batches = run_in_worker(lambda on_stage: produce(request, on_stage), stop)
             first_new = state.next_index
             for batch in batches:
-                status = critique = None
+                status = critique = changed = None
                 for item in batch:
                     if isinstance(item, StageEvent):
                         if item.stage == "load" and item.message:
@@ -227,11 +227,11 @@ class Jobs:
                         value, note = value
                     streamed = False
                     if isinstance(value, StudioState):
-                        state = value
+                        state = changed = value
                         warn(state.base_round().warnings)
-                    elif isinstance(value, str):
+                    elif isinstance(value, str):  # the MLLM's critique of the base: an edit is anything else
                         critique = value
-                changed = state if state is not inputs.state else None
+                        state = changed = state.with_mllm_critique(value)
                 yield JobUpdate(status=status, state=changed, critique=critique, request=checked)
         except StopRequested:
             note = STOPPED_NOTE
@@ -265,17 +265,20 @@ class Jobs:
             return lambda request, on_stage: [studio.start_from_image(inputs.upload, request, state, on_stage)]
         if action == "critique":
             return lambda request, on_stage: [studio.critique(request, state, on_stage)]
+        edited = state.critique_edited(inputs.critique)
         if action == "refine":
-            return lambda request, on_stage: [studio.refine(request, state, inputs.critique, on_stage)]
+            return lambda request, on_stage: [studio.refine(request, state, inputs.critique, on_stage, edited)]
         if action == "auto_refine":
+            later = "question" if inputs.guidance_mode in (None, "", "auto") else None  # no edit steers those
             return lambda request, on_stage: studio.auto_refine(
-                request, state, inputs.critique, inputs.auto_rounds, bool(inputs.stop_when_flat), on_stage
+                request, state, inputs.critique, inputs.auto_rounds, bool(inputs.stop_when_flat), on_stage, edited,
+                later,
             )
         raise ValueError(f"unknown job {action!r}")
 
 
 def round_request(inputs: JobInputs) -> RoundRequest:
-    """The click's settings, checked once (the prompt included)."""
+    """The click's settings, checked once (the prompt included); "auto" guidance resolved (`ui.state`)."""
     return RoundRequest.from_values(
         prompt=inputs.prompt,
         seed=inputs.seed,
@@ -284,7 +287,7 @@ def round_request(inputs: JobInputs) -> RoundRequest:
         guidance_scale=inputs.guidance_scale,
         ip_scale=inputs.ip_scale,
         aligner_passes=inputs.aligner_passes,
-        guidance_mode=inputs.guidance_mode,
+        guidance_mode=effective_guidance(inputs.guidance_mode, inputs.state, inputs.critique),
     )
 
 

@@ -29,7 +29,6 @@ from img_core.presets import PRESETS
 from img_core.session import IMGSession
 from img_core.settings import (
     DEFAULT_AUTO_ROUNDS,
-    GUIDANCE_MODES,
     LIMITS,
     MLLM_QUANTIZATIONS,
     check_prompt,
@@ -40,7 +39,7 @@ from ui.handlers import PREPARATION_STEPS, ModelPreparation, Studio, user_errors
 from ui.image_files import png_file
 from ui.jobs import STOPPED_IN_QUEUE_NOTE, JobInputs, Jobs, JobUpdate
 from ui.models import ModelHost, compatible_mllms
-from ui.state import RoundRequest, StudioState
+from ui.state import GUIDANCE_CHOICES, RoundRequest, StudioState, effective_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -159,11 +158,7 @@ class StudioUI:
             self._round_strip()
             with gr.Row():
                 with gr.Column(scale=2, min_width=320):
-                    gr.Examples(
-                        examples=[list(example) for example in EXAMPLES],
-                        inputs=[self.prompt, self.seed],
-                        cache_examples=False,
-                    )
+                    self._examples()
                 with gr.Column(scale=3, min_width=360):
                     self._models_panel(preparing)
                     gr.Markdown(SPACES_NOTE)
@@ -222,7 +217,7 @@ class StudioUI:
             placeholder="Click Critique for the MLLM's analysis of the base image, then edit it if you like.",
             elem_id="critique",
         )
-        self.next_use = gr.Markdown(views.next_round_note(StudioState(), "question", None, None), elem_id="next-use")
+        self.next_use = gr.Markdown(views.next_round_note(StudioState(), "auto", None, None), elem_id="next-use")
         with gr.Row():
             self._button("critique", preparing, variant="secondary")
             self._button("refine", preparing, variant="primary")
@@ -249,14 +244,35 @@ class StudioUI:
             self.ip_scale = setting_slider("ip_scale", preset.ip_scale, " (paper: 0.2)")
             self.aligner_passes = setting_slider("aligner_passes", preset.aligner_passes, " (paper: 3)")
             self.guidance_mode = gr.Radio(
-                list(GUIDANCE_MODES),
-                value="question",
+                list(GUIDANCE_CHOICES),
+                value="auto",
                 label="Guidance mode",
-                info="question: the paper's guidance (the MLLM's question); "
-                "dialogue: the question plus the critique as edited",
+                info="auto: an edited critique steers (dialogue), an untouched one keeps the paper's guidance; "
+                "question: always the paper's (the MLLM's question); dialogue: always the critique. The "
+                "released aligners were trained on question-mode guidance.",
                 elem_id="guidance-mode",
             )
-            self.critique_note = gr.Markdown(views.CRITIQUE_NOTES["question"])
+            self.critique_note = gr.Markdown(views.CRITIQUE_NOTES["auto"])
+
+    def _examples(self) -> None:
+        """The example prompts. On a real preset each shows its round 0 and one Refine, made on the first
+        click (by anyone) and cached for everyone after (Gradio's lazy example caching); the tiny preset's
+        noise would teach nothing, so it keeps text examples."""
+        examples = [list(example) for example in EXAMPLES]
+        if self.host.preset.is_tiny:
+            self.examples = gr.Examples(examples=examples, inputs=[self.prompt, self.seed], cache_examples=False)
+            return
+        with gr.Row():
+            before = gr.Image(label="Example: round 0", type="pil", interactive=False, elem_id="example-before")
+            after = gr.Image(label="Example: after one Refine", type="pil", interactive=False, elem_id="example-after")
+        self.examples = gr.Examples(
+            examples=examples,
+            inputs=[self.prompt, self.seed],
+            outputs=[before, after],
+            fn=self.studio.example_rounds,
+            cache_examples=True,
+            cache_mode="lazy",
+        )
 
     def _models_panel(self, preparing: bool) -> None:
         preset = self.host.preset
@@ -434,7 +450,7 @@ class StudioUI:
         """The base image, the critique box (emptied: its base changed) and the next-round note.
         `checked`: the click's request, whose prompt was checked already."""
         values = values or {}
-        mode = values.get(self.guidance_mode, "question")
+        mode = values.get(self.guidance_mode, "auto")
         prompt = checked.prompt if checked else values.get(self.prompt)
         seed = checked.seed if checked else values.get(self.seed)
         return {
@@ -460,7 +476,9 @@ class StudioUI:
     def _next_use_note(
         self, state: StudioState, mode: str, critique: str | None, prompt=None, seed=None, checked: bool = False
     ) -> str:
-        """What the next round will use. `checked`: `prompt` is a job's already checked prompt."""
+        """What the next round will use. `mode`: the page's choice ("auto" resolved here); `checked`: `prompt`
+        is a job's already checked prompt."""
+        choice, mode = mode, effective_guidance(mode, state, critique)
         question = None
         if mode == "question" and not state.is_empty and self.host.is_loaded:
             try:
@@ -471,7 +489,7 @@ class StudioUI:
                 question = self.host.session.critic.question_for(text, int(seed if seed is not None else 0))
             except (IMGError, TypeError, ValueError):
                 question = None
-        return views.next_round_note(state, mode, question, critique)
+        return views.next_round_note(state, mode, question, critique, choice)
 
     # --- jobs (ui.jobs runs them; here their updates become the page's) -----------------------------
 
