@@ -125,3 +125,124 @@ def test_a_queued_job_shows_its_place_and_stop_cancels_it(app, browser):
     for page in (first, second):
         close_toasts(page)
         page.close()
+
+
+def shown_texts(page) -> str:
+    """Every text the page shows now: the page itself (status, toasts, labels, cards) and its inputs' values."""
+    return page.evaluate(
+        """() => [document.body.innerText,
+                  ...[...document.querySelectorAll("input, textarea")].map((box) => box.value)].join("\\n")"""
+    )
+
+
+def server_path_pattern() -> re.Pattern:
+    """/tmp, /root, /home, the app's folder and the cache folder, as they would appear in a message."""
+    from img_core.paths import cache_root
+    from ui.files import SYSTEM_TEMP, app_folder
+
+    folders = {"/tmp", "/root", "/home", str(SYSTEM_TEMP), str(app_folder()), str(cache_root())}
+    return re.compile("|".join(re.escape(folder) for folder in sorted(folders, key=len, reverse=True)))
+
+
+def test_no_server_path_in_any_text_the_page_shows(app, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app[0])
+    idle(page)
+    seen = [shown_texts(page)]
+    set_prompt(page, PROMPT)
+    click(page, "generate")
+    expect_cards(page, 1)
+    idle(page)
+
+    set_prompt(page, "   ")  # blank prompt
+    click(page, "refine")
+    toast(page, "prompt is empty")
+    idle(page)
+    seen.append(shown_texts(page))
+    close_toasts(page)
+
+    set_prompt(page, PROMPT)  # an upload that is not an image (its name is shown, never its folder)
+    page.get_by_text("Start from your own image").click()
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is text, not a picture")
+    page.locator("#upload-image input[type=file]").set_input_files(str(fake))
+    expect(page.locator("#upload-image")).to_contain_text("notes.png")
+    click(page, "use-upload")
+    toast(page, "notes.png is not an image")
+    idle(page)
+    seen.append(shown_texts(page))
+    close_toasts(page)
+
+    page.locator("#upload-image button[aria-label='Clear']").first.click()
+    huge = tmp_path / "huge.png"  # over the test server's upload limit
+    huge.write_bytes(os.urandom(200_000))
+    page.locator("#upload-image input[type=file]").set_input_files(str(huge))
+    toast(page, "exceed")
+    seen.append(shown_texts(page))
+    close_toasts(page)
+
+    for seed in ("-5", "99999999999999999999"):  # bad seeds
+        box = page.locator("#seed input")
+        box.fill(seed)
+        box.blur()
+        click(page, "refine")
+        toast(page, "seed")
+        idle(page)
+        seen.append(shown_texts(page))
+        close_toasts(page)
+    page.locator("#seed input").fill("0")
+
+    set_prompt(page, "fox " * 1250)  # a huge prompt: cut with a warning
+    click(page, "refine")
+    toast(page, "were cut")
+    idle(page)
+    seen.append(shown_texts(page))
+    screenshot(page, "error-cases-without-server-paths")
+    page.close()
+
+    pattern = server_path_pattern()
+    leaks = sorted({match.group(0) for text in seen for match in [pattern.search(text)] if match})
+    assert not leaks, f"server paths on the page: {leaks}"
+    assert "notes.png is not an image" in "\n".join(seen)
+
+
+def run_axe(page) -> list[dict]:
+    """axe-core's critical and serious violations on the page as it is now."""
+    page.add_script_tag(path=str(AXE))
+    violations = page.evaluate(
+        """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations
+             .filter((v) => v.impact === "critical" || v.impact === "serious")
+             .map((v) => ({id: v.id, impact: v.impact, nodes: v.nodes.map((n) => n.target.join(" "))}))"""
+    )
+    return violations
+
+
+@pytest.mark.skipif(not AXE.exists(), reason=f"{AXE} is missing: npm install --prefix /tmp/axe axe-core")
+def test_axe_finds_no_critical_or_serious_accessibility_issue(app, browser):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app[0])
+    idle(page)
+    found = {"start": run_axe(page)}
+    set_prompt(page, PROMPT)
+    click(page, "generate")
+    expect_cards(page, 1)
+    idle(page)
+    click(page, "critique")
+    idle(page)
+    page.locator("#critique textarea").fill("Add a brown horse.")
+    click(page, "refine")
+    expect_cards(page, 2)
+    idle(page)
+    page.get_by_text("Advanced settings").click()
+    page.get_by_text("Start from your own image").click()
+    page.locator("#round-card-1").get_by_text("Critique it was made from").click()
+    expect(page.locator("#round-card-1")).to_contain_text("Guidance: guided by your edit")
+    set_prompt(page, "")
+    click(page, "refine")
+    toast(page, "prompt is empty")  # a message on screen too
+    found["after two rounds, settings open, a message shown"] = run_axe(page)
+    screenshot(page, "axe-checked")
+    page.close()
+    assert found == {name: [] for name in found}, found

@@ -37,6 +37,7 @@ from ui.gpu import gpu_task
 from ui.image_files import png_file
 from ui.models import ModelHost
 from ui.state import RoundRequest, StudioState
+from ui.views import public_text
 
 # ZeroGPU slot lengths in seconds (the real presets on one GPU; tiny presets need a fraction).
 GENERATE_SECONDS = 90
@@ -53,7 +54,7 @@ def user_errors() -> Iterator[None]:
         yield
     except IMGError as error:
         logger.info("refused: %s", error)  # a user mistake: one line, no traceback in the server log
-        raise gr.Error(str(error), print_exception=False) from error
+        raise gr.Error(public_text(str(error)), print_exception=False) from error
 
 
 class Studio:
@@ -304,7 +305,7 @@ def _api_warn(*groups: tuple[str, ...] | list[str]) -> None:
     """Non-fatal notes (a prompt cut to the length limit, ...) as Gradio warnings, each once: an API client
     sees them in the event's log messages."""
     for message in dict.fromkeys(message for group in groups for message in group):
-        gr.Warning(message)
+        gr.Warning(public_text(message))
 
 
 def _api_image(image: object) -> bytes | str | Path | Image.Image | None:

@@ -194,7 +194,7 @@ class Jobs:
             for message in messages:
                 if message not in shown_warnings:
                     shown_warnings.add(message)
-                    gr.Warning(message)
+                    gr.Warning(views.public_text(message))
 
         if stop.is_set():  # Stopped while it waited in the queue: the page said so then; nothing to show
             self._finish(ticket)
@@ -238,11 +238,11 @@ class Jobs:
             gr.Info(note)
         except IMGError as error:  # the user can fix it: one log line, a message on the page
             logger.warning("%s refused: %s", name, error)
-            note = f"⚠️ {error}"
-            gr.Warning(str(error))
+            note = views.public_text(f"⚠️ {error}")
+            gr.Warning(views.public_text(str(error)))
         except Exception as error:  # a real failure: traceback in the log, the page stays usable
             logger.exception("%s failed", name)
-            note = (
+            note = views.public_text(
                 f"⚠️ {name} failed ({type(error).__name__}: {error}). The rounds so far are kept; try again, "
                 "or with fewer steps or a smaller preset."
             )

@@ -70,9 +70,26 @@ CSS = """
 #round-strip > .round-card { scroll-margin-top: 88px; }
 """
 
-# Brings the newest round card into view whenever a new one appears (after each round, on any screen);
-# again shortly after, once its image has its height.
-SCROLL_TO_NEWEST_JS = """() => {
+# Runs once the page loads. (1) Brings the newest round card into view whenever a new one appears (after
+# each round, on any screen), again shortly after, once its image has its height. (2) Mends what axe-core
+# finds in Gradio's own widgets: the image's click-to-enlarge button has no name, an empty image is a
+# labelled div without a role, the upload area's name differs from its visible text, and a message's
+# header is a button holding the Close button.
+PAGE_JS = """() => {
+  const mendGradioWidgets = () => {
+    document.querySelectorAll(".image-container > button:not([aria-label])")
+      .forEach((button) => button.setAttribute("aria-label", "Show the image larger"));
+    document.querySelectorAll(".empty[aria-label]:not([role])").forEach((box) => box.setAttribute("role", "img"));
+    document.querySelectorAll(".upload-container[aria-label]").forEach((button) => {
+      const text = button.innerText.replace(/\\s+/g, " ").trim();
+      if (text && button.getAttribute("aria-label") !== text) button.setAttribute("aria-label", text);
+    });
+    document.querySelectorAll(".toast-header[role=button]").forEach((header) => {
+      header.removeAttribute("role");
+      header.removeAttribute("tabindex");
+    });
+  };
+  mendGradioWidgets();
   let newest = null;
   const show = (card) => {
     const box = card.getBoundingClientRect();
@@ -82,6 +99,7 @@ SCROLL_TO_NEWEST_JS = """() => {
     }
   };
   new MutationObserver(() => {
+    mendGradioWidgets();
     const cards = document.querySelectorAll("#round-strip > .round-card");
     const last = cards.length ? cards[cards.length - 1] : null;
     if (!last || last.id === newest) { newest = last ? newest : null; return; }
@@ -421,7 +439,7 @@ class StudioUI:
         """The one status line: what runs now (or how the last job ended), else the models (preparing k/n,
         failed, loaded)."""
         if now:
-            return now
+            return views.public_text(now)
         preparation = self.preparation
         preparing = preparation.running if preparing is None else preparing
         if preparing and not self.host.is_loaded:
@@ -434,7 +452,7 @@ class StudioUI:
             )
         else:
             models = self.host.status_line()
-        return models
+        return views.public_text(models)
 
     def _button_updates(self, state: StudioState, busy: bool) -> dict:
         preparing = self.preparation.running and not self.host.is_loaded
@@ -467,7 +485,7 @@ class StudioUI:
         try:
             return str(self.studio.export(state, tab_id(request)))
         except gr.Error as error:
-            gr.Warning(str(error))
+            gr.Warning(views.public_text(str(error)))
         except Exception:  # the rounds are still on the page; the next click tries again
             logger.exception("writing the session zip failed")
             gr.Warning("the zip could not be written; your rounds are kept, try Download again")
@@ -586,7 +604,7 @@ class StudioUI:
         try:
             state = state.with_base(index)
         except IMGError as error:
-            gr.Warning(str(error))
+            gr.Warning(views.public_text(str(error)))
             return {self.state: state}
         return {
             self.state: state,
@@ -629,10 +647,10 @@ class StudioUI:
             with user_errors():
                 self.host.switch(values[self.preset], values[self.mllm], values[self.quantization])
         except gr.Error as error:
-            gr.Warning(str(error))
+            gr.Warning(views.public_text(str(error)))
         except Exception as error:
             logger.exception("switching models failed")
-            gr.Warning(f"switching models failed ({type(error).__name__}: {error}); the previous models stay")
+            gr.Warning(views.public_text(f"switching models failed ({type(error).__name__}: {error}); the previous models stay"))
         preset = self.host.preset
         return {
             self.status: self._status_text(None),
@@ -679,4 +697,18 @@ def build_demo(
 
 def launch_kwargs() -> dict:
     """What `demo.launch()` needs besides host and port: theme and CSS, and an upload size limit."""
-    return {"theme": gr.themes.Soft(), "css": CSS, "js": SCROLL_TO_NEWEST_JS, "max_file_size": MAX_UPLOAD}
+    return {"theme": theme(), "css": CSS, "js": PAGE_JS, "max_file_size": MAX_UPLOAD}
+
+
+def theme() -> gr.themes.Base:
+    """Gradio's Soft theme with text dark enough for WCAG AA contrast (4.5:1; axe-core checks it): labels,
+    info lines, the footer and the primary buttons."""
+    return gr.themes.Soft().set(
+        block_label_text_color="*primary_800",
+        block_title_text_color="*primary_800",
+        block_info_text_color="*neutral_600",
+        body_text_color_subdued="*neutral_600",
+        button_primary_background_fill="*primary_700",
+        button_primary_background_fill_hover="*primary_800",
+        checkbox_label_background_fill_selected="*primary_700",
+    )

@@ -4,6 +4,7 @@ functions of plain values, so they are tested without a browser."""
 from __future__ import annotations
 
 import html
+import re
 
 from img_core.record import Round
 from img_core.session import StageEvent
@@ -247,6 +248,21 @@ def stage_line(event: StageEvent, load_step: str | None = None, auto: tuple[int,
     if event.step is not None and event.total:
         line += f" step {event.step}/{event.total}"
     return line
+
+
+# An absolute (or home-relative) file path inside a message: not a URL's path, not part of a word.
+_SERVER_PATH = re.compile(r"(?<![\w:/.~-])~?/(?:[^\s/'\"`<>()\[\]]+/)*[^\s/'\"`<>()\[\]]*")
+
+
+def public_text(text: str) -> str:
+    """`text` with every server path cut to its last part (`/tmp/.../gradio/ab12/notes.png` -> `notes.png`,
+    a cache folder -> its name): messages a web page shows never reveal the server's layout."""
+
+    def last_part(match: re.Match) -> str:
+        parts = [part for part in match.group(0).split("/") if part and part != "~"]
+        return parts[-1] if parts else "a server folder"
+
+    return _SERVER_PATH.sub(last_part, text)
 
 
 def _one_line(text: str, limit: int | None = None) -> str:
