@@ -52,13 +52,14 @@ def test_the_star_and_the_stop_rule_use_the_shown_values(tiny_root):
 
 def test_auto_guidance_steers_with_an_edit_and_keeps_question_mode_otherwise():
     assert GUIDANCE_CHOICES[0] == "auto" and set(GUIDANCE_CHOICES) >= {"question", "dialogue"}
-    state = session_with([0.1]).with_mllm_critique("The horse is missing.")
-    assert effective_guidance("auto", state, "The horse is missing.") == "question"  # untouched
-    assert effective_guidance("auto", state, "  The horse is missing. \n") == "question"
-    assert effective_guidance("auto", state, "") == "question"
-    assert effective_guidance("auto", state, "Make the horse brown.") == "dialogue"  # an edit steers
-    assert effective_guidance("question", state, "Make the horse brown.") == "question"  # forced
-    assert effective_guidance("dialogue", state, "") == "dialogue"
+    state, written = session_with([0.1]), "The horse is missing."
+    assert effective_guidance("auto", "The horse is missing.", written) == "question"  # untouched
+    assert effective_guidance("auto", "  The horse is missing. \n", written) == "question"
+    assert effective_guidance("auto", "", written) == "question"
+    assert effective_guidance("auto", "Make the horse brown.", written) == "dialogue"  # an edit steers
+    assert effective_guidance("auto", "Make the horse brown.", "") == "dialogue"  # typed without Critique
+    assert effective_guidance("question", "Make the horse brown.", written) == "question"  # forced
+    assert effective_guidance("dialogue", "", written) == "dialogue"
     note = views.next_round_note(state, "dialogue", None, "Make the horse brown.", "auto")
     assert "your edited critique, which will steer it: “Make the horse brown.”" in note
 

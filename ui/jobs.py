@@ -32,7 +32,7 @@ from img_core.session import StageCallback, StageEvent
 from ui import views
 from ui.gpu import on_zero_gpu
 from ui.handlers import ModelPreparation, Studio
-from ui.state import RoundRequest, StudioState, effective_guidance
+from ui.state import RoundRequest, StudioState, critique_edited, effective_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class JobInputs:
     aligner_passes: Any = None
     guidance_mode: str = "auto"
     critique: str | None = None
+    mllm_critique: str = ""  # what the MLLM wrote for the base (Critique); the box holding more is an edit
     auto_rounds: Any = None
     upload: Any = None
     stop_when_flat: bool = True
@@ -84,12 +85,13 @@ class JobUpdate:
     """One update of the page during a job. `status`: the stage line (or, when `finished`, the final note;
     None: none); `state`: new rounds; `critique`: text for the critique box; `request`: the click's checked
     request (the next-round note uses its prompt, so the prompt is checked once per click); `finished`: the
-    job is over (re-enable the buttons)."""
+    job is over (re-enable the buttons); `mllm_critique`: what Critique wrote."""
 
     status: str | None = None
     state: StudioState | None = None
     critique: str | None = None
     request: RoundRequest | None = None
+    mllm_critique: str | None = None  # the MLLM's critique of the base, just written
     finished: bool = False
 
 
@@ -212,7 +214,7 @@ class Jobs:
                 batches = run_in_worker(lambda on_stage: produce(request, on_stage), stop)
             first_new = state.next_index
             for batch in batches:
-                status = critique = changed = None
+                status = critique = changed = written = None
                 for item in batch:
                     if isinstance(item, StageEvent):
                         if item.stage == "load" and item.message:
@@ -230,9 +232,8 @@ class Jobs:
                         state = changed = value
                         warn(state.base_round().warnings)
                     elif isinstance(value, str):  # the MLLM's critique of the base: an edit is anything else
-                        critique = value
-                        state = changed = state.with_mllm_critique(value)
-                yield JobUpdate(status=status, state=changed, critique=critique, request=checked)
+                        critique = written = value
+                yield JobUpdate(status, changed, critique, checked, mllm_critique=written)
         except StopRequested:
             note = STOPPED_NOTE
             gr.Info(note)
@@ -265,7 +266,7 @@ class Jobs:
             return lambda request, on_stage: [studio.start_from_image(inputs.upload, request, state, on_stage)]
         if action == "critique":
             return lambda request, on_stage: [studio.critique(request, state, on_stage)]
-        edited = state.critique_edited(inputs.critique)
+        edited = critique_edited(inputs.critique, inputs.mllm_critique)
         if action == "refine":
             return lambda request, on_stage: [studio.refine(request, state, inputs.critique, on_stage, edited)]
         if action == "auto_refine":
@@ -287,7 +288,7 @@ def round_request(inputs: JobInputs) -> RoundRequest:
         guidance_scale=inputs.guidance_scale,
         ip_scale=inputs.ip_scale,
         aligner_passes=inputs.aligner_passes,
-        guidance_mode=effective_guidance(inputs.guidance_mode, inputs.state, inputs.critique),
+        guidance_mode=effective_guidance(inputs.guidance_mode, inputs.critique, inputs.mllm_critique),
     )
 
 

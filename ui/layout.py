@@ -68,6 +68,7 @@ CSS = """
 #status p { margin: 0; }
 @media (max-width: 640px) { #status { font-size: 0.85em; line-height: 1.25; } }
 #round-strip > .round-card { scroll-margin-top: 88px; }
+.toast-title, .toast-message-text { color: var(--body-text-color) !important; }  /* contrast (axe-core) */
 """
 
 # Runs once the page loads. (1) Brings the newest round card into view whenever a new one appears (after
@@ -159,6 +160,9 @@ class StudioUI:
         classes = ["img-studio-tiny"] if host.preset.is_tiny else []
         with gr.Blocks(title="IMG Studio", delete_cache=(3600, 3600)) as self.demo:
             self.state = gr.State(StudioState())
+            # What the MLLM wrote for the current base (Critique): the critique box holding anything else was
+            # edited. Apart from `state`, so that a Critique does not re-render the round strip.
+            self.mllm_critique = gr.State("")
             gr.Markdown(INTRO)
             self.banner = gr.Markdown(
                 views.TINY_BANNER.format(preset=host.preset.name), visible=host.preset.is_tiny, elem_id="tiny-banner"
@@ -339,7 +343,7 @@ class StudioUI:
                         rebase.click(
                             self._rebase_handler(index),
                             [self.state, self.guidance_mode, self.prompt, self.seed],
-                            [self.state, self.current, self.critique, self.next_use],
+                            [self.state, self.current, self.critique, self.mllm_critique, self.next_use],
                             **self.state_change,
                         )
 
@@ -366,11 +370,13 @@ class StudioUI:
         buttons = list(self.buttons.values())
         self.job_outputs = [
             self.current, self.status, self.state, self.critique, self.next_use, *buttons, self.timer,
+            self.mllm_critique,
         ]  # fmt: skip
         self._job_inputs = {  # ui.jobs.JobInputs field -> the component it is read from
             "state": self.state, "prompt": self.prompt, "seed": self.seed, "steps": self.steps,
             "guidance_scale": self.guidance_scale, "ip_scale": self.ip_scale, "aligner_passes": self.aligner_passes,
-            "guidance_mode": self.guidance_mode, "critique": self.critique, "auto_rounds": self.auto_rounds,
+            "guidance_mode": self.guidance_mode, "critique": self.critique, "mllm_critique": self.mllm_critique,
+            "auto_rounds": self.auto_rounds,
             "upload": self.upload, "stop_when_flat": self.stop_when_flat,
         }  # fmt: skip
         request_inputs = set(self._job_inputs.values())
@@ -424,7 +430,7 @@ class StudioUI:
         gr.on(  # one listener, "always_last": the note follows the newest values, never a stale reply
             [self.guidance_mode.change, self.critique.input, self.critique.blur, self.prompt.change, self.seed.change],
             self._next_use_note,
-            [self.state, self.guidance_mode, self.critique, self.prompt, self.seed],
+            [self.state, self.guidance_mode, self.critique, self.prompt, self.seed, self.mllm_critique],
             self.next_use,
             trigger_mode="always_last",
             **instant,
@@ -477,6 +483,7 @@ class StudioUI:
                 value=None if state.is_empty else png_file(state.base_round().image), label=views.base_label(state)
             ),
             self.critique: gr.update(value="", label=views.critique_label(state)),
+            self.mllm_critique: "",  # a new base: nothing critiqued yet
             self.next_use: self._next_use_note(state, mode, "", prompt, seed, checked=checked is not None),
         }
 
@@ -492,11 +499,12 @@ class StudioUI:
         return None
 
     def _next_use_note(
-        self, state: StudioState, mode: str, critique: str | None, prompt=None, seed=None, checked: bool = False
-    ) -> str:
+        self, state: StudioState, mode: str, critique: str | None, prompt=None, seed=None, mllm_critique: str = "",
+        checked: bool = False,
+    ) -> str:  # fmt: skip
         """What the next round will use. `mode`: the page's choice ("auto" resolved here); `checked`: `prompt`
         is a job's already checked prompt."""
-        choice, mode = mode, effective_guidance(mode, state, critique)
+        choice, mode = mode, effective_guidance(mode, critique, mllm_critique)
         question = None
         if mode == "question" and not state.is_empty and self.host.is_loaded:
             try:
@@ -537,6 +545,8 @@ class StudioUI:
             shown.update(self._state_views(update.state, values, update.request))
         if update.critique is not None:
             shown[self.critique] = update.critique
+        if update.mllm_critique is not None:
+            shown[self.mllm_critique] = update.mllm_critique
         return shown
 
     # --- instant events ---------------------------------------------------------------------------
@@ -610,6 +620,7 @@ class StudioUI:
             self.state: state,
             self.current: gr.update(value=png_file(state.base_round().image), label=views.base_label(state)),
             self.critique: gr.update(value="", label=views.critique_label(state)),
+            self.mllm_critique: "",
             self.next_use: self._next_use_note(state, mode, "", prompt, seed),
         }
 

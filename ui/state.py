@@ -22,11 +22,18 @@ if TYPE_CHECKING:
 GUIDANCE_CHOICES = tuple(dict.fromkeys(("auto", *GUIDANCE_MODES)))
 
 
-def effective_guidance(choice: str | None, state: StudioState, critique: str | None) -> str:
+def critique_edited(text: str | None, mllm_text: str | None) -> bool:
+    """The critique box holds text the user typed or changed: anything but what the MLLM wrote for the base
+    (`mllm_text`, kept by the page since Critique was clicked; an empty box is not an edit)."""
+    text = (text or "").strip()
+    return bool(text) and text != (mllm_text or "").strip()
+
+
+def effective_guidance(choice: str | None, critique: str | None, mllm_text: str | None) -> str:
     """The guidance mode a round gets: `choice`, with "auto" resolved from whether the critique box holds
     an edit (dialogue) or not (question)."""
     if choice in (None, "", "auto"):
-        return "dialogue" if state.critique_edited(critique) else "question"
+        return "dialogue" if critique_edited(critique, mllm_text) else "question"
     return choice
 
 
@@ -68,9 +75,6 @@ class StudioState:
 
     rounds: list[Round] = field(default_factory=list)
     base: int | None = None
-    # What the MLLM wrote when Critique was clicked, by base round: a critique box holding anything else
-    # was edited (`critique_edited`).
-    mllm_critiques: dict[int, str] = field(default_factory=dict)
     # The rounds a critique the user edited steered (dialogue guidance).
     edited: frozenset[int] = frozenset()
 
@@ -86,16 +90,6 @@ class StudioState:
         if self.base is None:
             raise InvalidInputError("there is no image yet: Generate one or start from your own image first")
         return self.rounds[self.base]
-
-    def critique_edited(self, text: str | None) -> bool:
-        """The critique box holds text the user typed or changed: anything but what the MLLM wrote for the
-        base (an empty box is not an edit)."""
-        text = (text or "").strip()
-        return bool(text) and text != self.mllm_critiques.get(self.base, "").strip()
-
-    def with_mllm_critique(self, text: str) -> StudioState:
-        """This session, remembering `text` as what the MLLM wrote for the base."""
-        return dataclasses.replace(self, mllm_critiques={**self.mllm_critiques, self.base: text})
 
     def started(self, first: Round) -> StudioState:
         """A new session whose round 0 is `first` (Generate or an uploaded image)."""
