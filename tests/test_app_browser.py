@@ -326,7 +326,8 @@ def test_phone_sees_the_result_after_generate(app, browser):
     click(page, "generate")
     expect_cards(page, 1)
     idle(page)
-    expect(page.locator("#current-image img")).to_be_in_viewport()
+    expect(page.locator("#round-card-0")).to_be_in_viewport()  # the page scrolls the newest round into view
+    expect(page.locator("#status")).to_be_in_viewport()
     page.screenshot(path=str(ARTIFACTS / "phone-after-generate.png"))  # what the phone shows, not the full page
     page.close()
 

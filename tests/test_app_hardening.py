@@ -372,8 +372,8 @@ def test_export_keeps_one_zip_per_session_and_removes_it_at_the_end(tiny_root):
 
 
 def test_a_browser_session_zip_is_removed_when_the_session_ends(app):
-    """The page writes its session zip after each round; closing the session (the heartbeat stops, as
-    when a tab closes) removes it."""
+    """Download writes the session's zip; closing the session (the heartbeat stops, as when a tab closes)
+    removes it."""
     visitor = Client(app.url, auth=(USER, PASSWORD), verbose=False)
     event = next(d for d in visitor.config["dependencies"] if d.get("api_name") == "ui_generate")
     components = {c["id"]: c for c in visitor.config["components"]}
@@ -381,6 +381,7 @@ def test_a_browser_session_zip_is_removed_when_the_session_ends(app):
     args = [values.get((components[i]["props"].get("elem_id") or "").replace("-", "_"), components[i]["props"].get(
         "value")) for i in event["inputs"] if components[i]["type"] != "state"]
     visitor.submit(*args, api_name="/ui_generate").result()
+    visitor.submit(api_name="/ui_download").result()
     folders = [p for p in app.tmp.rglob(f"exports/{visitor.session_hash}") if p.is_dir()]
     assert len(folders) == 1 and [p.suffix for p in folders[0].iterdir()] == [".zip"], folders
     visitor.close()

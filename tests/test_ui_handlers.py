@@ -17,13 +17,8 @@ from PIL import Image
 from img_core.errors import IMGError, InvalidInputError
 from img_core.session import IMGSession, StageEvent
 from ui import views
-from ui.handlers import (
-    ModelPreparation,
-    Produced,
-    StopRequested,
-    Studio,
-    run_in_worker,
-)
+from ui.handlers import ModelPreparation, Studio
+from ui.jobs import Produced, StopRequested, run_in_worker
 from ui.models import ModelHost, compatible_mllms
 from ui.state import RoundRequest, StudioState
 

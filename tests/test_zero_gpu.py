@@ -24,7 +24,8 @@ from ui.gpu import (
     streamed_call,
     zero_gpu_precision,
 )
-from ui.handlers import StopRequested, Studio, run_in_worker
+from ui.handlers import Studio
+from ui.jobs import StopRequested, run_in_worker
 from ui.models import ModelHost
 from ui.state import RoundRequest, StudioState
 

@@ -5,26 +5,23 @@ round path and scores each round; it knows nothing of Gradio components (`ui.lay
 page's methods raise `IMGError` for what the user can fix (the layout shows it and keeps the page
 usable); the stateless API methods turn it into `gr.Error`. The methods that run the models are
 wrapped with `gpu_task` (ZeroGPU) on the instance, so their pickled arguments never include the
-session itself. `run_in_worker` runs a job beside the page and hands its stage events over in batches
-(live status, the critique streamed token by token, Stop); `ModelPreparation` loads the models in the
+session itself (`ui.jobs` runs them beside the page). `ModelPreparation` loads the models in the
 background so the page shows at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
+import json
 import logging
-import queue
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 from PIL import Image
@@ -33,12 +30,14 @@ from img_core.errors import IMGError, InvalidInputError
 from img_core.evaluation.scorers import VQA_SCORER, check_scorer_names
 from img_core.images import load_image
 from img_core.record import Round, SessionRecord
-from img_core.session import LOAD_STEPS, IMGSession, StageCallback, StageEvent
+from img_core.session import LOAD_STEPS, IMGSession, Stage, StageCallback, StageEvent
 from img_core.settings import LIMITS, CheckedPrompt
 from ui.files import app_subfolder
 from ui.gpu import gpu_task
+from ui.image_files import png_file
 from ui.models import ModelHost
 from ui.state import RoundRequest, StudioState
+from ui.views import public_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def user_errors() -> Iterator[None]:
         yield
     except IMGError as error:
         logger.info("refused: %s", error)  # a user mistake: one line, no traceback in the server log
-        raise gr.Error(str(error), print_exception=False) from error
+        raise gr.Error(public_text(str(error)), print_exception=False) from error
 
 
 class Studio:
@@ -64,6 +63,8 @@ class Studio:
         self.critique = gpu_task("critique", preset)(self._critique)
         self.refine = gpu_task("refine", preset)(self._refine)
         self.auto_refine = self._auto_refine
+        self.example_first_round = gpu_task("generate", preset)(self._example_first_round)
+        self.example_next_round = gpu_task("refine", preset)(self._example_next_round)
         self.api_generate = gpu_task("generate", preset)(self._api_generate)
         self.api_critique = gpu_task("critique", preset)(self._api_critique)
         self.api_refine = gpu_task("refine", preset)(self._api_refine)
@@ -118,15 +119,17 @@ class Studio:
         critique: str | None,
         on_stage: StageCallback | None = None,
         prompt: CheckedPrompt | None = None,
+        edited: bool = False,
     ) -> StudioState:
         """One IMG round from the base round. `critique` (possibly edited by the user) steers it in
         dialogue mode; empty means the MLLM critiques the base itself. `prompt`: the click's prompt when
-        the caller checked it already (Auto-refine checks once for all its rounds)."""
+        the caller checked it already (Auto-refine checks once for all its rounds); `edited`: `critique` is
+        the user's edit."""
         state.base_round()
         report = on_stage or _ignore
         session = self._loaded(report)
         prompt = session.check_prompt(prompt or request.checked_prompt)  # once per click
-        return self._next_round(session, request, prompt, state, critique, report)
+        return self._next_round(session, request, prompt, state, critique, report, edited)
 
     def _auto_refine(
         self,
@@ -136,34 +139,46 @@ class Studio:
         rounds: int,
         stop_when_flat: bool = True,
         on_stage: StageCallback | None = None,
+        edited: bool = False,
+        later_mode: str | None = None,
     ) -> Iterator[tuple[StudioState, str | None]]:
         """Up to `rounds` IMG rounds in a row, each from the previous one, yielding (state, why it stopped
         early or None) after each. Only the first uses `critique`; later rounds are critiqued by the MLLM.
         With `stop_when_flat` it stops once a round's score is not above its base's. Each round is one
-        `refine` call (one bounded GPU call on ZeroGPU); Stop is seen at every stage event and between them."""
+        `refine` call (one bounded GPU call on ZeroGPU); Stop is seen at every stage event and between them.
+        `edited`: `critique` is the user's edit; `later_mode`: the guidance mode of the rounds after the first
+        (default: the request's; the page's "auto" makes them question mode, since no edit steers them)."""
         rounds = int(LIMITS["auto_rounds"].check("auto-refine rounds", _whole(rounds)))
         state.base_round()
         report = on_stage or _ignore
         prompt = self._loaded(report).check_prompt(request.checked_prompt)  # once per click, for every round
+        later = request
+        if later_mode is not None:
+            later = dataclasses.replace(request, settings=dataclasses.replace(request.settings, guidance_mode=later_mode))
         for step in range(rounds):
-            state = self.refine(request, state, critique if step == 0 else None, report, prompt=prompt)
+            if step == 0:
+                state = self.refine(request, state, critique, report, prompt=prompt, edited=edited)
+            else:
+                state = self.refine(later, state, None, report, prompt=prompt)
             stalled = self.score_stalled(state) if stop_when_flat and step < rounds - 1 else None
             yield state, stalled
             if stalled:
                 return
 
     def score_stalled(self, state: StudioState) -> str | None:
-        """Why Auto-refine stops after the base round of `state`: its score is not above its own base's."""
+        """Why Auto-refine stops after the base round of `state`: its score, as the page shows it (rounded,
+        `StudioState.shown_score`), is not above its own base's."""
         made = state.base_round()
         name = self.scorer_name
         if not name or made.base_index is None:
             return None
-        before, after = state.rounds[made.base_index].scores.get(name), made.scores.get(name)
+        before, after = state.shown_score(made.base_index, name), state.shown_score(made.index, name)
         if before is None or after is None or after > before:
             return None
+        digits = state.score_digits(name)
         return (
-            f"Auto-refine stopped after round {made.index}: its {name} score {after:.3f} is not above round "
-            f"{made.base_index}'s {before:.3f}. Untick 'stop when the score stops improving' to keep going."
+            f"Auto-refine stopped after round {made.index}: its {name} score {after:.{digits}f} is not above round "
+            f"{made.base_index}'s {before:.{digits}f}. Untick 'stop when the score stops improving' to keep going."
         )
 
     def _next_round(
@@ -173,7 +188,8 @@ class Studio:
         prompt: CheckedPrompt,
         state: StudioState,
         critique: str | None,
-        report,
+        report: StageCallback,
+        edited: bool = False,
     ) -> StudioState:
         """One IMG round from the base of `state`, through the session's one round path, then scored."""
         refined = session.refine(
@@ -186,7 +202,8 @@ class Studio:
             base_index=state.base,
             on_stage=report,
         )
-        return state.extended(self._scored(session, _with_warnings(refined, request.warnings), report))
+        made = self._scored(session, _with_warnings(refined, request.warnings), report)
+        return state.extended(made, edited=edited and request.settings.guidance_mode == "dialogue")
 
     def _loaded(self, report: StageCallback) -> IMGSession:
         """The loaded session; a load here (the first click, or a retry after a failed preparation) is
@@ -200,7 +217,7 @@ class Studio:
         name = self.scorer_name
         if not name:
             return made
-        report(StageEvent("score", made.index, message=name))
+        report(StageEvent(Stage.SCORE, made.index, message=name))
         try:
             session.score(made, [name])
         except IMGError as error:
@@ -215,9 +232,10 @@ class Studio:
             return state.with_base(index)
 
     def export(self, state: StudioState, session_id: str = "default") -> Path:
-        """A zip of round_0.png, round_1.png, ... and session.json (the CLI's format). One file per browser
-        session (`session_id`, Gradio's session hash): each download replaces the previous one, and
-        `end_session` removes it."""
+        """A zip of round_0.png, round_1.png, ... and session.json (the CLI's format), built when Download
+        is clicked from the PNGs the page already wrote (`ui.image_files`), stored as they are (PNG is
+        compressed already). One file per browser session (`session_id`, Gradio's session hash): each
+        download replaces the previous one, and `end_session` removes it."""
         with user_errors():
             if state.is_empty:
                 raise InvalidInputError("there is nothing to download yet: Generate an image first")
@@ -226,12 +244,36 @@ class Studio:
             folder = _export_folder(session_id)
             for old in folder.iterdir():
                 old.unlink(missing_ok=True)
-            return record.write_zip(folder / f"img-studio-{_slug(first.prompt)}-{time.strftime('%Y%m%d-%H%M%S')}.zip")
+            path = folder / f"img-studio-{_slug(first.prompt)}-{time.strftime('%Y%m%d-%H%M%S')}.zip"
+            partial = path.with_suffix(".partial")
+            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
+                for made in state.rounds:
+                    archive.write(png_file(made.image), f"round_{made.index}.png")
+                archive.writestr("session.json", json.dumps(record.to_dict(), indent=2) + "\n")
+            partial.replace(path)  # a half-written zip is never offered
+            return path
 
     @staticmethod
     def end_session(session_id: str) -> None:
         """Remove what `export` wrote for a browser session that has ended."""
         shutil.rmtree(_export_folder(session_id), ignore_errors=True)
+
+    def example_rounds(self, prompt: str, seed: int) -> tuple[Image.Image, Image.Image]:
+        """An example's before/after: round 0 and one Refine with the preset's defaults (the paper's
+        question-mode guidance), as two GPU calls. The page caches them on first use (gr.Examples, lazily)."""
+        with user_errors():
+            request = RoundRequest.from_values(prompt=prompt, seed=seed)
+            first = self.example_first_round(request)
+            return first.image, self.example_next_round(request, first).image
+
+    def _example_first_round(self, request: RoundRequest) -> Round:
+        session = self.host.loaded_session()
+        return session.generate(session.check_prompt(request.checked_prompt), request.seed, request.settings)
+
+    def _example_next_round(self, request: RoundRequest, first: Round) -> Round:
+        session = self.host.loaded_session()
+        return session.refine(first, session.check_prompt(request.checked_prompt), request.seed,
+                              settings=dataclasses.replace(request.settings, guidance_mode="question"), index=1)
 
     # --- stateless API: /generate, /critique, /refine ---------------------------------------------
 
@@ -277,7 +319,7 @@ def _api_warn(*groups: tuple[str, ...] | list[str]) -> None:
     """Non-fatal notes (a prompt cut to the length limit, ...) as Gradio warnings, each once: an API client
     sees them in the event's log messages."""
     for message in dict.fromkeys(message for group in groups for message in group):
-        gr.Warning(message)
+        gr.Warning(public_text(message))
 
 
 def _api_image(image: object) -> bytes | str | Path | Image.Image | None:
@@ -307,85 +349,6 @@ def _with_warnings(made: Round, request_warnings: tuple[str, ...]) -> Round:
     """`made` carrying the request's warnings too (a prompt cut to the length limit, ...), each once."""
     warnings = list(dict.fromkeys([*request_warnings, *made.warnings]))
     return made if warnings == made.warnings else dataclasses.replace(made, warnings=warnings)
-
-
-# --- running a job beside the page ---------------------------------------------------------------------
-
-
-STOP_POLL_SECONDS = 0.25  # how often a waiting job looks whether Stop was clicked
-
-
-class StopRequested(Exception):
-    """The user clicked Stop: the job ends at its next stage event; finished rounds are kept."""
-
-
-@dataclass(frozen=True)
-class Produced:
-    """A value a job produced (a state, a critique), as opposed to a StageEvent."""
-
-    value: Any
-
-
-def run_in_worker(
-    produce: Callable[[StageCallback], Iterable[Any]], stop: threading.Event | None = None
-) -> Iterator[list[StageEvent | Produced]]:
-    """Run `produce(on_stage)` in a worker thread and yield what it reports, in batches: every
-    StageEvent and every value it yields (as `Produced`) since the last batch. The caller turns each
-    batch into one page update, so a fast stream of steps or tokens never floods the page. When `stop`
-    is set, the next stage event raises StopRequested inside the job. An exception of the job is
-    raised here, after the batches before it. The worker runs in a copy of the caller's context, so
-    gr.Warning works inside it."""
-    items: queue.Queue = queue.Queue()
-    done = object()
-
-    def on_stage(event: StageEvent) -> None:
-        if stop is not None and stop.is_set():
-            raise StopRequested("stopped by the user")
-        items.put(event)
-
-    def work() -> None:
-        try:
-            for value in produce(on_stage):
-                items.put(Produced(value))
-                if stop is not None and stop.is_set():
-                    raise StopRequested("stopped by the user")
-        except BaseException as error:  # handed to the caller's thread, which decides
-            items.put(error)
-        finally:
-            items.put(done)
-
-    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="img-studio-job", daemon=True)
-    worker.start()
-    finished = False
-    announced = False  # the page was told that the job is stopping
-    try:
-        while not finished:
-            try:
-                batch = [items.get(timeout=STOP_POLL_SECONDS)]
-            except queue.Empty:
-                if stop is not None and stop.is_set() and not announced:
-                    announced = True
-                    yield [StageEvent("stopping")]  # at once, even while a long step runs
-                continue
-            while True:
-                try:
-                    batch.append(items.get_nowait())
-                except queue.Empty:
-                    break
-            if batch[-1] is done:
-                batch.pop()
-                finished = True
-            failures = [item for item in batch if isinstance(item, BaseException)]
-            reported = [item for item in batch if not isinstance(item, BaseException)]
-            if reported:
-                yield reported
-            if failures:
-                worker.join()
-                raise failures[0]
-        worker.join()
-    finally:
-        if not finished and stop is not None:  # the page went away mid-job: end it at its next step
-            stop.set()
 
 
 # --- models prepared in the background -----------------------------------------------------------------

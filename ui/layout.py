@@ -19,18 +19,16 @@ own `gr.State`.
 
 import logging
 import random
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 
 from img_core.errors import IMGError
 from img_core.evaluation.scorers import VQA_SCORER
 from img_core.presets import PRESETS
-from img_core.session import IMGSession, Stage, StageCallback, StageEvent
+from img_core.session import IMGSession
 from img_core.settings import (
     DEFAULT_AUTO_ROUNDS,
-    GUIDANCE_MODES,
     LIMITS,
     MLLM_QUANTIZATIONS,
     check_prompt,
@@ -38,17 +36,12 @@ from img_core.settings import (
 from ui import views
 from ui.examples import EXAMPLES
 from ui.files import SERVED_FILES_DELETE_CACHE
-from ui.handlers import (
-    PREPARATION_STEPS,
-    ModelPreparation,
-    StopRequested,
-    Studio,
-    run_in_worker,
-    user_errors,
-)
+from ui.handlers import PREPARATION_STEPS, ModelPreparation, Studio, user_errors
 from ui.image_files import png_file
+from ui.jobs import STOPPED_IN_QUEUE_NOTE, JobInputs, Jobs, JobUpdate
 from ui.models import ModelHost, compatible_mllms
-from ui.state import RoundRequest, StudioState
+from ui.page_style import CSS, DOWNLOAD_JS, PAGE_JS, theme
+from ui.state import GUIDANCE_CHOICES, RoundRequest, StudioState, effective_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +49,9 @@ GPU_QUEUE = "gpu"  # concurrency id shared by every event that runs a model
 MAX_UPLOAD = "25mb"  # larger uploads are refused before they reach the models
 PREPARATION_POLL_SECONDS = 1.0  # how often the page asks how the model preparation goes
 CARD_IMAGE_PX = 256  # height of a round card's image
-
-CSS = """
-#tiny-banner { border: 2px solid #d97706; border-radius: 8px; padding: 4px 12px; background: #fffbeb; }
-#tiny-banner * { color: #78350f !important; }
-.img-studio-tiny img { image-rendering: pixelated; }
-#current-image img { width: 100%; height: 100%; object-fit: contain; }
-#round-strip { flex-wrap: nowrap !important; overflow-x: auto; align-items: stretch; padding-bottom: 8px; }
-#round-strip > .round-card { flex: 0 0 300px !important; min-width: 300px !important; max-width: 300px; }
-#round-strip > .round-card.is-base { outline: 3px solid var(--color-accent); outline-offset: -3px; }
-.round-card img { image-rendering: pixelated; object-fit: contain; }
-.round-card .prose { overflow-wrap: anywhere; }
-"""
+REBASE_DURING_A_JOB = (
+    "a job of this tab is running or waiting: 'Refine from here' works once it ends (or click Stop first)"
+)
 
 INTRO = """# IMG Studio
 Generate an image, let a multimodal LLM critique how it misses the prompt, and re-generate it with
@@ -103,16 +87,21 @@ class StudioUI:
         # Cheap events that change the tab's rounds: queued (Gradio reports state changes, which re-render
         # the strip, only for queued events) but outside the GPU group, so they never wait for a job.
         self.state_change = {"concurrency_limit": None, "api_visibility": "private", "show_progress": "hidden"}
-        self._stops: dict[str, threading.Event] = {}  # Stop flag of each browser tab's running job
+        self.jobs = Jobs(self.studio, self.preparation)
         preparing = not host.is_loaded and prepare_models
         classes = ["img-studio-tiny"] if host.preset.is_tiny else []
         with gr.Blocks(title="IMG Studio", delete_cache=SERVED_FILES_DELETE_CACHE) as self.demo:
             self.state = gr.State(StudioState())
+            # What the MLLM wrote for the current base (Critique): the critique box holding anything else was
+            # edited. Apart from `state`, so that a Critique does not re-render the round strip.
+            self.mllm_critique = gr.State("")
             gr.Markdown(INTRO)
             self.banner = gr.Markdown(
                 views.TINY_BANNER.format(preset=host.preset.name), visible=host.preset.is_tiny, elem_id="tiny-banner"
             )
             self.timer = gr.Timer(PREPARATION_POLL_SECONDS, active=preparing)
+            self.buttons: dict[str, gr.Button] = {}
+            self._status_bar(preparing)
             # On a phone the columns stack: only closed accordions lie between Generate and the result.
             with gr.Row(elem_classes=classes):
                 with gr.Column(scale=2, min_width=320):
@@ -123,11 +112,7 @@ class StudioUI:
             self._round_strip()
             with gr.Row():
                 with gr.Column(scale=2, min_width=320):
-                    gr.Examples(
-                        examples=[list(example) for example in EXAMPLES],
-                        inputs=[self.prompt, self.seed],
-                        cache_examples=False,
-                    )
+                    self._examples()
                 with gr.Column(scale=3, min_width=360):
                     self._models_panel(preparing)
                     gr.Markdown(SPACES_NOTE)
@@ -145,10 +130,22 @@ class StudioUI:
         self.buttons[name] = button
         return button
 
+    def _status_bar(self, preparing: bool) -> None:
+        """One compact line, what runs now (or the models' state), with Stop: it stays at the top of the
+        window while the page scrolls (CSS position: sticky), on a phone too."""
+        with gr.Row(elem_id="status-bar", equal_height=True):
+            self.status = gr.Markdown(self._status_text(None, preparing), elem_id="status")
+            self._button("stop", preparing, variant="stop", scale=0, min_width=90)
+
     def _inputs(self, preparing: bool) -> None:
-        self.buttons: dict[str, gr.Button | gr.DownloadButton] = {}
+        # One line that grows to six: Enter generates, Shift+Enter adds a line.
         self.prompt = gr.Textbox(
-            label="Prompt", lines=2, max_lines=6, placeholder="A green banana and a brown horse.", elem_id="prompt"
+            label="Prompt",
+            lines=1,
+            max_lines=6,
+            placeholder="A green banana and a brown horse.",
+            info="Enter generates; Shift+Enter adds a line.",
+            elem_id="prompt",
         )
         with gr.Row():
             self.seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", min_width=120)
@@ -164,7 +161,6 @@ class StudioUI:
             self._button("use_upload", preparing)
 
     def _base_panel(self, preparing: bool) -> None:
-        self.status = gr.Markdown(self._status_text(None, preparing), elem_id="status")
         self.current = gr.Image(
             label="Base of the next round", type="pil", format="png", interactive=False, height=384,
             elem_id="current-image",
@@ -175,13 +171,12 @@ class StudioUI:
             placeholder="Click Critique for the MLLM's analysis of the base image, then edit it if you like.",
             elem_id="critique",
         )
-        self.next_use = gr.Markdown(views.next_round_note(StudioState(), "question", None, None), elem_id="next-use")
+        self.next_use = gr.Markdown(views.next_round_note(StudioState(), "auto", None, None), elem_id="next-use")
         with gr.Row():
             self._button("critique", preparing, variant="secondary")
             self._button("refine", preparing, variant="primary")
         with gr.Row():
             self._button("auto_refine", preparing, variant="secondary")
-            self._button("stop", preparing, variant="stop")
         with gr.Row():
             self.auto_rounds = setting_slider("auto_rounds", DEFAULT_AUTO_ROUNDS)
             self.stop_when_flat = gr.Checkbox(
@@ -191,10 +186,9 @@ class StudioUI:
                 elem_id="stop-rule",
             )
         with gr.Row():
-            self.buttons["download"] = gr.DownloadButton(
-                views.BUTTON_LABELS["download"], value=None, interactive=False, elem_id="download-btn"
-            )
+            self._button("download", preparing)
             self._button("reset", preparing, variant="stop", size="sm")
+        self.download_file = gr.File(visible=False, elem_id="download-file")
 
     def _settings(self) -> None:
         preset = self.host.preset
@@ -204,14 +198,35 @@ class StudioUI:
             self.ip_scale = setting_slider("ip_scale", preset.ip_scale, " (paper: 0.2)")
             self.aligner_passes = setting_slider("aligner_passes", preset.aligner_passes, " (paper: 3)")
             self.guidance_mode = gr.Radio(
-                list(GUIDANCE_MODES),
-                value="question",
+                list(GUIDANCE_CHOICES),
+                value="auto",
                 label="Guidance mode",
-                info="question: the paper's guidance (the MLLM's question); "
-                "dialogue: the question plus the critique as edited",
+                info="auto: an edited critique steers (dialogue), an untouched one keeps the paper's guidance; "
+                "question: always the paper's (the MLLM's question); dialogue: always the critique. The "
+                "released aligners were trained on question-mode guidance.",
                 elem_id="guidance-mode",
             )
-            self.critique_note = gr.Markdown(views.CRITIQUE_NOTES["question"])
+            self.critique_note = gr.Markdown(views.CRITIQUE_NOTES["auto"])
+
+    def _examples(self) -> None:
+        """The example prompts. On a real preset each shows its round 0 and one Refine, made on the first
+        click (by anyone) and cached for everyone after (Gradio's lazy example caching); the tiny preset's
+        noise would teach nothing, so it keeps text examples."""
+        examples = [list(example) for example in EXAMPLES]
+        if self.host.preset.is_tiny:
+            self.examples = gr.Examples(examples=examples, inputs=[self.prompt, self.seed], cache_examples=False)
+            return
+        with gr.Row():
+            before = gr.Image(label="Example: round 0", type="pil", interactive=False, elem_id="example-before")
+            after = gr.Image(label="Example: after one Refine", type="pil", interactive=False, elem_id="example-after")
+        self.examples = gr.Examples(
+            examples=examples,
+            inputs=[self.prompt, self.seed],
+            outputs=[before, after],
+            fn=self.studio.example_rounds,
+            cache_examples=True,
+            cache_mode="lazy",
+        )
 
     def _models_panel(self, preparing: bool) -> None:
         preset = self.host.preset
@@ -258,9 +273,9 @@ class StudioUI:
                             elem_id=f"refine-from-{index}",
                         )
                         rebase.click(
-                            lambda *values, chosen=index: self._rebased(chosen, *values),
+                            self._rebase_handler(index),
                             [self.state, self.guidance_mode, self.prompt, self.seed],
-                            [self.state, self.current, self.critique, self.next_use],
+                            [self.state, self.current, self.critique, self.mllm_critique, self.next_use],
                             **self.state_change,
                         )
 
@@ -287,57 +302,67 @@ class StudioUI:
         buttons = list(self.buttons.values())
         self.job_outputs = [
             self.current, self.status, self.state, self.critique, self.next_use, *buttons, self.timer,
-        ]  # fmt: skip  (the base image first: `scroll_to_output` brings it into view on a phone)
-        request_inputs = {
-            self.state, self.prompt, self.seed, self.steps, self.guidance_scale, self.ip_scale,
-            self.aligner_passes, self.guidance_mode, self.critique, self.auto_rounds, self.upload,
-            self.stop_when_flat,
+            self.mllm_critique,
+        ]  # fmt: skip
+        self._job_inputs = {  # ui.jobs.JobInputs field -> the component it is read from
+            "state": self.state, "prompt": self.prompt, "seed": self.seed, "steps": self.steps,
+            "guidance_scale": self.guidance_scale, "ip_scale": self.ip_scale, "aligner_passes": self.aligner_passes,
+            "guidance_mode": self.guidance_mode, "critique": self.critique, "mllm_critique": self.mllm_critique,
+            "auto_rounds": self.auto_rounds,
+            "upload": self.upload, "stop_when_flat": self.stop_when_flat,
         }  # fmt: skip
+        request_inputs = set(self._job_inputs.values())
         instant = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
         job = {
             "concurrency_id": GPU_QUEUE,
             "concurrency_limit": 1,
-            "show_progress": "minimal",
-            "show_progress_on": [self.status],  # outputs keep their last value during a job
+            "show_progress": "hidden",  # outputs keep their last value; the status line says what runs
         }
 
         def chain(trigger, fn, inputs, api_name=None, **kwargs):
             """Disable the buttons, run `fn` through the GPU queue, re-enable what can run next, whatever
             happened (`.then` runs after success, `.failure` after an error Gradio raised itself)."""
             visibility = {"api_visibility": "undocumented"} if api_name else {"api_visibility": "private"}
-            running = trigger(self._lock, self.state, buttons, **instant).then(
+            running = trigger(self._lock, self.state, [*buttons, self.status, self.timer], **instant).then(
                 fn, inputs, self.job_outputs, api_name=api_name, **job, **visibility, **kwargs
             )
             running.then(self._unlock, self.state, buttons, **instant)  # the job's own message stays
             running.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             return running
 
-        chain(self.buttons["generate"].click, self._on_generate, request_inputs, "ui_generate", scroll_to_output=True)
-        chain(self.prompt.submit, self._on_generate, request_inputs, scroll_to_output=True)
-        chain(self.buttons["use_upload"].click, self._on_use_upload, request_inputs, "ui_use_upload")
-        chain(self.buttons["critique"].click, self._on_critique, request_inputs, "ui_critique")
-        chain(self.buttons["refine"].click, self._on_refine, request_inputs, "ui_refine")
-        chain(self.buttons["auto_refine"].click, self._on_auto_refine, request_inputs, "ui_auto_refine")
+        run = self._job_handler
+        chain(self.buttons["generate"].click, run("generate"), request_inputs, "ui_generate")
+        chain(self.prompt.submit, run("generate"), request_inputs)
+        chain(self.buttons["use_upload"].click, run("use_upload"), request_inputs, "ui_use_upload")
+        chain(self.buttons["critique"].click, run("critique"), request_inputs, "ui_critique")
+        chain(self.buttons["refine"].click, run("refine"), request_inputs, "ui_refine")
+        chain(self.buttons["auto_refine"].click, run("auto_refine"), request_inputs, "ui_auto_refine")
         if self.allow_model_switch:
             switch_outputs = [
                 self.status, self.banner, self.preset, self.mllm, self.quantization,
                 self.steps, self.guidance_scale, self.ip_scale, self.aligner_passes,
             ]  # fmt: skip
-            switching = self.buttons["switch"].click(self._lock, self.state, buttons, **instant).then(
+            switching = self.buttons["switch"].click(self._disable, self.state, buttons, **instant).then(
                 self._on_switch, {self.preset, self.mllm, self.quantization}, switch_outputs,
                 concurrency_id=GPU_QUEUE, concurrency_limit=1, api_visibility="private",
             )  # fmt: skip
             switching.then(self._unlock, self.state, buttons, **instant)
             switching.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             self.preset.change(self._on_preset_choice, self.preset, self.mllm, **instant)
-        self.buttons["stop"].click(self._on_stop, None, None, **instant)  # the job itself says it stops
+        # Queued (outside the GPU group: it never waits) so that its message shows.
+        self.buttons["stop"].click(self._on_stop, self.state, [*buttons, self.status, self.timer], **self.state_change)
+        # The zip is built on the click, into a hidden file that the page then downloads.
+        self.buttons["download"].click(
+            self._on_download, self.state, self.download_file, api_name="ui_download", api_visibility="undocumented",
+            concurrency_limit=None, show_progress="hidden",
+        ).then(None, self.download_file, None, js=DOWNLOAD_JS)  # fmt: skip
         self.buttons["reset"].click(self._on_reset, None, self.job_outputs, **self.state_change)
         self.randomize.click(lambda: random.randint(0, int(LIMITS["seed"].high)), None, self.seed, **instant)
         self.guidance_mode.change(views.CRITIQUE_NOTES.get, self.guidance_mode, self.critique_note, **instant)
         gr.on(  # one listener, "always_last": the note follows the newest values, never a stale reply
             [self.guidance_mode.change, self.critique.input, self.critique.blur, self.prompt.change, self.seed.change],
             self._next_use_note,
-            [self.state, self.guidance_mode, self.critique, self.prompt, self.seed],
+            [self.state, self.guidance_mode, self.critique, self.prompt, self.seed, self.mllm_critique],
             self.next_use,
             trigger_mode="always_last",
             **instant,
@@ -349,7 +374,10 @@ class StudioUI:
     # --- what the page shows ----------------------------------------------------------------------
 
     def _status_text(self, now: str | None, preparing: bool | None = None) -> str:
-        """The one status area: the models (preparing k/n, failed, loaded) and what runs now."""
+        """The one status line: what runs now (or how the last job ended), else the models (preparing k/n,
+        failed, loaded)."""
+        if now:
+            return views.public_text(now)
         preparation = self.preparation
         preparing = preparation.running if preparing is None else preparing
         if preparing and not self.host.is_loaded:
@@ -362,7 +390,7 @@ class StudioUI:
             )
         else:
             models = self.host.status_line()
-        return f"{models}\n\n{now}" if now else models
+        return views.public_text(models)
 
     def _button_updates(self, state: StudioState, busy: bool) -> dict:
         preparing = self.preparation.running and not self.host.is_loaded
@@ -371,191 +399,128 @@ class StudioUI:
         step = self.preparation.step_text if preparing else None
         updates = {}
         for name, button in self.buttons.items():
-            if name == "download":  # its value is the file; the label stays
-                updates[button] = gr.update(interactive=can_run[name])
-            else:
-                updates[button] = gr.update(interactive=can_run[name], value=views.button_label(name, step))
+            updates[button] = gr.update(interactive=can_run[name], value=views.button_label(name, step))
         return updates
 
-    def _state_views(self, state: StudioState, values: dict | None = None, session_id: str = "default") -> dict:
-        """The base image, the critique box (emptied: its base changed), the next-round note and the
-        download (always every round made so far)."""
+    def _state_views(self, state: StudioState, values: dict | None = None, checked: RoundRequest | None = None) -> dict:
+        """The base image, the critique box (emptied: its base changed) and the next-round note.
+        `checked`: the click's request, whose prompt was checked already."""
         values = values or {}
-        mode = values.get(self.guidance_mode, "question")
-        updates = {
+        mode = values.get(self.guidance_mode, "auto")
+        prompt = checked.prompt if checked else values.get(self.prompt)
+        seed = checked.seed if checked else values.get(self.seed)
+        return {
             self.state: state,
             self.current: gr.update(
                 value=None if state.is_empty else png_file(state.base_round().image), label=views.base_label(state)
             ),
             self.critique: gr.update(value="", label=views.critique_label(state)),
-            self.next_use: self._next_use_note(state, mode, "", values.get(self.prompt), values.get(self.seed)),
+            self.mllm_critique: "",  # a new base: nothing critiqued yet
+            self.next_use: self._next_use_note(state, mode, "", prompt, seed, checked=checked is not None),
         }
-        download = self.buttons["download"]
-        if state.is_empty:
-            updates[download] = gr.update(value=None, interactive=False)
-        else:
-            try:
-                updates[download] = gr.update(value=str(self.studio.export(state, session_id)), interactive=True)
-            except Exception:  # the rounds are still on the page; the next round tries again
-                logger.exception("writing the session zip failed")
-        return updates
 
-    def _next_use_note(self, state: StudioState, mode: str, critique: str | None, prompt=None, seed=None) -> str:
+    def _on_download(self, state: StudioState, request: gr.Request) -> str | None:
+        """Download: the zip of every round so far, built now (nothing is zipped while rounds are made)."""
+        try:
+            return str(self.studio.export(state, tab_id(request)))
+        except gr.Error as error:
+            gr.Warning(views.public_text(str(error)))
+        except Exception:  # the rounds are still on the page; the next click tries again
+            logger.exception("writing the session zip failed")
+            gr.Warning("the zip could not be written; your rounds are kept, try Download again")
+        return None
+
+    def _next_use_note(
+        self, state: StudioState, mode: str, critique: str | None, prompt=None, seed=None, mllm_critique: str = "",
+        checked: bool = False,
+    ) -> str:  # fmt: skip
+        """What the next round will use. `mode`: the page's choice ("auto" resolved here); `checked`: `prompt`
+        is a job's already checked prompt."""
+        choice, mode = mode, effective_guidance(mode, critique, mllm_critique)
         question = None
         if mode == "question" and not state.is_empty and self.host.is_loaded:
             try:
-                text = check_prompt(prompt).prompt if prompt else state.rounds[0].prompt
+                if not prompt:
+                    text = state.rounds[0].prompt
+                else:
+                    text = prompt if checked else check_prompt(prompt).prompt
                 question = self.host.session.critic.question_for(text, int(seed if seed is not None else 0))
             except (IMGError, TypeError, ValueError):
                 question = None
-        return views.next_round_note(state, mode, question, critique)
+        return views.next_round_note(state, mode, question, critique, choice)
 
-    # --- jobs -------------------------------------------------------------------------------------
+    # --- jobs (ui.jobs runs them; here their updates become the page's) -----------------------------
 
-    def _request(self, values: dict) -> RoundRequest:
-        return RoundRequest.from_values(
-            prompt=values[self.prompt],
-            seed=values[self.seed],
-            steps=values[self.steps],
-            max_critique_tokens=None,
-            guidance_scale=values[self.guidance_scale],
-            ip_scale=values[self.ip_scale],
-            aligner_passes=values[self.aligner_passes],
-            guidance_mode=values[self.guidance_mode],
-        )
+    def _job_handler(self, action: str) -> Callable[[dict, gr.Request], Iterator[dict]]:
+        """The event handler of a model job: the page's values by name in, `ui.jobs.JobUpdate`s out as
+        updates of the components."""
 
-    def _job(
-        self,
-        values: dict,
-        request: gr.Request,
-        action: str,
-        produce: Callable[[RoundRequest, StageCallback | None], Iterable],
-        auto_rounds: int | None = None,
-    ) -> Iterator[dict]:
-        """Run `produce` (which yields states, critiques or (state, stop reason) pairs) and show its
-        progress; every error ends as a message, and the last update re-enables the buttons."""
-        state = values[self.state]
-        session_id = getattr(request, "session_hash", None) or "default"
-        stop = self._stops.setdefault(session_id, threading.Event())
-        stop.clear()
-        note = None
-        streamed = False  # the critique box shows text of a round that may not finish
-        shown_warnings: set[str] = set()
+        def handler(values: dict, request: gr.Request) -> Iterator[dict]:
+            inputs = JobInputs(**{name: values[component] for name, component in self._job_inputs.items()})
+            for update in self.jobs.run(action, inputs, tab_id(request)):
+                yield self._shown(update, values)
 
-        def warn(messages: Iterable[str]) -> None:
-            for message in messages:
-                if message not in shown_warnings:
-                    shown_warnings.add(message)
-                    gr.Warning(message)
+        return handler
 
-        try:
-            round_request = self._request(values)
-            warn(round_request.warnings)
-            auto = (state.next_index, auto_rounds) if auto_rounds else None
-            # on ZeroGPU too: each GPU call streams its events back (ui/gpu.py)
-            batches = run_in_worker(lambda on_stage: produce(round_request, on_stage), stop)
-            for batch in batches:
-                update: dict = {}
-                for item in batch:
-                    if isinstance(item, StageEvent):
-                        if item.stage == Stage.LOAD:
-                            self.preparation.note(item)
-                        update[self.status] = self._status_text(
-                            views.stage_line(item, self.preparation.step_text or None, auto)
-                        )
-                        if item.text is not None:
-                            update[self.critique] = item.text
-                            streamed = True
-                        continue
-                    value = item.value
-                    if isinstance(value, tuple):
-                        value, note = value
-                    streamed = False
-                    if isinstance(value, StudioState):
-                        state = value
-                        update.update(self._state_views(state, values, session_id))
-                        warn(state.base_round().warnings)
-                    elif isinstance(value, str):
-                        update[self.critique] = value
-                yield update
-        except StopRequested:
-            note = "Stopped. The rounds made so far are kept."
-            gr.Info(note)
-        except IMGError as error:  # the user can fix it: one log line, a message on the page
-            logger.warning("%s refused: %s", action, error)
-            note = f"⚠️ {error}"
-            gr.Warning(str(error))
-        except Exception as error:  # a real failure: traceback in the log, the page stays usable
-            logger.exception("%s failed", action)
-            note = (
-                f"⚠️ {action} failed ({type(error).__name__}: {error}). The rounds so far are kept; try again, "
-                "or with fewer steps or a smaller preset."
-            )
-            gr.Warning(note)
-        if note and note.startswith("Auto-refine stopped"):
-            gr.Info(note)
-        final = {self.status: self._status_text(note), **self._button_updates(state, busy=False),
-                 self.timer: gr.Timer(active=False)}  # fmt: skip
-        if streamed:  # the round it belonged to did not finish: back to the box's text for this base
-            final[self.critique] = values[self.critique] if state is values[self.state] else ""
-        yield final
-
-    def _on_generate(self, values: dict, request: gr.Request):
-        def produce(req, on_stage):
-            return [self.studio.generate(req, values[self.state], on_stage)]
-
-        yield from self._job(values, request, "Generate", produce)
-
-    def _on_use_upload(self, values: dict, request: gr.Request):
-        def produce(req, on_stage):
-            return [self.studio.start_from_image(values[self.upload], req, values[self.state], on_stage)]
-
-        yield from self._job(values, request, "Use your image", produce)
-
-    def _on_critique(self, values: dict, request: gr.Request):
-        def produce(req, on_stage):
-            return [self.studio.critique(req, values[self.state], on_stage)]
-
-        yield from self._job(values, request, "Critique", produce)
-
-    def _on_refine(self, values: dict, request: gr.Request):
-        def produce(req, on_stage):
-            return [self.studio.refine(req, values[self.state], values[self.critique], on_stage)]
-
-        yield from self._job(values, request, "Refine", produce)
-
-    def _on_auto_refine(self, values: dict, request: gr.Request):
-        rounds = values[self.auto_rounds]
-
-        def produce(req, on_stage):
-            return self.studio.auto_refine(
-                req, values[self.state], values[self.critique], rounds, bool(values[self.stop_when_flat]), on_stage
-            )
-
-        try:
-            shown_rounds = int(rounds)
-        except (TypeError, ValueError):
-            shown_rounds = None
-        yield from self._job(values, request, "Auto-refine", produce, auto_rounds=shown_rounds)
+    def _shown(self, update: JobUpdate, values: dict) -> dict:
+        """A job's update as component updates; the last one re-enables the buttons."""
+        if update.finished:
+            final = {self.status: self._status_text(update.status),
+                     **self._button_updates(update.state, busy=False), self.timer: gr.Timer(active=False)}  # fmt: skip
+            if update.critique is not None:
+                final[self.critique] = update.critique
+            return final
+        shown: dict = {}
+        if update.status is not None:
+            shown[self.status] = self._status_text(update.status)
+        if update.state is not None:
+            shown.update(self._state_views(update.state, values, update.request))
+        if update.critique is not None:
+            shown[self.critique] = update.critique
+        if update.mllm_critique is not None:
+            shown[self.mllm_critique] = update.mllm_critique
+        return shown
 
     # --- instant events ---------------------------------------------------------------------------
 
-    def _lock(self, state: StudioState) -> dict:
+    def _lock(self, state: StudioState, request: gr.Request) -> dict:
+        """A job was clicked: it waits in the GPU queue from now on (Stop ends it there too); the status
+        says where it stands, and the timer keeps saying so until it starts."""
+        tab = tab_id(request)
+        self.jobs.queued(tab)
+        return {
+            **self._button_updates(state, busy=True),
+            self.status: self._status_text(views.queue_line(self.jobs.jobs_ahead(tab))),
+            self.timer: gr.Timer(active=True),
+        }
+
+    def _disable(self, state: StudioState) -> dict:
+        """A model switch was clicked: only Stop stays usable."""
         return self._button_updates(state, busy=True)
 
-    def _unlock(self, state: StudioState) -> dict:
+    def _unlock(self, state: StudioState, request: gr.Request) -> dict:
+        """After a job: what can run now (nothing changes while another job of this tab waits)."""
+        if self.jobs.busy(tab_id(request)):
+            return {}
         return self._button_updates(state, busy=False)
 
-    def _unlock_after_failure(self, state: StudioState) -> dict:
+    def _unlock_after_failure(self, state: StudioState, request: gr.Request) -> dict:
         """After an error Gradio raised before or after the handler (its message is already shown)."""
+        self.jobs.forget_waiting(tab_id(request))
         note = "⚠️ That did not work (see the message). Your rounds are kept; correct the input and try again."
         return {**self._button_updates(state, busy=False), self.status: self._status_text(note)}
 
-    def _on_stop(self, request: gr.Request) -> None:
-        """Ask this tab's running job to end at its next step (it says so in the status at once)."""
-        stop = self._stops.get(getattr(request, "session_hash", None) or "default")
-        if stop is not None:
-            stop.set()
+    def _on_stop(self, state: StudioState, request: gr.Request) -> dict:
+        """End this tab's job: a waiting one at once, without running (said here), a running one at its next
+        step (the job says so)."""
+        if not self.jobs.stop(tab_id(request)):
+            return {}
+        gr.Info(STOPPED_IN_QUEUE_NOTE)
+        return {
+            **self._button_updates(state, busy=False),
+            self.status: self._status_text(STOPPED_IN_QUEUE_NOTE),
+            self.timer: gr.Timer(active=self.preparation.running),
+        }
 
     def _on_reset(self) -> dict:
         state = StudioState()
@@ -566,38 +531,54 @@ class StudioUI:
             self.timer: gr.Timer(active=self.preparation.running),
         }
 
-    def _rebased(self, index: int, state: StudioState, mode: str, prompt: str, seed) -> dict:
-        """'Refine from here': round `index` becomes the base of the next round (nothing runs)."""
+    def _rebase_handler(self, index: int) -> Callable[..., dict]:
+        def rebase(state: StudioState, mode: str, prompt: str, seed, request: gr.Request) -> dict:
+            return self._rebased(index, state, mode, prompt, seed, tab_id(request))
+
+        return rebase
+
+    def _rebased(self, index: int, state: StudioState, mode: str, prompt: str, seed, tab: str = "default") -> dict:
+        """'Refine from here': round `index` becomes the base of the next round (nothing runs). Refused,
+        with a message, while a job of this tab waits or runs: its result would override the choice."""
+        if self.jobs.busy(tab):
+            gr.Warning(REBASE_DURING_A_JOB)
+            return {}
         try:
             state = state.with_base(index)
         except IMGError as error:
-            gr.Warning(str(error))
+            gr.Warning(views.public_text(str(error)))
             return {self.state: state}
         return {
             self.state: state,
             self.current: gr.update(value=png_file(state.base_round().image), label=views.base_label(state)),
             self.critique: gr.update(value="", label=views.critique_label(state)),
+            self.mllm_critique: "",
             self.next_use: self._next_use_note(state, mode, "", prompt, seed),
         }
 
-    def _on_tick(self, state: StudioState) -> dict:
-        """While the models prepare: the stage in the status and the button labels; stops when done."""
+    def _on_tick(self, state: StudioState, request: gr.Request) -> dict:
+        """While this tab's job waits: where it stands in the queue. While the models prepare: the stage in
+        the status and the button labels. Stops when neither."""
+        tab = tab_id(request)
+        if self.jobs.waiting(tab):
+            return {self.status: self._status_text(views.queue_line(self.jobs.jobs_ahead(tab)))}
+        if self.jobs.busy(tab):  # running: the job shows its own progress
+            return {self.timer: gr.Timer(active=False)}
         return {
             **self._button_updates(state, busy=False),
             self.status: self._status_text(None),
             self.timer: gr.Timer(active=self.preparation.running),
         }
 
-    def _on_page_load(self, state: StudioState) -> dict:
+    def _on_page_load(self, state: StudioState, request: gr.Request) -> dict:
         """A new tab: start preparing the models if nothing else did (a failed preparation is retried)."""
         if not self.host.is_loaded and not self.preparation.running:
             self.preparation.start()
-        return self._on_tick(state)
+        return self._on_tick(state, request)
 
     def _on_unload(self, request: gr.Request) -> None:
-        session_id = getattr(request, "session_hash", None) or "default"
-        self._stops.pop(session_id, None)
-        Studio.end_session(session_id)
+        self.jobs.end(tab_id(request))
+        Studio.end_session(tab_id(request))
 
     def _on_preset_choice(self, preset_name: str) -> dict:
         """Offer the MLLMs this preset's aligner takes guidance from (its own first)."""
@@ -609,10 +590,10 @@ class StudioUI:
             with user_errors():
                 self.host.switch(values[self.preset], values[self.mllm], values[self.quantization])
         except gr.Error as error:
-            gr.Warning(str(error))
+            gr.Warning(views.public_text(str(error)))
         except Exception as error:
             logger.exception("switching models failed")
-            gr.Warning(f"switching models failed ({type(error).__name__}: {error}); the previous models stay")
+            gr.Warning(views.public_text(f"switching models failed ({type(error).__name__}: {error}); the previous models stay"))
         preset = self.host.preset
         return {
             self.status: self._status_text(None),
@@ -625,6 +606,11 @@ class StudioUI:
             self.ip_scale: preset.ip_scale,
             self.aligner_passes: preset.aligner_passes,
         }
+
+
+def tab_id(request: gr.Request | None) -> str:
+    """The browser tab an event came from (Gradio's session hash)."""
+    return getattr(request, "session_hash", None) or "default"
 
 
 def setting_slider(name: str, value: float, note: str = "") -> gr.Slider:
@@ -654,4 +640,4 @@ def build_demo(
 
 def launch_kwargs() -> dict:
     """What `demo.launch()` needs besides host and port: theme and CSS, and an upload size limit."""
-    return {"theme": gr.themes.Soft(), "css": CSS, "max_file_size": MAX_UPLOAD}
+    return {"theme": theme(), "css": CSS, "js": PAGE_JS, "max_file_size": MAX_UPLOAD}

@@ -12,10 +12,39 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from img_core.errors import InvalidInputError
-from img_core.settings import CheckedPrompt, RoundSettings, check_prompt, check_seed
+from img_core.settings import (
+    GUIDANCE_MODES,
+    CheckedPrompt,
+    RoundSettings,
+    check_prompt,
+    check_seed,
+)
 
 if TYPE_CHECKING:
     from img_core.record import Round
+
+# The page's guidance choices: "auto" (the default) lets an edited critique steer (dialogue guidance) and
+# keeps the release's question-mode guidance otherwise; the others force a mode of img_core.settings.
+GUIDANCE_CHOICES = tuple(dict.fromkeys(("auto", *GUIDANCE_MODES)))
+
+
+def critique_edited(text: str | None, mllm_text: str | None) -> bool:
+    """The critique box holds text the user typed or changed: anything but what the MLLM wrote for the base
+    (`mllm_text`, kept by the page since Critique was clicked; an empty box is not an edit)."""
+    text = (text or "").strip()
+    return bool(text) and text != (mllm_text or "").strip()
+
+
+def effective_guidance(choice: str | None, critique: str | None, mllm_text: str | None) -> str:
+    """The guidance mode a round gets: `choice`, with "auto" resolved from whether the critique box holds
+    an edit (dialogue) or not (question)."""
+    if choice in (None, "", "auto"):
+        return "dialogue" if critique_edited(critique, mllm_text) else "question"
+    return choice
+
+
+MIN_SCORE_DIGITS = 3  # decimals a score is shown with at least ...
+MAX_SCORE_DIGITS = 6  # ... and at most (the tiny models' scores differ in the 4th or 5th)
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,8 @@ class StudioState:
 
     rounds: list[Round] = field(default_factory=list)
     base: int | None = None
+    # The rounds a critique the user edited steered (dialogue guidance).
+    edited: frozenset[int] = frozenset()
 
     @property
     def is_empty(self) -> bool:
@@ -77,20 +108,38 @@ class StudioState:
         """A new session whose round 0 is `first` (Generate or an uploaded image)."""
         return StudioState(rounds=[dataclasses.replace(first, index=0, base_index=None)], base=0)
 
-    def extended(self, refined: Round) -> StudioState:
-        """This session plus `refined` (made from the current base); the new round becomes the base."""
+    def extended(self, refined: Round, edited: bool = False) -> StudioState:
+        """This session plus `refined` (made from the current base; `edited`: steered by a critique the user
+        edited); the new round becomes the base."""
         refined = dataclasses.replace(refined, index=self.next_index, base_index=self.base)
-        return StudioState(rounds=[*self.rounds, refined], base=refined.index)
+        steered = self.edited | {refined.index} if edited else self.edited
+        return dataclasses.replace(self, rounds=[*self.rounds, refined], base=refined.index, edited=steered)
 
     def with_base(self, index: int) -> StudioState:
         if not 0 <= index < len(self.rounds):
             raise InvalidInputError(f"there is no round {index}; this session has {len(self.rounds)} rounds")
         return dataclasses.replace(self, base=index)
 
+    def score_digits(self, scorer: str | None) -> int:
+        """How many decimals the page shows `scorer`'s scores with: the fewest (from MIN_SCORE_DIGITS) at
+        which every two different scores of this session still differ, at most MAX_SCORE_DIGITS."""
+        values = sorted({item.scores[scorer] for item in self.rounds if scorer in item.scores})
+        for digits in range(MIN_SCORE_DIGITS, MAX_SCORE_DIGITS):
+            if len({round(value, digits) for value in values}) == len(values):
+                return digits
+        return MAX_SCORE_DIGITS
+
+    def shown_score(self, index: int, scorer: str | None) -> float | None:
+        """Round `index`'s `scorer` score as the page shows it (rounded to `score_digits`); None if unscored.
+        The star and Auto-refine's stop rule compare these, so they agree with what people read."""
+        value = self.rounds[index].scores.get(scorer) if scorer else None
+        return None if value is None else round(value, self.score_digits(scorer))
+
     def best_index(self, scorer: str | None) -> int | None:
-        """The round with the highest `scorer` score (the earliest on a tie); None when fewer than two
+        """The round with the highest shown `scorer` score (the earliest on a tie); None when fewer than two
         rounds are scored, since a best of one says nothing."""
-        scored = [(item.scores[scorer], -index) for index, item in enumerate(self.rounds) if scorer in item.scores]
+        shown = [(self.shown_score(index, scorer), -index) for index in range(len(self.rounds))]
+        scored = [pair for pair in shown if pair[0] is not None]
         if len(scored) < 2:
             return None
         return -max(scored)[1]

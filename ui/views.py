@@ -4,7 +4,9 @@ functions of plain values, so they are tested without a browser."""
 from __future__ import annotations
 
 import html
+import re
 
+from img_core.record import Round
 from img_core.session import StageEvent
 from ui.state import StudioState
 
@@ -15,16 +17,35 @@ TINY_BANNER = (
 )
 
 CRITIQUE_NOTES = {
+    "auto": (
+        "**Auto** (the default): edit the critique above and your edit steers the next round (dialogue "
+        "guidance); leave it as the MLLM wrote it, or empty, and the round gets the paper's question-mode "
+        "guidance, so default results stay the paper's. The released aligners were trained on question-mode "
+        "guidance: edits steer, but less precisely than an aligner trained on dialogue guidance would "
+        "(`trainer` can train one)."
+    ),
     "dialogue": (
         "**Dialogue mode:** the next Refine is guided by the critique in the box above, *with your edits*. "
         "Leave it empty and the MLLM critiques the base image itself."
     ),
     "question": (
         "**Question mode** (as in the paper): the critique is shown for reading only; guidance uses the "
-        "MLLM's question alone, so edits to the critique do not change the next round. Switch to "
-        "*dialogue* under Advanced settings to let your edits steer it."
+        "MLLM's question alone, so edits to the critique do not change the next round. Choose *auto* or "
+        "*dialogue* to let your edits steer it."
     ),
 }
+
+# What each scorer measures: the hover of a card's score (img_core.evaluation.scorers has the details).
+SCORER_HOVERS = {
+    "vqascore": "VQAScore: how sure the MLLM is that the image shows the prompt (P(yes) to 'Does this image "
+    "show ...?'), 0 to 1; higher is better",
+    "hpsv2": "HPS v2.1 (the paper's metric): how well the image matches the prompt as human raters prefer, "
+    "100 x cosine of CLIP-H embeddings; higher is better",
+    "pickscore": "PickScore: which image people would pick for the prompt, a CLIP-H score; higher is better",
+    "clipscore": "CLIPScore: 100 x cosine of the image's and the prompt's CLIP ViT-L/14 embeddings; higher is better",
+}
+GUIDED_BY_EDIT = "guided by your edit"
+GUIDED_BY_MLLM = "MLLM's own reading"
 
 # Every button of the page and its label when it can run; the model buttons wait for the models.
 BUTTON_LABELS = {
@@ -103,23 +124,48 @@ def card_title(state: StudioState, index: int) -> str:
     return f"Round {index} · {round_origin(state, index)} · seed {item.seed} · {round_seconds(state, index):.1f} s"
 
 
+def scorer_hover(scorer: str) -> str:
+    """What a scorer measures, for the hover of a card's score (`vqascore:<mllm>` as `vqascore`)."""
+    return SCORER_HOVERS.get(scorer.split(":")[0], "an alignment score of the image and the prompt; higher is better")
+
+
 def card_score(state: StudioState, index: int, scorer: str | None) -> str:
-    """The round's score, and a star on the best round of the session."""
+    """The round's score with the digits that tell this session's rounds apart, its change from round 0,
+    a star on the best round (all from the same rounded values), and a hover saying what it measures."""
     if not scorer:
         return ""
-    value = state.rounds[index].scores.get(scorer)
+    value = state.shown_score(index, scorer)
     if value is None:
         return f"{scorer}: not scored"
-    best = " · ★ best round" if state.best_index(scorer) == index else ""
-    return f"{scorer} {value:.3f}{best}"
+    digits = state.score_digits(scorer)
+    text = f"{scorer} {value:.{digits}f}"
+    first = state.shown_score(0, scorer)
+    if index > 0 and first is not None:
+        text += f" ({value - first:+.{digits}f} from round 0)"
+    if state.best_index(scorer) == index:
+        text += " · ★ best round"
+    return f'<span class="round-score" title="{html.escape(scorer_hover(scorer))}">{text}</span>'
+
+
+def guidance_source(item: Round, edited: bool) -> str | None:
+    """Which guidance a refined round was made with, for its card: 'guided by your edit' when a critique
+    the user edited steered it (dialogue guidance), else "MLLM's own reading" (the question, or the
+    MLLM's own critique). `edited`: its critique differed from what the MLLM wrote for its base
+    (`StudioState.edited`). None for round 0."""
+    if item.source != "refined":
+        return None
+    return GUIDED_BY_EDIT if item.guidance_mode == "dialogue" and edited else GUIDED_BY_MLLM
 
 
 def card_markdown(state: StudioState, index: int, scorer: str | None) -> str:
-    """Title, score, base marker and the prompt where it differs from round 0's."""
+    """Title, score, which guidance made it, base marker and the prompt where it differs from round 0's."""
     lines = [f"**{card_title(state, index)}**"]
     score = card_score(state, index, scorer)
     if score:
         lines.append(score)
+    guidance = guidance_source(state.rounds[index], index in state.edited)
+    if guidance:
+        lines.append(f"Guidance: {guidance}")
     if index == state.base:
         lines.append("**▶ base of the next round**")
     item = state.rounds[index]
@@ -152,8 +198,11 @@ def critique_label(state: StudioState) -> str:
     return f"Critique of round {state.base} (editable)"
 
 
-def next_round_note(state: StudioState, mode: str, question: str | None, critique: str | None) -> str:
-    """What the next Refine will use: the question (question mode), or the critique as edited (dialogue)."""
+def next_round_note(
+    state: StudioState, mode: str, question: str | None, critique: str | None, choice: str | None = None
+) -> str:
+    """What the next Refine will use: the question (question mode), or the critique as edited (dialogue).
+    `mode` is the mode the round gets; `choice` the page's setting ("auto": an edit steers)."""
     if state.is_empty:
         return "*The next round's guidance shows here once there is an image.*"
     head = f"**Next round** (from round {state.base}, {mode} mode) uses "
@@ -161,10 +210,20 @@ def next_round_note(state: StudioState, mode: str, question: str | None, critiqu
         text = (critique or "").strip()
         if not text:
             return head + "a critique the MLLM writes first (the box is empty)."
+        if choice == "auto":
+            return head + f"your edited critique, which will steer it: “{_one_line(text, NOTE_CHARS)}”"
         return head + f"the critique as edited: “{_one_line(text, NOTE_CHARS)}”"
     if question:
         return head + f"the question: “{_one_line(question, NOTE_CHARS)}”"
     return head + "the MLLM's question (shown once the models are loaded)."
+
+
+def queue_line(jobs_ahead: int | None) -> str:
+    """The status of a clicked job before it starts: where it stands in the GPU queue."""
+    if not jobs_ahead:
+        return "Starting…"
+    jobs = "1 job" if jobs_ahead == 1 else f"{jobs_ahead} jobs"
+    return f"⏳ Waiting in the queue: {jobs} ahead of yours (position {jobs_ahead + 1}). Stop cancels it."
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -189,6 +248,21 @@ def stage_line(event: StageEvent, load_step: str | None = None, auto: tuple[int,
     if event.step is not None and event.total:
         line += f" step {event.step}/{event.total}"
     return line
+
+
+# An absolute (or home-relative) file path inside a message: not a URL's path, not part of a word.
+_SERVER_PATH = re.compile(r"(?<![\w:/.~-])~?/(?:[^\s/'\"`<>()\[\]]+/)*[^\s/'\"`<>()\[\]]*")
+
+
+def public_text(text: str) -> str:
+    """`text` with every server path cut to its last part (`/tmp/.../gradio/ab12/notes.png` -> `notes.png`,
+    a cache folder -> its name): messages a web page shows never reveal the server's layout."""
+
+    def last_part(match: re.Match) -> str:
+        parts = [part for part in match.group(0).split("/") if part and part != "~"]
+        return parts[-1] if parts else "a server folder"
+
+    return _SERVER_PATH.sub(last_part, text)
 
 
 def _one_line(text: str, limit: int | None = None) -> str:
