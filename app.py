@@ -4,7 +4,7 @@
 
 Parses flags, builds an IMGSession (nothing loads until the first click needs it) and launches the
 Gradio app from `ui`. Everything the app writes lives in one folder (`ui.files`), removed at exit and
-on SIGTERM. Switching models changes them for every user, so the server refuses it unless started with
+on SIGTERM, except the History of sessions (`ui.history`, `--data-dir`), which survives restarts. Switching models changes them for every user, so the server refuses it unless started with
 `--allow-model-switch` (never on Hugging Face Spaces). Importing this file loads nothing.
 """
 
@@ -23,6 +23,7 @@ from img_core.session import IMGSession
 from img_core.settings import add_model_arguments, model_options_from_args
 from ui.api_inputs import MalformedValuesAsNone
 from ui.files import open_app_folder
+from ui.history import add_history_arguments, history_from_args
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 AUTH_HINT = " Require a login with --auth USER:PASS."
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scorer", default=VQA_SCORER, type=scorer_name,
                         help=f"what scores every round in the app: {', '.join(SCORER_NAMES)}, vqascore:<mllm> (a "
                         f"separate judge) or none (default {VQA_SCORER}: the loaded MLLM, no extra memory)")
+    add_history_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     if zero_gpu:  # ZeroGPU forks a worker per GPU call: models must exist before the first fork
         session.load()
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then
-    demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer)
+    demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer,
+                         history=history_from_args(args))  # fmt: skip
     demo.launch(
         server_name=args.host,
         server_port=args.port,

@@ -18,6 +18,7 @@ bounded number of deletions at a time, so it never holds a round up.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,11 +216,11 @@ class HistoryStore:
         session_id: str,
         rounds: list[Round],
         base: int | None,
-        png_files: dict[int, str | Path] | None = None,
+        png_file: Callable[[Image.Image], str | Path] | None = None,
     ) -> int:
         """Store the rounds of `session_id` not stored yet (their PNGs first, then the rows in one
-        transaction), its base, and make it the browser's current session. `png_files` may give a PNG
-        already written for a round (copied instead of encoded again). Returns how many rounds were
+        transaction), its base, and make it the browser's current session. `png_file(image)` may give
+        the PNG the page already wrote for an image (copied instead of encoded again). Returns how many rounds were
         written; then applies the retention limits (bounded work)."""
         _check_ids(browser, session_id)
         if not rounds:
@@ -234,7 +235,7 @@ class HistoryStore:
         written = []
         for item in new:
             target = folder / f"round_{item.index}.png"
-            source = (png_files or {}).get(item.index)
+            source = png_file(item.image) if png_file is not None else None
             _write_atomically(target, item.image, source)
             written.append((item, target.stat().st_size))
         newest = max(rounds, key=lambda item: item.index)
@@ -433,3 +434,49 @@ def _round_from_json(record: str, image_path: Path) -> Round:
         opened.load()
         image = opened.copy()
     return Round(image=image, **{name: value for name, value in values.items() if name in allowed})
+
+
+# --- the app's flags -------------------------------------------------------------------------------------
+
+
+def add_history_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, --no-history and the retention limits (defaults: `HistorySettings`)."""
+    defaults = HistorySettings()
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"folder for the History of every browser's sessions (default ${DATA_DIR_ENV}, else "
+                        f"<cache folder>/{DATA_SUBFOLDER}; on a Space with persistent storage set {DATA_DIR_ENV} "
+                        "to a folder under /data)")  # fmt: skip
+    parser.add_argument("--no-history", action="store_true", help="keep no History: a reload loses the rounds")
+    parser.add_argument("--history-sessions", type=_positive(int), default=defaults.max_sessions,
+                        help=f"sessions kept per browser (default {defaults.max_sessions})")  # fmt: skip
+    parser.add_argument("--history-days", type=_positive(float), default=defaults.max_age_days,
+                        help=f"sessions older than this many days are deleted (default {defaults.max_age_days:g})")
+    parser.add_argument("--history-gb", type=_positive(float), default=defaults.max_total_bytes / 1024**3,
+                        help=f"images of all browsers together (default {defaults.max_total_bytes / 1024**3:g} GB)")
+
+
+def history_from_args(args: argparse.Namespace) -> HistoryStore | None:
+    """The store the flags ask for; None with --no-history or when its folder cannot be used (a warning
+    says why; the app runs without a History)."""
+    if args.no_history:
+        return None
+    folder = args.data_dir or default_data_dir()
+    settings = HistorySettings(args.history_sessions, args.history_days, int(args.history_gb * 1024**3))
+    try:
+        return HistoryStore(folder, settings)
+    except (OSError, sqlite3.Error) as error:
+        logger.warning("no History: the data folder %s cannot be used (%s)", folder, error)
+        return None
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse

@@ -47,6 +47,8 @@ from ui.handlers import (
     run_in_worker,
     user_errors,
 )
+from ui.history import HistoryStore
+from ui.history_panel import HistoryPanel
 from ui.image_files import png_file
 from ui.models import ModelHost, compatible_mllms
 from ui.state import RoundRequest, StudioState
@@ -96,6 +98,7 @@ class StudioUI:
         allow_model_switch: bool = False,
         scorer: str | None = VQA_SCORER,
         prepare_models: bool = True,
+        history: HistoryStore | None = None,
     ):
         self.host = host
         self.studio = Studio(host, scorer=scorer)
@@ -109,6 +112,7 @@ class StudioUI:
         classes = ["img-studio-tiny"] if host.preset.is_tiny else []
         with gr.Blocks(title="IMG Studio", delete_cache=(3600, 3600)) as self.demo:
             self.state = gr.State(StudioState())
+            self.history = HistoryPanel(self, history)  # the browser's id and its sessions (ui.history_panel)
             gr.Markdown(INTRO)
             self.banner = gr.Markdown(
                 views.TINY_BANNER.format(preset=host.preset.name), visible=host.preset.is_tiny, elem_id="tiny-banner"
@@ -122,6 +126,7 @@ class StudioUI:
                 with gr.Column(scale=3, min_width=360):
                     self._base_panel(preparing)
             self._round_strip()
+            self.history.build()
             with gr.Row():
                 with gr.Column(scale=2, min_width=320):
                     gr.Examples(
@@ -134,6 +139,7 @@ class StudioUI:
                     gr.Markdown(SPACES_NOTE)
             self._api_endpoints()
             self._events()
+            self.history.wire()
         if prepare_models:
             self.preparation.start()
 
@@ -263,7 +269,7 @@ class StudioUI:
                             [self.state, self.guidance_mode, self.prompt, self.seed],
                             [self.state, self.current, self.critique, self.next_use],
                             **self.state_change,
-                        )
+                        ).then(self.history.remember_base, [self.history.browser, self.state], None, queue=False)
 
     def _api_endpoints(self) -> None:
         """Stateless endpoints for gradio_client: /generate, /critique, /refine (hidden widgets)."""
@@ -292,7 +298,7 @@ class StudioUI:
         request_inputs = {
             self.state, self.prompt, self.seed, self.steps, self.guidance_scale, self.ip_scale,
             self.aligner_passes, self.guidance_mode, self.critique, self.auto_rounds, self.upload,
-            self.stop_when_flat,
+            self.stop_when_flat, self.history.browser,
         }  # fmt: skip
         instant = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
         job = {
@@ -310,6 +316,7 @@ class StudioUI:
                 fn, inputs, self.job_outputs, api_name=api_name, **job, **visibility, **kwargs
             )
             running.then(self._unlock, self.state, buttons, **instant)  # the job's own message stays
+            running.then(self.history.listing, self.history.browser, self.history.list_outputs, **instant)
             running.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             return running
 
@@ -332,7 +339,9 @@ class StudioUI:
             switching.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             self.preset.change(self._on_preset_choice, self.preset, self.mllm, **instant)
         self.buttons["stop"].click(self._on_stop, None, None, **instant)  # the job itself says it stops
-        self.buttons["reset"].click(self._on_reset, None, self.job_outputs, **self.state_change)
+        self.buttons["reset"].click(self._on_reset, None, self.job_outputs, **self.state_change).then(
+            self.history.on_reset, self.history.browser, self.history.list_outputs, **instant
+        )  # the old session stays in the History
         self.randomize.click(lambda: random.randint(0, int(LIMITS["seed"].high)), None, self.seed, **instant)
         self.guidance_mode.change(views.CRITIQUE_NOTES.get, self.guidance_mode, self.critique_note, **instant)
         gr.on(  # one listener, "always_last": the note follows the newest values, never a stale reply
@@ -477,9 +486,11 @@ class StudioUI:
                     if isinstance(value, StudioState):
                         state = value
                         update.update(self._state_views(state, values, session_id))
+                        self.history.record(values[self.history.browser], state)  # never raises
                         warn(state.base_round().warnings)
                     elif isinstance(value, str):
                         update[self.critique] = value
+                        self.history.remember_critique(values[self.history.browser], state, value)
                 yield update
         except StopRequested:
             note = "Stopped. The rounds made so far are kept."
@@ -642,13 +653,16 @@ def build_demo(
     allow_model_switch: bool = False,
     scorer: str | None = VQA_SCORER,
     prepare_models: bool = True,
+    history: HistoryStore | None = None,
 ) -> gr.Blocks:
     """The app for `session`. With `prepare_models` the models start loading in a background thread now
     (the page shows at once and says how far they are); otherwise the first page load starts them.
     `scorer` scores every round (img_core.evaluation.scorers; None or "none": no scores). Launch with
-    `launch_kwargs()` for the theme and CSS, which Gradio 6 takes in `launch()`."""
+    `launch_kwargs()` for the theme and CSS, which Gradio 6 takes in `launch()`. `history` keeps every
+    browser's sessions (ui.history); None: no History panel, nothing stored."""
     host = ModelHost(session, allow_switch=allow_model_switch)
-    ui = StudioUI(host, allow_model_switch=allow_model_switch, scorer=scorer, prepare_models=prepare_models)
+    ui = StudioUI(host, allow_model_switch=allow_model_switch, scorer=scorer, prepare_models=prepare_models,
+                  history=history)  # fmt: skip
     demo = ui.demo
     demo.queue(default_concurrency_limit=1)
     demo.studio_ui = ui  # for tests and benchmarks: the host, its preparation and the Studio

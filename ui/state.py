@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from img_core.errors import InvalidInputError
 from img_core.settings import RoundSettings, check_prompt, check_seed
+from ui.history import new_session_id
 
 if TYPE_CHECKING:
     from img_core.record import Round
@@ -48,10 +49,12 @@ def _whole_if_float(value: Any) -> Any:
 @dataclass
 class StudioState:
     """One browser session's rounds: round i sits at `rounds[i]` (its `base_index` says which round it
-    was refined from); `base` is the round the next Refine starts from."""
+    was refined from); `base` is the round the next Refine starts from. `session_id` names the session
+    in the History (`ui.history`): Generate and an upload start a new one, Refine extends it."""
 
     rounds: list[Round] = field(default_factory=list)
     base: int | None = None
+    session_id: str = ""
 
     @property
     def is_empty(self) -> bool:
@@ -68,12 +71,13 @@ class StudioState:
 
     def started(self, first: Round) -> StudioState:
         """A new session whose round 0 is `first` (Generate or an uploaded image)."""
-        return StudioState(rounds=[dataclasses.replace(first, index=0, base_index=None)], base=0)
+        first = dataclasses.replace(first, index=0, base_index=None)
+        return StudioState(rounds=[first], base=0, session_id=new_session_id())
 
     def extended(self, refined: Round) -> StudioState:
         """This session plus `refined` (made from the current base); the new round becomes the base."""
         refined = dataclasses.replace(refined, index=self.next_index, base_index=self.base)
-        return StudioState(rounds=[*self.rounds, refined], base=refined.index)
+        return StudioState(rounds=[*self.rounds, refined], base=refined.index, session_id=self.session_id)
 
     def with_base(self, index: int) -> StudioState:
         if not 0 <= index < len(self.rounds):
