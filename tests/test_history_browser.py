@@ -226,3 +226,36 @@ def test_two_browsers_see_only_their_own_sessions(app, chromium):
     finally:
         first.close()
         second.close()
+
+
+def test_a_failing_store_never_costs_a_round(app, context):
+    """Fault injection into the real store: its writes fail. Every round still shows; one message says
+    that the History did not keep them (once, not per round); the next working write stores the session."""
+    from playwright.sync_api import expect
+    from test_app_browser import close_toasts, toast
+
+    url, store = app
+    page = open_tab(context, url)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    store.save = fail  # an instance attribute shadows the method until deleted
+    try:
+        generate(page, "A failing disk, a kept round.")
+        toast(page, "Saving to your History failed")
+        close_toasts(page)
+        for made in (2, 3):
+            click(page, "refine")
+            expect_cards(page, made)
+            idle(page)
+        expect(page.locator(".toast-body").filter(has_text="Saving to your History failed")).to_have_count(0)
+    finally:
+        del store.save
+    click(page, "refine")  # the store works again: the whole session is written, its first rounds too
+    expect_cards(page, 4)
+    idle(page)
+    page.wait_for_timeout(300)
+    page.reload()
+    expect_cards(page, 4)
+    screenshot(page, "history-after-store-failure")

@@ -2,7 +2,7 @@
 
 Each browser gets a random id, kept in its local storage through `gr.BrowserState` (made on its first
 visit). A round is stored as it completes (`record`, from the job's update loop); a failure of the store
-is logged and shown once per browser, and the round stays on the page. A page load restores the
+is logged, shown once (until a write works again) and the round stays on the page. A page load restores the
 browser's current session: its rounds, base, critique, prompt and seed. The panel lists the browser's
 sessions (thumbnail, prompt, rounds, date); a click on one restores it, and "Delete" removes the
 selected one. Generate, an upload and Reset start a new session (`StudioState.started`); the old one
@@ -37,10 +37,20 @@ logger = logging.getLogger(__name__)
 STORAGE_KEY = "img-studio-browser-id"
 STORAGE_SECRET = "img-studio-history"  # not a secret: see the module docstring
 CAPTION_CHARS = 60
+GALLERY_PX = 460  # the panel scrolls within this height however many sessions there are
 STORE_FAILED = (
     "Saving to your History failed, so a reload may not bring these rounds back (the rounds stay on this "
     "page; use Download to keep them). The server log says why."
 )
+# Small fixed-size thumbnails in as many columns as fit, each with its caption readable below the image.
+HISTORY_CSS = """
+#history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(160px, 200px)) !important;
+  grid-template-rows: none !important; grid-auto-rows: 210px !important; }
+#history-gallery .thumbnail-item > img { height: 160px !important; object-fit: contain; image-rendering: pixelated; }
+#history-gallery .thumbnail-item { align-items: flex-start; }
+#history-gallery .caption-label { opacity: 1 !important; white-space: normal; max-width: 100%; left: 0; right: 0;
+  bottom: 0; font-size: 12px; line-height: 1.3; max-height: 48px; }
+"""
 EMPTY_NOTE = "*Your sessions appear here as you make rounds. They are kept on this server for this browser only.*"
 
 
@@ -63,7 +73,7 @@ class HistoryPanel:
             self.accordion = panel
             self.note = gr.Markdown(EMPTY_NOTE, elem_id="history-note")
             self.gallery = gr.Gallery(
-                label="Your sessions (click one to restore it)", columns=6, height="auto", allow_preview=False,
+                label="Your sessions (click one to restore it)", columns=6, height=GALLERY_PX, allow_preview=False,
                 object_fit="contain", elem_id="history-gallery", interactive=False,
             )  # fmt: skip
             self.delete_button = gr.Button(
@@ -98,6 +108,8 @@ class HistoryPanel:
             self.store.save(browser, state.session_id, state.rounds, state.base, png_file=png_file)
         except Exception:
             self._failed(browser, "storing a round")
+        else:
+            self._warned.discard(browser)  # a later failure is told again
 
     def remember_critique(self, browser: Any, state: StudioState, critique: str) -> None:
         """The critique shown for the base (restored with the session)."""

@@ -48,7 +48,7 @@ from ui.handlers import (
     user_errors,
 )
 from ui.history import HistoryStore
-from ui.history_panel import HistoryPanel
+from ui.history_panel import HISTORY_CSS, HistoryPanel
 from ui.image_files import png_file
 from ui.models import ModelHost, compatible_mllms
 from ui.state import RoundRequest, StudioState
@@ -671,4 +671,4 @@ def build_demo(
 
 def launch_kwargs() -> dict:
     """What `demo.launch()` needs besides host and port: theme and CSS, and an upload size limit."""
-    return {"theme": gr.themes.Soft(), "css": CSS, "max_file_size": MAX_UPLOAD}
+    return {"theme": gr.themes.Soft(), "css": CSS + HISTORY_CSS, "max_file_size": MAX_UPLOAD}
