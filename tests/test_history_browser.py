@@ -157,8 +157,8 @@ def test_generate_keeps_the_old_session_and_history_restores_and_deletes(app, co
     expect_cards(page, 1)
     expect_history(page, 2)  # ... and the two-round session stays in the History
     captions = history_captions(page)
-    assert captions[0].startswith(OTHER_PROMPT) and "1 round" in captions[0]
-    assert captions[1].startswith(PROMPT[:40]) and "2 rounds" in captions[1]
+    assert OTHER_PROMPT in captions[0] and "1 round" in captions[0]
+    assert PROMPT[:40] in captions[1] and "2 rounds" in captions[1]
     screenshot(page, "history-two-sessions")
 
     open_history(page).nth(1).click()  # one click restores it
@@ -170,6 +170,8 @@ def test_generate_keeps_the_old_session_and_history_restores_and_deletes(app, co
     click(page, "refine")  # and it goes on
     expect_cards(page, 3)
     idle(page)
+    expect(page.locator("#history-delete-btn")).to_be_enabled()  # still selected: it moved to the top
+    expect(page.locator("#history-gallery .gallery-item button.selected")).to_contain_text("3 rounds")
     screenshot(page, "history-restored")
 
     expect_history(page, 2)
@@ -179,7 +181,7 @@ def test_generate_keeps_the_old_session_and_history_restores_and_deletes(app, co
     page.locator("#history-delete-btn").click()  # deleting the session on the page empties the page
     expect_history(page, 1)
     expect(page.locator("#round-strip")).to_contain_text("No rounds yet")
-    assert history_captions(page)[0].startswith(OTHER_PROMPT)
+    assert OTHER_PROMPT in history_captions(page)[0]
     page.reload()
     expect(page.locator("#round-strip")).to_contain_text("No rounds yet")  # not brought back by a reload
     expect_history(page, 1)
@@ -207,8 +209,8 @@ def test_two_browsers_see_only_their_own_sessions(app, chromium):
         generate(bob, "Bob's yellow submarine.", refines=1)
         expect_history(alice, 1)
         expect_history(bob, 1)
-        assert history_captions(alice)[0].startswith("Alice's red fox")
-        assert history_captions(bob)[0].startswith("Bob's yellow submarine")
+        assert "Alice's red fox" in history_captions(alice)[0]
+        assert "Bob's yellow submarine" in history_captions(bob)[0]
         alice.reload()
         expect_cards(alice, 1)
         expect(alice.locator("#prompt textarea")).to_have_value("Alice's red fox in the snow.")

@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 STORAGE_KEY = "img-studio-browser-id"
 STORAGE_SECRET = "img-studio-history"  # not a secret: see the module docstring
-CAPTION_CHARS = 60
-GALLERY_PX = 460  # the panel scrolls within this height however many sessions there are
+CAPTION_CHARS = 48
+GALLERY_PX = 460  # beyond AUTO_HEIGHT_ITEMS sessions the panel scrolls within this height
+AUTO_HEIGHT_ITEMS = 6
 STORE_FAILED = (
     "Saving to your History failed, so a reload may not bring these rounds back (the rounds stay on this "
     "page; use Download to keep them). The server log says why."
@@ -155,7 +156,7 @@ class HistoryPanel:
                 shutil.copyfile(summary.thumbnail, shown)
             when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(summary.updated))
             rounds = "1 round" if summary.rounds == 1 else f"{summary.rounds} rounds"
-            items.append((str(shown), f"{_short(summary.prompt)} · {rounds} · {when} UTC"))
+            items.append((str(shown), f"{rounds} · {when} UTC · {_short(summary.prompt)}"))
             ids.append(summary.id)
         selected = selected if selected in ids else None
         if not items:
@@ -165,7 +166,11 @@ class HistoryPanel:
         else:
             note = "Click a session to restore it; Delete removes the one you selected."
         return {
-            self.gallery: gr.update(value=items or None),
+            self.gallery: gr.update(
+                value=items or None,
+                selected_index=ids.index(selected) if selected else None,  # the highlight follows its session
+                height="auto" if len(items) <= AUTO_HEIGHT_ITEMS else GALLERY_PX,
+            ),
             self.ids: ids,
             self.note: note,
             self.accordion: gr.update(label=f"History ({len(ids)} session{'s' if len(ids) != 1 else ''})"),

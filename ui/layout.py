@@ -316,7 +316,8 @@ class StudioUI:
                 fn, inputs, self.job_outputs, api_name=api_name, **job, **visibility, **kwargs
             )
             running.then(self._unlock, self.state, buttons, **instant)  # the job's own message stays
-            running.then(self.history.listing, self.history.browser, self.history.list_outputs, **instant)
+            running.then(self.history.listing, [self.history.browser, self.history.selected], self.history.list_outputs,
+                         **instant)  # fmt: skip
             running.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             return running
 
