@@ -13,12 +13,14 @@ from test_app_browser import (
     PROMPT,
     TIMEOUT_MS,
     click,
+    close_toasts,
     expect_base,
     expect_cards,
     free_port,
     idle,
     screenshot,
     set_prompt,
+    toast,
 )
 
 pytestmark = [
@@ -146,6 +148,14 @@ def test_a_reload_and_a_new_tab_restore_the_session(app, context):
     assert "4 rounds" in history_captions(tab)[0]
     screenshot(tab, "history-new-tab")
 
+    click(tab, "refine")  # while a round is being made, a restore is refused (its update would be overwritten)
+    expect(tab.locator("#status")).to_contain_text("round 4 ·")
+    open_history(tab).nth(0).click()
+    toast(tab, "A round is being made in this tab")
+    expect_cards(tab, 5)
+    idle(tab)
+    expect_base(tab, 4)
+
 
 def test_generate_keeps_the_old_session_and_history_restores_and_deletes(app, context):
     from playwright.sync_api import expect
@@ -234,7 +244,6 @@ def test_a_failing_store_never_costs_a_round(app, context):
     """Fault injection into the real store: its writes fail. Every round still shows; one message says
     that the History did not keep them (once, not per round); the next working write stores the session."""
     from playwright.sync_api import expect
-    from test_app_browser import close_toasts, toast
 
     url, store = app
     page = open_tab(context, url)

@@ -37,20 +37,20 @@ logger = logging.getLogger(__name__)
 STORAGE_KEY = "img-studio-browser-id"
 STORAGE_SECRET = "img-studio-history"  # not a secret: see the module docstring
 CAPTION_CHARS = 48
-GALLERY_PX = 460  # beyond AUTO_HEIGHT_ITEMS sessions the panel scrolls within this height
-AUTO_HEIGHT_ITEMS = 6
 STORE_FAILED = (
     "Saving to your History failed, so a reload may not bring these rounds back (the rounds stay on this "
     "page; use Download to keep them). The server log says why."
 )
-# Small fixed-size thumbnails in as many columns as fit, each with its caption readable below the image.
+# Small fixed-size thumbnails in as many columns as fit, each with its caption readable below the image;
+# the panel is as tall as its rows, up to 470 px, then scrolls.
 HISTORY_CSS = """
+#history-gallery .grid-wrap { min-height: 0 !important; max-height: 470px !important; height: auto !important; }
 #history-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(160px, 200px)) !important;
-  grid-template-rows: none !important; grid-auto-rows: 210px !important; }
+  grid-template-rows: none !important; grid-auto-rows: 225px !important; }
 #history-gallery .thumbnail-item > img { height: 160px !important; object-fit: contain; image-rendering: pixelated; }
 #history-gallery .thumbnail-item { align-items: flex-start; }
 #history-gallery .caption-label { opacity: 1 !important; white-space: normal; max-width: 100%; left: 0; right: 0;
-  bottom: 0; font-size: 12px; line-height: 1.3; max-height: 48px; }
+  bottom: 0; font-size: 12px; line-height: 1.3; max-height: 62px; }
 """
 EMPTY_NOTE = "*Your sessions appear here as you make rounds. They are kept on this server for this browser only.*"
 
@@ -63,6 +63,7 @@ class HistoryPanel:
         self.ui = studio_ui
         self.store = store
         self._warned: set[str] = set()  # browsers told that the store failed
+        self.busy: set[str] = set()  # tabs (Gradio session hashes) whose job runs: the page's job marks them
         self.browser = gr.BrowserState("", storage_key=STORAGE_KEY, secret=STORAGE_SECRET)
         self.ids = gr.State([])  # the session id of each gallery item
         self.selected = gr.State(None)  # the session id the user last clicked
@@ -74,7 +75,7 @@ class HistoryPanel:
             self.accordion = panel
             self.note = gr.Markdown(EMPTY_NOTE, elem_id="history-note")
             self.gallery = gr.Gallery(
-                label="Your sessions (click one to restore it)", columns=6, height=GALLERY_PX, allow_preview=False,
+                label="Your sessions (click one to restore it)", columns=6, allow_preview=False,
                 object_fit="contain", elem_id="history-gallery", interactive=False,
             )  # fmt: skip
             self.delete_button = gr.Button(
@@ -154,7 +155,7 @@ class HistoryPanel:
             shown = thumbs / f"{summary.id}-{int(summary.updated * 1000)}.png"  # Gradio serves from the app folder
             if not shown.exists():
                 shutil.copyfile(summary.thumbnail, shown)
-            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(summary.updated))
+            when = time.strftime("%b %d %H:%M", time.gmtime(summary.updated))
             rounds = "1 round" if summary.rounds == 1 else f"{summary.rounds} rounds"
             items.append((str(shown), f"{rounds} · {when} UTC · {_short(summary.prompt)}"))
             ids.append(summary.id)
@@ -169,7 +170,6 @@ class HistoryPanel:
             self.gallery: gr.update(
                 value=items or None,
                 selected_index=ids.index(selected) if selected else None,  # the highlight follows its session
-                height="auto" if len(items) <= AUTO_HEIGHT_ITEMS else GALLERY_PX,
             ),
             self.ids: ids,
             self.note: note,
@@ -200,6 +200,8 @@ class HistoryPanel:
     def on_select(self, browser: Any, ids: list[str], event: gr.SelectData, request: gr.Request) -> dict:
         """A click on a session: restore it on the page and make it the browser's current session."""
         index = event.index if isinstance(event.index, int) else None
+        if self._tab_busy(request):
+            return {}
         if not is_browser_id(browser) or index is None or not 0 <= index < len(ids):
             return {}
         session_id = ids[index]
@@ -217,6 +219,8 @@ class HistoryPanel:
 
     def on_delete(self, browser: Any, selected: Any, state: StudioState, request: gr.Request) -> dict:
         """Delete the selected session; when it is the one on the page, the page is emptied too."""
+        if self._tab_busy(request):
+            return {}
         if not is_browser_id(browser) or not is_session_id(selected):
             gr.Warning("Select a session first (click it), then Delete.")
             return {}
@@ -246,6 +250,13 @@ class HistoryPanel:
         update = {**ui._state_views(state, None, session_hash), **ui._button_updates(state, busy=False)}
         update[ui.critique] = gr.update(value=critique, label=update[ui.critique]["label"])
         return update
+
+    def _tab_busy(self, request: gr.Request) -> bool:
+        """A job runs in this tab: its next update would overwrite a restored page."""
+        if (getattr(request, "session_hash", None) or "default") in self.busy:
+            gr.Warning("A round is being made in this tab: restore or delete a session once it ends (or Stop it).")
+            return True
+        return False
 
     def _failed(self, browser: Any, what: str) -> None:
         logger.exception("history: %s failed", what)

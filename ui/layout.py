@@ -449,6 +449,7 @@ class StudioUI:
         session_id = getattr(request, "session_hash", None) or "default"
         stop = self._stops.setdefault(session_id, threading.Event())
         stop.clear()
+        self.history.busy.add(session_id)  # no History restore or delete in this tab until the job ends
         note = None
         streamed = False  # the critique box shows text of a round that may not finish
         shown_warnings: set[str] = set()
@@ -513,6 +514,7 @@ class StudioUI:
                  self.timer: gr.Timer(active=False)}  # fmt: skip
         if streamed:  # the round it belonged to did not finish: back to the box's text for this base
             final[self.critique] = values[self.critique] if state is values[self.state] else ""
+        self.history.busy.discard(session_id)
         yield final
 
     def _on_generate(self, values: dict, request: gr.Request):
@@ -613,6 +615,7 @@ class StudioUI:
         session_id = getattr(request, "session_hash", None) or "default"
         self._stops.pop(session_id, None)
         Studio.end_session(session_id)
+        self.history.busy.discard(session_id)
 
     def _on_preset_choice(self, preset_name: str) -> dict:
         """Offer the MLLMs this preset's aligner takes guidance from (its own first)."""
