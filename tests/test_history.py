@@ -155,6 +155,8 @@ def test_rounds_whose_image_is_missing_are_skipped_and_reported(store):
     assert np.array_equal(np.asarray(back.rounds[1].image), np.asarray(rounds[3].image))
     assert back.base == 1
     assert len(back.skipped) == 2 and "round 1" in back.skipped[0] and "round 2" in back.skipped[1]
+    (store.images / session / "thumb.png").unlink()  # the History shows the newest round's image instead
+    assert store.sessions(browser)[0].thumbnail == store.images / session / "round_3.png"
 
 
 def test_a_damaged_database_is_moved_aside(tmp_path, caplog):

@@ -240,7 +240,7 @@ class HistoryStore:
             written.append((item, target.stat().st_size))
         newest = max(rounds, key=lambda item: item.index)
         if newest.index not in stored:
-            _write_atomically(folder / THUMB_NAME, _thumbnail(newest.image))
+            _write_atomically(folder / THUMB_NAME, _thumbnail(newest.image), durable=False)
         now = time.time()
         with self._transaction() as db:
             db.execute(
@@ -344,10 +344,17 @@ class HistoryStore:
         )
         summaries = []
         for session_id, prompt, rounds, created, updated in rows:
-            thumb = self.images / session_id / THUMB_NAME
-            summaries.append(SessionSummary(session_id, prompt, rounds, created, updated,
-                                            thumb if thumb.is_file() else None))  # fmt: skip
+            summaries.append(SessionSummary(session_id, prompt, rounds, created, updated, self._thumbnail(session_id)))
         return summaries
+
+    def _thumbnail(self, session_id: str) -> Path | None:
+        """The session's thumbnail; if it is gone, its newest round's image; None when no image is left."""
+        folder = self.images / session_id
+        thumb = folder / THUMB_NAME
+        if thumb.is_file() and thumb.stat().st_size > 0:
+            return thumb
+        rounds = sorted(folder.glob("round_*.png"), key=lambda path: int(path.stem.partition("_")[2] or 0))
+        return rounds[-1] if rounds else None
 
     def load(self, browser: str, session_id: str) -> StoredSession | None:
         """One session of this browser with its images, or None when it has no such session. Rounds whose
@@ -397,8 +404,11 @@ def _set_current(db: sqlite3.Connection, browser: str, session_id: str | None) -
                (browser, session_id, session_id))  # fmt: skip
 
 
-def _write_atomically(target: Path, image: Image.Image, source: str | Path | None = None) -> None:
-    """`image` as PNG at `target` (a copy of `source` when given): written beside it, then moved into place."""
+def _write_atomically(target: Path, image: Image.Image, source: str | Path | None = None, durable: bool = True) -> None:
+    """`image` as PNG at `target` (a copy of `source` when given): written beside it, then moved into place.
+    `durable`: on disk (fsync) before the move, so a power cut cannot leave a row pointing at an empty file;
+    a thumbnail (written again with the next round; the newest round's image stands in while it is
+    missing) need not wait for that."""
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(handle, "wb") as file:
@@ -408,7 +418,8 @@ def _write_atomically(target: Path, image: Image.Image, source: str | Path | Non
             else:
                 image.save(file, format="PNG")
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
