@@ -4,6 +4,7 @@
 
 Parses flags, builds an IMGSession (nothing loads until the first click needs it) and launches the
 Gradio app from `ui`. Everything the app writes lives in one folder (`ui.files`), removed at exit.
+The History of sessions (`ui.history`, `--data-dir`) survives restarts.
 SIGTERM stops gracefully (`ui.shutdown`): new calls are refused with a message, the running job ends at
 its next step, then the app exits with status 0. Switching models changes them for every user, so the server refuses it unless started with
 `--allow-model-switch` (never on Hugging Face Spaces). A login (Gradio's page) takes its credentials
@@ -31,6 +32,7 @@ from img_core.settings import add_model_arguments, model_options_from_args
 from ui import shutdown
 from ui.api_inputs import ApiInputGuard, LoginThrottle
 from ui.files import open_app_folder, remove_app_folder
+from ui.history import add_history_arguments, history_from_args
 from ui.sessions import IDLE_SECONDS, SESSION_CAPACITY, SessionSweeper
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -112,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--session-idle-seconds", type=float, default=IDLE_SECONDS, metavar="S",
                         help=f"free the memory of an API session (one without rounds) idle this long (default "
                         f"{IDLE_SECONDS:g})")
+    add_history_arguments(parser)
     args = parser.parse_args(argv)
     args.auth, args.auth_source = credentials(args, parser)
     return args
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     if zero_gpu:  # ZeroGPU forks a worker per GPU call: models must exist before the first fork
         session.load()
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then
-    demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer)
+    demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer,
+                         history=history_from_args(args))  # fmt: skip
     shutdown.install(demo, on_forced_exit=remove_app_folder)
     SessionSweeper(demo, idle_seconds=args.session_idle_seconds).start()
     demo.launch(

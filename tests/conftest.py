@@ -17,12 +17,16 @@ _CREATED_TINY_DIR = None
 if "IMG_TINY_DIR" not in os.environ:
     _CREATED_TINY_DIR = tempfile.mkdtemp(prefix="img-tiny-")
     os.environ["IMG_TINY_DIR"] = _CREATED_TINY_DIR
+# Apps started by tests keep their History (ui.history) in a folder of this run, not the user's cache.
+_CREATED_DATA_DIR = tempfile.mkdtemp(prefix="img-studio-data-")
+os.environ["IMG_STUDIO_DATA"] = _CREATED_DATA_DIR
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Remove the tiny models this run built (a caller-provided IMG_TINY_DIR is kept)."""
     if _CREATED_TINY_DIR:
         shutil.rmtree(_CREATED_TINY_DIR, ignore_errors=True)
+    shutil.rmtree(_CREATED_DATA_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

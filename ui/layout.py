@@ -37,6 +37,8 @@ from ui import views
 from ui.examples import EXAMPLES
 from ui.files import SERVED_FILES_DELETE_CACHE
 from ui.handlers import PREPARATION_STEPS, ModelPreparation, Studio, user_errors
+from ui.history import HistoryStore
+from ui.history_panel import HISTORY_CSS, HistoryPanel
 from ui.image_files import png_file
 from ui.jobs import STOPPED_IN_QUEUE_NOTE, JobInputs, Jobs, JobUpdate
 from ui.models import ModelHost, compatible_mllms
@@ -79,6 +81,7 @@ class StudioUI:
         allow_model_switch: bool = False,
         scorer: str | None = VQA_SCORER,
         prepare_models: bool = True,
+        history: HistoryStore | None = None,
     ):
         self.host = host
         self.studio = Studio(host, scorer=scorer)
@@ -92,6 +95,7 @@ class StudioUI:
         classes = ["img-studio-tiny"] if host.preset.is_tiny else []
         with gr.Blocks(title="IMG Studio", delete_cache=SERVED_FILES_DELETE_CACHE) as self.demo:
             self.state = gr.State(StudioState())
+            self.history = HistoryPanel(self, history)  # the browser's id and its sessions (ui.history_panel)
             # What the MLLM wrote for the current base (Critique): the critique box holding anything else was
             # edited. Apart from `state`, so that a Critique does not re-render the round strip.
             self.mllm_critique = gr.State("")
@@ -110,6 +114,7 @@ class StudioUI:
                 with gr.Column(scale=3, min_width=360):
                     self._base_panel(preparing)
             self._round_strip()
+            self.history.build()
             with gr.Row():
                 with gr.Column(scale=2, min_width=320):
                     self._examples()
@@ -118,6 +123,7 @@ class StudioUI:
                     gr.Markdown(SPACES_NOTE)
             self._api_endpoints()
             self._events()
+            self.history.wire()
         if prepare_models:
             self.preparation.start()
 
@@ -277,7 +283,7 @@ class StudioUI:
                             [self.state, self.guidance_mode, self.prompt, self.seed],
                             [self.state, self.current, self.critique, self.mllm_critique, self.next_use],
                             **self.state_change,
-                        )
+                        ).then(self.history.remember_base, [self.history.browser, self.state], None, queue=False)
 
     def _api_endpoints(self) -> None:
         """Stateless endpoints for gradio_client: /generate, /critique, /refine (hidden widgets)."""
@@ -311,7 +317,7 @@ class StudioUI:
             "auto_rounds": self.auto_rounds,
             "upload": self.upload, "stop_when_flat": self.stop_when_flat,
         }  # fmt: skip
-        request_inputs = set(self._job_inputs.values())
+        request_inputs = {*self._job_inputs.values(), self.history.browser}
         instant = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
         job = {
             "concurrency_id": GPU_QUEUE,
@@ -327,6 +333,8 @@ class StudioUI:
                 fn, inputs, self.job_outputs, api_name=api_name, **job, **visibility, **kwargs
             )
             running.then(self._unlock, self.state, buttons, **instant)  # the job's own message stays
+            running.then(self.history.listing, [self.history.browser, self.history.selected], self.history.list_outputs,
+                         **instant)  # fmt: skip
             running.failure(self._unlock_after_failure, self.state, [*buttons, self.status], **instant)
             return running
 
@@ -356,7 +364,9 @@ class StudioUI:
             self._on_download, self.state, self.download_file, api_name="ui_download", api_visibility="undocumented",
             concurrency_limit=None, show_progress="hidden",
         ).then(None, self.download_file, None, js=DOWNLOAD_JS)  # fmt: skip
-        self.buttons["reset"].click(self._on_reset, None, self.job_outputs, **self.state_change)
+        self.buttons["reset"].click(self._on_reset, None, self.job_outputs, **self.state_change).then(
+            self.history.on_reset, self.history.browser, self.history.list_outputs, **instant
+        )  # the old session stays in the History
         self.randomize.click(lambda: random.randint(0, int(LIMITS["seed"].high)), None, self.seed, **instant)
         self.guidance_mode.change(views.CRITIQUE_NOTES.get, self.guidance_mode, self.critique_note, **instant)
         gr.on(  # one listener, "always_last": the note follows the newest values, never a stale reply
@@ -457,8 +467,18 @@ class StudioUI:
 
         def handler(values: dict, request: gr.Request) -> Iterator[dict]:
             inputs = JobInputs(**{name: values[component] for name, component in self._job_inputs.items()})
-            for update in self.jobs.run(action, inputs, tab_id(request)):
-                yield self._shown(update, values)
+            browser, tab, state = values[self.history.browser], tab_id(request), values[self.state]
+            self.history.busy.add(tab)  # no History restore or delete in this tab until the job ends
+            try:
+                for update in self.jobs.run(action, inputs, tab):
+                    if update.state is not None and not update.finished:
+                        state = update.state
+                        self.history.record(browser, state)  # each round as it completes; never raises
+                    if update.mllm_critique:
+                        self.history.remember_critique(browser, state, update.mllm_critique)
+                    yield self._shown(update, values)
+            finally:
+                self.history.busy.discard(tab)
 
         return handler
 
@@ -578,6 +598,7 @@ class StudioUI:
 
     def _on_unload(self, request: gr.Request) -> None:
         self.jobs.end(tab_id(request))
+        self.history.busy.discard(tab_id(request))
         Studio.end_session(tab_id(request))
 
     def _on_preset_choice(self, preset_name: str) -> dict:
@@ -625,13 +646,16 @@ def build_demo(
     allow_model_switch: bool = False,
     scorer: str | None = VQA_SCORER,
     prepare_models: bool = True,
+    history: HistoryStore | None = None,
 ) -> gr.Blocks:
     """The app for `session`. With `prepare_models` the models start loading in a background thread now
     (the page shows at once and says how far they are); otherwise the first page load starts them.
     `scorer` scores every round (img_core.evaluation.scorers; None or "none": no scores). Launch with
-    `launch_kwargs()` for the theme and CSS, which Gradio 6 takes in `launch()`."""
+    `launch_kwargs()` for the theme and CSS, which Gradio 6 takes in `launch()`. `history` keeps every
+    browser's sessions (ui.history); None: no History panel, nothing stored."""
     host = ModelHost(session, allow_switch=allow_model_switch)
-    ui = StudioUI(host, allow_model_switch=allow_model_switch, scorer=scorer, prepare_models=prepare_models)
+    ui = StudioUI(host, allow_model_switch=allow_model_switch, scorer=scorer, prepare_models=prepare_models,
+                  history=history)  # fmt: skip
     demo = ui.demo
     demo.queue(default_concurrency_limit=1)
     demo.studio_ui = ui  # for tests and benchmarks: the host, its preparation and the Studio
@@ -640,4 +664,4 @@ def build_demo(
 
 def launch_kwargs() -> dict:
     """What `demo.launch()` needs besides host and port: theme and CSS, and an upload size limit."""
-    return {"theme": theme(), "css": CSS, "js": PAGE_JS, "max_file_size": MAX_UPLOAD}
+    return {"theme": theme(), "css": CSS + HISTORY_CSS, "js": PAGE_JS, "max_file_size": MAX_UPLOAD}

@@ -19,6 +19,7 @@ from img_core.settings import (
     check_prompt,
     check_seed,
 )
+from ui.history import new_session_id
 
 if TYPE_CHECKING:
     from img_core.record import Round
@@ -84,12 +85,14 @@ def _whole_if_float(value: Any) -> Any:
 @dataclass
 class StudioState:
     """One browser session's rounds: round i sits at `rounds[i]` (its `base_index` says which round it
-    was refined from); `base` is the round the next Refine starts from."""
+    was refined from); `base` is the round the next Refine starts from. `session_id` names the session
+    in the History (`ui.history`): Generate and an upload start a new one, Refine extends it."""
 
     rounds: list[Round] = field(default_factory=list)
     base: int | None = None
     # The rounds a critique the user edited steered (dialogue guidance).
     edited: frozenset[int] = frozenset()
+    session_id: str = ""  # the History's id of this session (ui.history)
 
     @property
     def is_empty(self) -> bool:
@@ -106,7 +109,8 @@ class StudioState:
 
     def started(self, first: Round) -> StudioState:
         """A new session whose round 0 is `first` (Generate or an uploaded image)."""
-        return StudioState(rounds=[dataclasses.replace(first, index=0, base_index=None)], base=0)
+        first = dataclasses.replace(first, index=0, base_index=None)
+        return StudioState(rounds=[first], base=0, session_id=new_session_id())
 
     def extended(self, refined: Round, edited: bool = False) -> StudioState:
         """This session plus `refined` (made from the current base; `edited`: steered by a critique the user

@@ -1,0 +1,224 @@
+"""The history store (ui.history) on real files in tmp_path: write and restore, delete, isolation by browser
+id, retention, a missing image, a damaged database, and two threads writing at once."""
+
+import os
+import sqlite3
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from img_core.record import Round
+from ui.history import (
+    DB_NAME,
+    HistorySettings,
+    HistoryStore,
+    new_browser_id,
+    new_session_id,
+)
+
+
+def make_round(index: int, base_index: int | None = None, colour: int = 0, size: int = 64) -> Round:
+    pixels = np.full((size, size, 3), (colour * 37 + index * 11) % 256, dtype=np.uint8)
+    pixels[0, 0] = (index, colour, 7)
+    return Round(
+        index=index,
+        image=Image.fromarray(pixels),
+        prompt="A green banana and a brown horse.",
+        seed=3,
+        source="generated" if index == 0 else "refined",
+        critique=None if index == 0 else f"critique {index}",
+        guidance_mode=None if index == 0 else "question",
+        question=None if index == 0 else "Is the horse brown?",
+        base_index=base_index,
+        settings={"steps": 4, "guidance_scale": 5.0},
+        seconds={"generate": 0.5 + index},
+        scores={"vqascore": 0.25 + index / 100},
+    )
+
+
+def chain(length: int, colour: int = 0) -> list[Round]:
+    return [make_round(i, None if i == 0 else i - 1, colour) for i in range(length)]
+
+
+@pytest.fixture
+def store(tmp_path):
+    history = HistoryStore(tmp_path / "data")
+    yield history
+    history.close()
+
+
+def test_written_rounds_come_back_exactly(store):
+    browser, session = new_browser_id(), new_session_id()
+    rounds = chain(3)
+    assert store.save(browser, session, rounds[:1], base=0) == 1
+    assert store.save(browser, session, rounds, base=2) == 2  # only the new ones are written
+    store.set_view(browser, session, base=1, critique="Make the horse brown.")
+    assert store.current(browser) == session
+    back = store.load(browser, session)
+    assert [r.index for r in back.rounds] == [0, 1, 2]
+    assert [r.base_index for r in back.rounds] == [None, 0, 1]
+    assert back.base == 1 and back.critique == "Make the horse brown." and back.skipped == []
+    for original, restored in zip(rounds, back.rounds):
+        assert np.array_equal(np.asarray(original.image), np.asarray(restored.image))
+        assert restored.to_dict() == original.to_dict()
+    (summary,) = store.sessions(browser)
+    assert (summary.id, summary.rounds, summary.prompt) == (session, 3, rounds[0].prompt)
+    assert summary.thumbnail is not None and Image.open(summary.thumbnail).size == (64, 64)
+    assert not list((store.images / session).glob("*.tmp"))  # no temporary file left behind
+
+
+def test_a_new_round_clears_the_stored_critique(store):
+    browser, session = new_browser_id(), new_session_id()
+    store.save(browser, session, chain(1), base=0)
+    store.set_view(browser, session, base=0, critique="old critique of round 0")
+    store.save(browser, session, chain(2), base=1)
+    assert store.load(browser, session).critique == ""
+
+
+def test_delete_removes_rows_and_files(store):
+    browser, first, second = new_browser_id(), new_session_id(), new_session_id()
+    store.save(browser, first, chain(2), base=1)
+    store.save(browser, second, chain(1, colour=1), base=0)
+    assert store.current(browser) == second
+    assert store.delete(browser, second)
+    assert not (store.images / second).exists()
+    assert [s.id for s in store.sessions(browser)] == [first]
+    assert store.current(browser) is None  # a reload shows an empty page, not a deleted session
+    assert not store.delete(browser, second)
+
+
+def test_browsers_never_see_each_others_sessions(store):
+    alice, bob = new_browser_id(), new_browser_id()
+    session = new_session_id()
+    store.save(alice, session, chain(2), base=1)
+    assert store.sessions(bob) == []
+    assert store.load(bob, session) is None
+    assert store.current(bob) is None
+    assert not store.delete(bob, session)
+    with pytest.raises(PermissionError):
+        store.save(bob, session, chain(3), base=2)  # cannot write into it either
+    assert len(store.load(alice, session).rounds) == 2
+    for forged in ("", "../../etc", "x" * 31, None, 12):
+        with pytest.raises(ValueError):
+            store.sessions(forged)
+
+
+def test_retention_keeps_the_newest_sessions_of_a_browser(tmp_path):
+    store = HistoryStore(tmp_path, HistorySettings(max_sessions=3))
+    browser, other = new_browser_id(), new_browser_id()
+    store.save(other, new_session_id(), chain(1), base=0)
+    made = []
+    for colour in range(5):
+        made.append(new_session_id())
+        store.save(browser, made[-1], chain(1, colour), base=0)
+    assert [s.id for s in store.sessions(browser)] == made[:-4:-1]
+    assert len(store.sessions(other)) == 1  # another browser's count is its own
+    assert sorted(p.name for p in store.images.iterdir()) == sorted([*made[2:], store.sessions(other)[0].id])
+
+
+def test_retention_by_age_and_by_bytes(tmp_path):
+    store = HistoryStore(tmp_path)
+    browser = new_browser_id()
+    old, recent = new_session_id(), new_session_id()
+    store.save(browser, old, chain(1), base=0)
+    store.save(browser, recent, chain(1, 1), base=0)
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE sessions SET updated = ? WHERE id = ?", (time.time() - 40 * 86400, old))
+    assert store.enforce_retention() == [old]
+    assert [s.id for s in store.sessions(browser)] == [recent]
+    store.close()
+
+    one_session = HistoryStore(tmp_path).sessions(browser)[0]
+    size = sum(p.stat().st_size for p in (tmp_path / "images" / one_session.id).glob("round_*.png"))
+    small = HistoryStore(tmp_path, HistorySettings(max_total_bytes=int(size * 2.5)))
+    made = [new_session_id() for _ in range(3)]
+    for colour, session in enumerate(made):
+        small.save(browser, session, chain(1, colour + 2), base=0)
+    kept = [s.id for s in small.sessions(browser)]
+    assert kept == [made[2], made[1]]  # 4 sessions would exceed 2.5 sessions' bytes: the oldest went
+    total = sum(p.stat().st_size for p in small.images.rglob("round_*.png"))
+    assert total <= size * 2.5
+
+
+def test_rounds_whose_image_is_missing_are_skipped_and_reported(store):
+    browser, session = new_browser_id(), new_session_id()
+    rounds = chain(4)
+    store.save(browser, session, rounds, base=3)
+    (store.images / session / "round_1.png").unlink()
+    (store.images / session / "round_2.png").write_bytes(b"not a png")
+    back = store.load(browser, session)
+    assert [r.index for r in back.rounds] == [0, 1]  # rounds 0 and 3, numbered again
+    assert [r.base_index for r in back.rounds] == [None, None]  # round 3's base (2) was skipped
+    assert np.array_equal(np.asarray(back.rounds[1].image), np.asarray(rounds[3].image))
+    assert back.base == 1
+    assert len(back.skipped) == 2 and "round 1" in back.skipped[0] and "round 2" in back.skipped[1]
+    (store.images / session / "thumb.png").unlink()  # the History shows the newest round's image instead
+    assert store.sessions(browser)[0].thumbnail == store.images / session / "round_3.png"
+
+
+def test_a_damaged_database_is_moved_aside(tmp_path, caplog):
+    folder = tmp_path / "data"
+    store = HistoryStore(folder)
+    browser = new_browser_id()
+    store.save(browser, new_session_id(), chain(1), base=0)
+    store.close()
+    for suffix in ("-wal", "-shm"):
+        (folder / f"{DB_NAME}{suffix}").unlink(missing_ok=True)
+    (folder / DB_NAME).write_bytes(b"this is not an SQLite database" * 200)
+    fresh = HistoryStore(folder)
+    assert fresh.moved_aside is not None and fresh.moved_aside.read_bytes().startswith(b"this is not")
+    assert "damaged" in caplog.text
+    assert fresh.sessions(browser) == []
+    session = new_session_id()
+    fresh.save(browser, session, chain(2), base=1)  # and it works
+    assert len(fresh.load(browser, session).rounds) == 2
+
+
+def test_a_crash_before_the_rows_leaves_no_half_session(store, monkeypatch):
+    """The PNG is in place first; a failure before the commit leaves no row that points at nothing."""
+    browser, session = new_browser_id(), new_session_id()
+    store.save(browser, session, chain(1), base=0)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr("ui.history._round_json", crash)
+    with pytest.raises(OSError):
+        store.save(browser, session, chain(2), base=1)
+    monkeypatch.undo()
+    back = store.load(browser, session)
+    assert len(back.rounds) == 1 and back.skipped == []
+    assert store.save(browser, session, chain(2), base=1) == 1  # the next write completes it
+
+
+def test_two_threads_write_at_once(tmp_path):
+    """Two stores on one folder (as two processes would) and two threads on one store."""
+    first, second = HistoryStore(tmp_path), HistoryStore(tmp_path)
+    browsers = [new_browser_id() for _ in range(4)]
+    errors = []
+
+    def write(store, browser):
+        try:
+            for colour in range(6):
+                session = new_session_id()
+                for length in (1, 2, 3):
+                    store.save(browser, session, chain(length, colour), base=length - 1)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(store, browser))
+               for store, browser in zip([first, second, first, second], browsers)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for browser in browsers:
+        summaries = first.sessions(browser)
+        assert len(summaries) == 6 and {s.rounds for s in summaries} == {3}
+        for summary in summaries:
+            assert len(second.load(browser, summary.id).rounds) == 3
+    assert os.path.exists(f"{first.path}-wal")  # WAL mode
