@@ -49,6 +49,10 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trainer.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_ui.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_reliability.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_trainer_reliability.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_history.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_export.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_evaluate.py
 
 # Measured seconds and GPU memory of the README memory table (random-weight real architectures, no downloads).
 bench-gpu: setup
