@@ -109,3 +109,15 @@ def test_examples_are_text_for_the_tiny_preset_and_lazily_cached_pictures_for_re
     assert not real.host.is_loaded  # building the page loaded nothing
     assert real.examples.cache_examples == "lazy" and real.examples.fn is not None
     assert [o.elem_id for o in real.examples.outputs] == ["example-before", "example-after"]
+
+
+def test_a_self_judged_score_says_so_on_the_card():
+    image = Image.new("RGB", (8, 8))
+    rounds = [Round(index=0, image=image, prompt="a cat", seed=0, source="generated", scores={"vqascore": 0.41}),
+              Round(index=1, image=image, prompt="a cat", seed=0, source="refined", base_index=0,
+                    scores={"vqascore": 0.52})]
+    state = StudioState(rounds=rounds, base=1)
+    plain = views.card_markdown(state, 1, "vqascore")
+    flagged = views.card_markdown(state, 1, "vqascore", self_judged=True)
+    assert views.SELF_JUDGED_NOTE not in plain
+    assert views.SELF_JUDGED_NOTE in flagged and "grades its own advice" in flagged

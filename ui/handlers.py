@@ -225,6 +225,12 @@ class Studio:
             return dataclasses.replace(made, warnings=[*made.warnings, f"round {made.index} was not scored: {error}"])
         return made
 
+    def score_is_self_judged(self) -> bool:
+        """True once the page's scorer is loaded and is VQAScore judged by the guidance MLLM itself (no other
+        judge was available): the cards then say so."""
+        scorer = self.host.session.scorers.get(self.scorer_name) if self.scorer_name else None
+        return bool(scorer is not None and scorer.self_judged)
+
     @staticmethod
     def select(state: StudioState, index: int) -> StudioState:
         """Make round `index` the base of the next round."""

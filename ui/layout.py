@@ -256,6 +256,7 @@ class StudioUI:
 
         @gr.render(inputs=self.state, show_progress="hidden")
         def strip(state: StudioState):
+            self_judged = self.studio.score_is_self_judged()  # known once the scorer has loaded
             if state.is_empty:
                 gr.Markdown("*No rounds yet. Generate an image, or start from your own.*", elem_id="round-strip")
                 return
@@ -267,7 +268,7 @@ class StudioUI:
                             png_file(item.image), type="filepath", interactive=False, show_label=False,
                             height=CARD_IMAGE_PX, buttons=["fullscreen", "download"], elem_id=f"round-image-{index}",
                         )  # fmt: skip
-                        gr.Markdown(views.card_markdown(state, index, scorer), elem_classes="round-caption")
+                        gr.Markdown(views.card_markdown(state, index, scorer, self_judged), elem_classes="round-caption")
                         critique = views.card_critique(state, index)
                         if critique is not None:
                             with gr.Accordion(critique[0], open=False):

@@ -129,9 +129,15 @@ def scorer_hover(scorer: str) -> str:
     return SCORER_HOVERS.get(scorer.split(":")[0], "an alignment score of the image and the prompt; higher is better")
 
 
-def card_score(state: StudioState, index: int, scorer: str | None) -> str:
+SELF_JUDGED_NOTE = "self-judged"
+SELF_JUDGED_HOVER = ("judged by the same MLLM whose guidance made the round (no other judge is available here): "
+                     "it grades its own advice")
+
+
+def card_score(state: StudioState, index: int, scorer: str | None, self_judged: bool = False) -> str:
     """The round's score with the digits that tell this session's rounds apart, its change from round 0,
-    a star on the best round (all from the same rounded values), and a hover saying what it measures."""
+    a star on the best round (all from the same rounded values), and a hover saying what it measures;
+    `self_judged`: the judge is the guidance MLLM, which the card says."""
     if not scorer:
         return ""
     value = state.shown_score(index, scorer)
@@ -144,7 +150,11 @@ def card_score(state: StudioState, index: int, scorer: str | None) -> str:
         text += f" ({value - first:+.{digits}f} from round 0)"
     if state.best_index(scorer) == index:
         text += " · ★ best round"
-    return f'<span class="round-score" title="{html.escape(scorer_hover(scorer))}">{text}</span>'
+    hover = scorer_hover(scorer)
+    if self_judged:
+        text += f" · {SELF_JUDGED_NOTE}"
+        hover += f"; {SELF_JUDGED_HOVER}"
+    return f'<span class="round-score" title="{html.escape(hover)}">{text}</span>'
 
 
 def guidance_source(item: Round, edited: bool) -> str | None:
@@ -157,10 +167,10 @@ def guidance_source(item: Round, edited: bool) -> str | None:
     return GUIDED_BY_EDIT if item.guidance_mode == "dialogue" and edited else GUIDED_BY_MLLM
 
 
-def card_markdown(state: StudioState, index: int, scorer: str | None) -> str:
+def card_markdown(state: StudioState, index: int, scorer: str | None, self_judged: bool = False) -> str:
     """Title, score, which guidance made it, base marker and the prompt where it differs from round 0's."""
     lines = [f"**{card_title(state, index)}**"]
-    score = card_score(state, index, scorer)
+    score = card_score(state, index, scorer, self_judged)
     if score:
         lines.append(score)
     guidance = guidance_source(state.rounds[index], index in state.edited)

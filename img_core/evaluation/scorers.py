@@ -99,6 +99,7 @@ class NonFiniteScoreError(IMGError, FloatingPointError):
 
 class Scorer(Protocol):
     name: str
+    self_judged: bool  # the guidance MLLM grades its own advice (VQAScore without another judge)
 
     def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]: ...
 
@@ -345,6 +346,7 @@ class CLIPScorer:
     def __init__(self, spec: CLIPScorerSpec, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         self.spec = spec
         self.name = spec.name
+        self.self_judged = False  # a CLIP metric has no judge
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.model = None
