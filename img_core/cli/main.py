@@ -10,7 +10,6 @@ from __future__ import annotations
 
 # The library and the other command modules are imported inside the functions that use them, on purpose:
 # `python -m img_core --help` and usage errors answer before torch and transformers load (~3 s).
-
 import argparse
 import logging
 import sys
