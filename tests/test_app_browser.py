@@ -368,3 +368,56 @@ def test_model_failures_never_lock_the_page(app, browser):
     idle(page)
     screenshot(page, "model-failures-then-refine")
     page.close()
+
+
+def test_edited_critiques_steer_by_default_and_an_untouched_one_keeps_question_mode(app, browser):
+    """With the page's default settings (guidance: auto): two different edits of the critique from one base
+    give two different images, each card saying it was guided by the edit; the untouched critique gives
+    exactly the image of forced question mode (the paper's guidance)."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app[0])
+    idle(page)
+    set_prompt(page, PROMPT)
+    click(page, "generate")
+    expect_cards(page, 1)
+    idle(page)
+    click(page, "critique")
+    idle(page)
+    expect(page.locator("#critique textarea")).not_to_have_value("")
+    click(page, "refine")  # round 1: the MLLM's critique, untouched
+    expect_cards(page, 2)
+    idle(page)
+    for made, edit in ((3, "Add a brown horse."), (4, "Make the hat bright red.")):  # rounds 2 and 3
+        page.locator("#refine-from-0").click()
+        expect_base(page, 0)
+        box = page.locator("#critique textarea")
+        box.fill("")
+        box.press_sequentially(edit)  # typed, as a user does
+        expect(page.locator("#next-use")).to_contain_text(edit)
+        click(page, "refine")
+        expect_cards(page, made)
+        idle(page)
+    page.get_by_text("Advanced settings").click()
+    page.locator("#guidance-mode").get_by_text("question", exact=True).click()
+    page.locator("#refine-from-0").click()
+    expect_base(page, 0)
+    click(page, "refine")  # round 4: forced question mode, the MLLM critiques the base itself
+    expect_cards(page, 5)
+    idle(page)
+    expect(page.locator("#round-card-1")).to_contain_text("MLLM's own reading")
+    expect(page.locator("#round-card-2")).to_contain_text("guided by your edit")
+    expect(page.locator("#round-card-3")).to_contain_text("guided by your edit")
+    screenshot(page, "edits-steer")
+
+    with page.expect_download() as download_info:
+        click(page, "download")
+    with zipfile.ZipFile(io.BytesIO(Path(download_info.value.path()).read_bytes())) as bundle:
+        pixels = {k: np.asarray(Image.open(io.BytesIO(bundle.read(f"round_{k}.png"))).convert("RGB"), dtype=np.int16)
+                  for k in range(5)}  # fmt: skip
+    assert np.abs(pixels[1] - pixels[4]).max() == 0  # untouched critique == question mode, exactly
+    assert np.abs(pixels[2] - pixels[3]).max() > 0  # two edits, two images
+    assert np.abs(pixels[2] - pixels[1]).max() > 0  # an edit steers away from the MLLM's own reading
+    page.close()

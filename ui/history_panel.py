@@ -141,12 +141,12 @@ class HistoryPanel:
     def listing(self, browser: Any, selected: str | None = None) -> dict:
         """The panel's gallery, note and label for this browser."""
         if self.store is None or not is_browser_id(browser):
-            return {}
+            return self._unchanged()
         try:
             summaries = self.store.sessions(browser)
         except Exception:
             self._failed(browser, "listing the History")
-            return {}
+            return self._unchanged()
         thumbs = app_subfolder("history-thumbs")
         items, ids = [], []
         for summary in summaries:
@@ -201,9 +201,9 @@ class HistoryPanel:
         """A click on a session: restore it on the page and make it the browser's current session."""
         index = event.index if isinstance(event.index, int) else None
         if self._tab_busy(request):
-            return {}
+            return self._unchanged()
         if not is_browser_id(browser) or index is None or not 0 <= index < len(ids):
-            return {}
+            return self._unchanged()
         session_id = ids[index]
         try:
             stored = self.store.load(browser, session_id)
@@ -211,7 +211,7 @@ class HistoryPanel:
                 self.store.set_current(browser, session_id)
         except Exception:
             self._failed(browser, "restoring a session")
-            return {}
+            return self._unchanged()
         if stored is None or not stored.rounds:
             gr.Warning("That session could not be restored: none of its images could be read.")
             return self.listing(browser)
@@ -220,21 +220,25 @@ class HistoryPanel:
     def on_delete(self, browser: Any, selected: Any, state: StudioState, request: gr.Request) -> dict:
         """Delete the selected session; when it is the one on the page, the page is emptied too."""
         if self._tab_busy(request):
-            return {}
+            return self._unchanged()
         if not is_browser_id(browser) or not is_session_id(selected):
             gr.Warning("Select a session first (click it), then Delete.")
-            return {}
+            return self._unchanged()
         try:
             self.store.delete(browser, selected)
         except Exception:
             self._failed(browser, "deleting a session")
-            return {}
+            return self._unchanged()
         update = self.listing(browser)
         if state.session_id == selected:
             update.update(self._page(StudioState(), "", request))
         return update
 
     # --- helpers ----------------------------------------------------------------------------------
+
+    def _unchanged(self) -> dict:
+        """An update that changes nothing (Gradio reads an empty dict as one value, not as no updates)."""
+        return {self.note: gr.update()}
 
     def _shown(self, stored: StoredSession, request: gr.Request) -> dict:
         """The page showing `stored`: its rounds, base and critique, the prompt and seed of round 0."""

@@ -268,12 +268,12 @@ class Jobs:
             return lambda request, on_stage: [studio.critique(request, state, on_stage)]
         edited = critique_edited(inputs.critique, inputs.mllm_critique)
         if action == "refine":
-            return lambda request, on_stage: [studio.refine(request, state, inputs.critique, on_stage, edited)]
+            return lambda request, on_stage: [studio.refine(request, state, inputs.critique, on_stage, edited=edited)]
         if action == "auto_refine":
             later = "question" if inputs.guidance_mode in (None, "", "auto") else None  # no edit steers those
             return lambda request, on_stage: studio.auto_refine(
-                request, state, inputs.critique, inputs.auto_rounds, bool(inputs.stop_when_flat), on_stage, edited,
-                later,
+                request, state, inputs.critique, inputs.auto_rounds, bool(inputs.stop_when_flat), on_stage,
+                edited=edited, later_mode=later,
             )
         raise ValueError(f"unknown job {action!r}")
 
