@@ -26,7 +26,12 @@ from torch import nn
 
 from img_core.errors import CorruptFileError
 from img_core.hub import download_file
-from img_core.integrity import check_finite, load_state_dict_file
+from img_core.integrity import (
+    check_finite,
+    has_checksums,
+    load_state_dict_file,
+    verify_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +233,8 @@ class ImplicitAligner(nn.Module):
             for required in (config_path, weights_path):
                 if not required.is_file():
                     raise FileNotFoundError(f"{required} is missing: not a saved Implicit Aligner folder")
+            if has_checksums(directory):  # a trainer's RUN/final: every file as it was written
+                verify_folder(directory)
         else:
             config_path = download_file(str(name_or_path), CONFIG_NAME, subfolder=subfolder, revision=revision)
             weights_path = download_file(str(name_or_path), WEIGHTS_NAME, subfolder=subfolder, revision=revision)

@@ -230,3 +230,21 @@ def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path):
     (tmp_path / "folder" / "model.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(CorruptFileError, match=r"model.safetensors is not a readable safetensors file"):
         ImplicitAligner.from_pretrained(tmp_path / "folder")
+
+
+def test_a_trained_folder_with_checksums_is_verified_on_load(tmp_path):
+    """A trainer's RUN/final carries SHA256SUMS: `from_pretrained` verifies it and refuses a changed file."""
+    from img_core.errors import CorruptFileError
+    from img_core.integrity import write_checksums
+
+    aligner = ImplicitAligner(AlignerConfig(image_dim=32, guidance_dim=24, depth=1, heads=2, dim_head=8))
+    folder = tmp_path / "final"
+    aligner.save_pretrained(folder)
+    write_checksums(folder)
+    ImplicitAligner.from_pretrained(folder)  # intact: loads
+    weights = next(path for path in folder.iterdir() if path.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="damaged"):
+        ImplicitAligner.from_pretrained(folder)

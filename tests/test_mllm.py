@@ -207,7 +207,7 @@ def test_missing_hub_weights_offline():
     spec = KNOWN_MLLMS["llava-1.5-13b"]
     with pytest.raises(WeightsNotFoundError, match="llava-hf/llava-1.5-13b-hf") as raised:
         MLLMCritic.load(spec)
-    assert "huggingface-cli download llava-hf/llava-1.5-13b-hf" in str(raised.value)
+    assert "hf download llava-hf/llava-1.5-13b-hf" in str(raised.value)
 
 
 # -------------------------------------------------------------------------------------- quantization

@@ -36,53 +36,22 @@ import numpy as np
 import torch
 
 from img_core.errors import CorruptFileError
-from img_core.integrity import check_finite, sha256_file, verify_checksum
+from img_core.integrity import (
+    check_finite,
+    has_checksums,
+    verify_checksum,
+    verify_folder,
+    write_checksums,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKSUMS_NAME = "SHA256SUMS"
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINTS_DIR = "checkpoints"
 DAMAGED_PREFIX = "damaged-"
 
 
 # ----------------------------------------------------------------------------------------- folders
-
-
-def write_checksums(folder: Path) -> None:
-    """Write folder/SHA256SUMS with the sha256 of every other file below `folder`."""
-    lines = [f"{sha256_file(path)}  {path.relative_to(folder).as_posix()}\n"
-             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != CHECKSUMS_NAME]
-    (folder / CHECKSUMS_NAME).write_text("".join(lines))
-
-
-def has_checksums(folder: Path) -> bool:
-    return (Path(folder) / CHECKSUMS_NAME).is_file()
-
-
-def verify_folder(folder: str | Path) -> None:
-    """Check every file listed in folder/SHA256SUMS; CorruptFileError naming the file otherwise (also when
-    the folder has no SHA256SUMS, or it lists nothing)."""
-    folder = Path(folder)
-    sums = folder / CHECKSUMS_NAME
-    if not sums.is_file():
-        raise CorruptFileError(f"{folder} has no {CHECKSUMS_NAME}: it cannot be verified (written by an older "
-                               "trainer, or an interrupted copy)")
-    entries = [line.split(maxsplit=1) for line in sums.read_text(errors="replace").splitlines() if line.strip()]
-    if not entries or any(len(entry) != 2 for entry in entries):
-        raise CorruptFileError(f"{sums} is damaged: it does not list `sha256  file` lines")
-    for expected, name in entries:
-        path = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CorruptFileError(f"{sums} is damaged: it lists {name!r:.60}")
-        if not path.is_file():
-            raise CorruptFileError(f"{path} is missing")
-        if path.stat().st_size == 0:
-            raise CorruptFileError(f"{path} is empty (0 bytes)")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise CorruptFileError(f"{path} is damaged: its sha256 is {actual[:16]}..., the recorded one is "
-                                   f"{expected[:16]}...")
 
 
 def _fsync(path: Path) -> None:

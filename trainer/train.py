@@ -47,7 +47,13 @@ from img_core.aligner import (
     ImplicitAligner,
 )
 from img_core.errors import CorruptFileError
-from img_core.integrity import check_finite, nonfinite_tensors
+from img_core.integrity import (
+    CHECKSUMS_NAME,
+    check_finite,
+    has_checksums,
+    nonfinite_tensors,
+    verify_folder,
+)
 from img_core.settings import MLLM_GUIDANCE_MODES
 from trainer import loop, option, parse_config
 from trainer.extract import OnlineTriplets
@@ -194,11 +200,11 @@ def build_aligner(cfg: TrainConfig, manifest: dict):
         return ImplicitAligner(config)
     path = Path(cfg.init_from)
     if path.is_dir():
-        if loop.has_checksums(path):  # a RUN/final written by this trainer
-            loop.verify_folder(path)
+        if has_checksums(path):  # a RUN/final written by this trainer
+            verify_folder(path)
         else:
             logger.warning("--init-from %s has no %s (not written by this trainer): loading it unverified", path,
-                           loop.CHECKSUMS_NAME)
+                           CHECKSUMS_NAME)
         aligner = ImplicitAligner.from_pretrained(path)
     elif path.is_file():
         aligner = ImplicitAligner.from_official_checkpoint(path, dim_head=cfg.dim_head)  # heads = width / dim_head

@@ -22,7 +22,7 @@ IMAGE_ASPECTS = ("pad", "native")  # pad to square first (LLaVA-1.5) or give the
 CONVERSION_RECORD = "img_studio_mllm.json"
 
 HUB_FETCH_HINT = (
-    "On a machine with internet run `huggingface-cli download {model_id}` and copy the Hugging Face cache "
+    "On a machine with internet run `hf download {model_id}` and copy the Hugging Face cache "
     "(~/.cache/huggingface/hub) to this machine, or pass the downloaded folder as the model id."
 )
 
