@@ -98,7 +98,11 @@ def test_a_queued_job_shows_its_place_and_stop_cancels_it(app, browser):
     set_number(first, "auto-rounds", "5")
     first.locator("#stop-rule input[type=checkbox]").uncheck()
     first.get_by_text("Advanced settings").click()
-    set_number(first, "steps", "40")  # slow rounds: B waits long enough to be looked at
+    slider = first.locator("#steps input[type=range]")  # the range keys (a typed number can revert headless)
+    slider.focus()
+    slider.press("End")  # the most steps: slow rounds, so B waits long enough to be looked at and A still runs
+    expect(first.locator("#steps input[type=number]")).to_have_value("200")
+    first.wait_for_timeout(300)
     click(first, "auto-refine")
     expect(first.locator("#status")).to_contain_text(" of 5 · ")
 
@@ -112,8 +116,10 @@ def test_a_queued_job_shows_its_place_and_stop_cancels_it(app, browser):
     expect(first.locator("#stop-btn")).to_be_enabled()
 
     expect_cards(first, 2)
+    expect(first.locator("#refine-from-0")).to_be_enabled()  # the strip re-rendered with round 1 as the base
     first.locator("#refine-from-0").click()  # during A's job: refused, with a message
     toast(first, "Refine from here' works once it ends")
+    close_toasts(first)  # a toast can sit over the status bar's Stop for a few seconds
     click(first, "stop")
     idle(first)
     made = cards(first).count()

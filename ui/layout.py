@@ -522,7 +522,7 @@ class StudioUI:
     def _unlock(self, state: StudioState, request: gr.Request) -> dict:
         """After a job: what can run now (nothing changes while another job of this tab waits)."""
         if self.jobs.busy(tab_id(request)):
-            return {}
+            return {self.buttons["stop"]: gr.update()}  # nothing changes (an empty dict would be one value)
         return self._button_updates(state, busy=False)
 
     def _unlock_after_failure(self, state: StudioState, request: gr.Request) -> dict:
@@ -535,7 +535,7 @@ class StudioUI:
         """End this tab's job: a waiting one at once, without running (said here), a running one at its next
         step (the job says so)."""
         if not self.jobs.stop(tab_id(request)):
-            return {}
+            return {self.status: gr.update()}  # a running job says itself that it stops
         gr.Info(STOPPED_IN_QUEUE_NOTE)
         return {
             **self._button_updates(state, busy=False),
@@ -563,7 +563,7 @@ class StudioUI:
         with a message, while a job of this tab waits or runs: its result would override the choice."""
         if self.jobs.busy(tab):
             gr.Warning(REBASE_DURING_A_JOB)
-            return {}
+            return {self.next_use: gr.update()}  # nothing changes
         try:
             state = state.with_base(index)
         except IMGError as error:
