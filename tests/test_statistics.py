@@ -59,3 +59,19 @@ def test_ties_count_one_half_and_bad_input_is_refused():
         win_rate_interval(outcomes, "normal")
     with pytest.raises(InvalidInputError, match="at least one prompt"):
         wilson_interval(0, 0)
+
+
+def test_a_mean_plot_labels_its_axis_with_the_ticks_of_its_own_scale():
+    """The plot draws the ticks its scale was made from: recomputing them from the rounded ends could pick a
+    coarser step in floating point and leave an axis with two labels."""
+    import re
+
+    from img_core.evaluation.evaluate import _mean_plot
+
+    entries = [  # the first one gave two labels when the ticks were recomputed from the scale's ends
+        {"mean": [-19.9117, -19.8691, -19.9105], "mean_difference_ci95": [None, [-0.02, 0.0317], [-0.0235, 0.0058]]},
+        {"mean": [16.4462, 10.9882, 11.3674], "mean_difference_ci95": [None, [-6.268, -4.525], [-5.804, -4.361]]},
+    ]
+    for entry in entries:
+        labels = re.findall(r'class="y-tick"[^>]*>([^<]+)<', _mean_plot("score", entry))
+        assert len(labels) >= 3, (entry, labels)

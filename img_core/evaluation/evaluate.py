@@ -720,8 +720,9 @@ def _nice_ticks(low: float, high: float, count: int = PLOT_TICKS) -> list[float]
 
 
 def _plot(title: str, y_label: str, rounds: int, points: list[tuple[int, float, list | None]],
-          low: float, high: float, y_format, reference: float | None = None) -> str:
-    """An inline SVG: one y scale [low, high] with labelled ticks, x = round, points with error bars."""
+          low: float, high: float, y_format, reference: float | None = None, ticks: list[float] | None = None) -> str:
+    """An inline SVG: one y scale [low, high] with labelled ticks (`ticks`, default: round values over the
+    scale), x = round, points with error bars."""
     left, right, top, bottom = (PLOT_MARGIN[side] for side in ("left", "right", "top", "bottom"))
     inner_width, inner_height = PLOT_WIDTH - left - right, PLOT_HEIGHT - top - bottom
     span_x = max(rounds, 1)
@@ -735,7 +736,7 @@ def _plot(title: str, y_label: str, rounds: int, points: list[tuple[int, float, 
     parts = [f'<text x="{PLOT_WIDTH / 2}" y="18" font-size="13" text-anchor="middle">{html.escape(title)}</text>',
              f'<line x1="{left}" y1="{top + inner_height}" x2="{left + inner_width}" y2="{top + inner_height}" stroke="#888"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + inner_height}" stroke="#888"/>']
-    for tick in _nice_ticks(low, high):
+    for tick in ticks or _nice_ticks(low, high):
         if low - 1e-12 <= tick <= high + 1e-12:
             y = y_of(tick)
             parts.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left + inner_width}" y2="{y:.1f}" stroke="#e4e4e4"/>'
@@ -777,7 +778,7 @@ def _mean_plot(name: str, entry: dict) -> str:
     ticks = _nice_ticks(low - pad, high + pad)
     decimals = max(0, -math.floor(math.log10(max(ticks[1] - ticks[0], 1e-12))))
     return _plot(f"mean {name}", name, len(means) - 1, points, ticks[0], ticks[-1],
-                 lambda value: f"{value:.{decimals}f}")
+                 lambda value: f"{value:.{decimals}f}", ticks=ticks)  # the scale's own ticks, not recomputed
 
 
 def _win_rate_plot(name: str, entry: dict) -> str:
