@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 7860
 PRESET ?=
 
-.PHONY: run test test-fast test-compat setup bench bench-gpu clean
+.PHONY: run test test-fast test-compat setup reference-packages bench bench-gpu clean
 
 $(VENV)/.installed: requirements.txt requirements-lock.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,23 +16,40 @@ $(VENV)/.installed: requirements.txt requirements-lock.txt requirements-dev.txt
 
 setup: $(VENV)/.installed
 
+# Reference implementations that tests compare the ports with, where they cannot be dependencies: the
+# `image-reward` package's own code (it pins timm 0.6 and asks for OpenAI's clip from GitHub), installed
+# without its dependencies next to timm and fairscale, and put on the path only by the test's subprocess.
+# Without them (no PyPI) those comparisons are skipped, with a warning here.
+REFERENCE := .reference-packages
+$(REFERENCE)/.installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target $(REFERENCE) \
+		image-reward==1.5 timm==1.0.31 fairscale==0.4.13 && touch $@ \
+		|| echo "warning: could not install the reference packages; their comparisons will be skipped"
+
+reference-packages: $(REFERENCE)/.installed
+
 run: setup
 	$(PY) app.py --host $(HOST) --port $(PORT) $(if $(PRESET),--preset $(PRESET),)
 
-test: setup
+test: setup reference-packages
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 # The same suite without the tests marked slow (browser, subprocess, multi-process).
-test-fast: setup
+test-fast: setup reference-packages
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 # The fast suite on the oldest supported set (requirements-compat.txt: torch 2.9.1, as ZeroGPU provides it,
 # with requirements.txt's ranges) in a venv of its own, plus the Space bundle's app answering /generate and
-# /refine there. COMPAT_PYTHON: the first of python3.12 (on PATH or a pyenv 3.12) and python3 that runs.
-COMPAT_VENV := .venv-compat
+# /refine there. CI runs it after `make test` (.ci/run). The venv (about 7.7 GB: PyPI's torch wheels bring
+# CUDA) lives outside the clone, named by the hash of the requirement files it was built from, so a fresh
+# clone reuses it and a changed requirement builds a new one. COMPAT_PYTHON: the first of python3.12 (on
+# PATH or a pyenv 3.12) and python3 that runs.
+COMPAT_HASH := $(shell cat requirements.txt requirements-compat.txt | sha256sum | cut -c1-12)
+COMPAT_VENV ?= $(HOME)/.cache/img-studio-venvs/compat-$(COMPAT_HASH)
 COMPAT_CANDIDATES := python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3
 COMPAT_PYTHON ?= $(firstword $(foreach p,$(COMPAT_CANDIDATES),$(if $(shell $(p) -c "" 2>/dev/null && echo ok),$(p))))
-$(COMPAT_VENV)/.installed: requirements.txt requirements-compat.txt
+$(COMPAT_VENV)/.installed:
+	rm -rf $(COMPAT_VENV)
 	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(COMPAT_VENV)/bin/python -m pip install --quiet -r requirements-compat.txt -r requirements.txt "pytest>=8" "playwright>=1.50"
@@ -59,4 +76,4 @@ bench-gpu: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_gpu.py
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(REFERENCE) .pytest_cache

@@ -139,6 +139,19 @@ def click(page, button: str) -> None:
     page.locator(f"#{button}-btn").click()
 
 
+def run_critique(page) -> str:
+    """Click Critique (the box must be empty) and wait for its job to end; returns the critique. `idle` alone
+    can pass before the click's job has even started, so the streamed text is waited for first."""
+    from playwright.sync_api import expect
+
+    box = page.locator("#critique textarea")
+    expect(box).to_have_value("")
+    click(page, "critique")
+    expect(box).not_to_have_value("")
+    idle(page)
+    return box.input_value()
+
+
 def expect_base(page, index: int) -> None:
     """Round `index`'s card is the one highlighted as the base (the strip re-renders after the state)."""
     from playwright.sync_api import expect
@@ -235,9 +248,7 @@ def test_strip_preview_refine_from_here_and_download(app, browser):
     expect_cards(page, 1)
     idle(page)
     expect(page.locator("#next-use")).to_contain_text("uses the question:")  # question mode (the paper's)
-    click(page, "critique")  # streamed into the editable box
-    idle(page)
-    expect(page.locator("#critique textarea")).not_to_have_value("")
+    run_critique(page)  # streamed into the editable box
     page.get_by_text("Advanced settings").click()
     page.locator("#guidance-mode").get_by_text("dialogue", exact=True).click()
     page.locator("#critique textarea").fill("")
@@ -384,9 +395,7 @@ def test_edited_critiques_steer_by_default_and_an_untouched_one_keeps_question_m
     click(page, "generate")
     expect_cards(page, 1)
     idle(page)
-    click(page, "critique")
-    idle(page)
-    expect(page.locator("#critique textarea")).not_to_have_value("")
+    run_critique(page)
     click(page, "refine")  # round 1: the MLLM's critique, untouched
     expect_cards(page, 2)
     idle(page)

@@ -18,6 +18,7 @@ from test_app_browser import (
     expect_cards,
     idle,
     open_page,
+    run_critique,
     screenshot,
     set_number,
     set_prompt,
@@ -235,8 +236,7 @@ def test_axe_finds_no_critical_or_serious_accessibility_issue(app, browser):
     click(page, "generate")
     expect_cards(page, 1)
     idle(page)
-    click(page, "critique")
-    idle(page)
+    run_critique(page)
     page.locator("#critique textarea").fill("")
     page.locator("#critique textarea").press_sequentially("Add a brown horse.")  # typed, as a user does
     expect(page.locator("#next-use")).to_contain_text("your edited critique, which will steer it")

@@ -18,6 +18,7 @@ from test_app_browser import (
     expect_cards,
     free_port,
     idle,
+    run_critique,
     screenshot,
     set_prompt,
     toast,
@@ -119,10 +120,7 @@ def test_a_reload_and_a_new_tab_restore_the_session(app, context):
     generate(page, PROMPT, refines=2)
     page.locator("#refine-from-1").click()  # the base is round 1 ...
     expect_base(page, 1)
-    click(page, "critique")  # ... with its critique in the box
-    idle(page)
-    critique = page.locator("#critique textarea").input_value()
-    assert critique
+    critique = run_critique(page)  # ... with its critique in the box
     page.wait_for_timeout(500)  # the critique is stored from the job's last update
     page.reload()
     expect_cards(page, 3)

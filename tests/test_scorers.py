@@ -1,6 +1,8 @@
 """Scorers on tiny random CLIP models and the tiny MLLMs, loaded through the same loaders as the real ids:
 each number is checked against the metric's formula computed here from the same weights."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -315,3 +317,116 @@ def test_conversion_matches_open_clip_itself():
         text_embeds = model.get_text_features(input_ids=ids, attention_mask=(ids > 0).long())
         assert torch.allclose(getattr(image_embeds, "pooler_output", image_embeds), reference.encode_image(pixels), atol=1e-5)
         assert torch.allclose(getattr(text_embeds, "pooler_output", text_embeds), reference.encode_text(ids), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ ImageReward
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_PACKAGES = REPO / ".reference-packages"  # make reference-packages (make test runs it)
+LONG_PROMPT = ("A very long prompt about a lighthouse on a cliff at dusk, with waves, gulls, a red boat, three "
+               "fishermen, nets, a dog, lanterns and a full moon rising over the distant hills")  # > 35 tokens
+
+
+def imagereward_cases(folder: Path) -> list[dict]:
+    """Images of several sizes and modes (the release resizes, crops and only then converts to RGB)."""
+    rng = np.random.default_rng(11)
+    pictures = {
+        "wide.png": Image.fromarray(rng.integers(0, 255, (40, 70, 3), dtype=np.uint8)),
+        "tall-rgba.png": Image.fromarray(rng.integers(0, 255, (90, 50, 4), dtype=np.uint8), mode="RGBA"),
+        "gray.png": Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8), mode="L"),
+        "large.png": Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)),
+        "flat.png": Image.new("RGB", (32, 32), (200, 30, 30)),
+    }
+    for name, picture in pictures.items():
+        picture.save(folder / name)
+    prompts = ["A red cat on the mat.", "TWO BLUE DOGS, running!", LONG_PROMPT, "a cat", "it's 3 o'clock"]
+    return [{"image": str(folder / name), "prompt": prompt} for name, prompt in zip(pictures, prompts)]
+
+
+@pytest.mark.skipif(not (REFERENCE_PACKAGES / "ImageReward" / "ImageReward.py").is_file(),
+                    reason="the image-reward package is not in .reference-packages: run make reference-packages")
+def test_imagereward_equals_the_released_package_on_tiny_weights(scorers_root, tmp_path):
+    """The package's own ImageReward.score (tests/reference/imagereward_release.py, in a subprocess with the
+    package on its path) and our port on the same tiny checkpoint, tokenizer and images."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from img_core.evaluation.scorers import load_scorer
+
+    cases = imagereward_cases(tmp_path)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {**os.environ, "PYTHONPATH": f"{REFERENCE_PACKAGES}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "reference" / "imagereward_release.py"),
+                             str(scorers_root), str(tmp_path / "cases.json")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = json.loads(result.stdout.strip().splitlines()[-1])
+
+    scorer = load_scorer("imagereward", tiny_root=scorers_root.parent)
+    ours = scorer.score([Image.open(case["image"]) for case in cases], [case["prompt"] for case in cases])
+    assert len(ours) == len(expected) == 5
+    assert max(abs(a - b) for a, b in zip(ours, expected)) < 1e-5, (ours, expected)
+    assert max(expected) - min(expected) > 0.1  # the cases score differently: the comparison can fail
+    one_by_one = [scorer.score([Image.open(case["image"])], [case["prompt"]])[0] for case in cases]
+    assert max(abs(a - b) for a, b in zip(ours, one_by_one)) < 1e-5  # batching changes nothing
+
+
+def test_imagereward_checkpoint_converts_both_ways_and_refuses_what_it_does_not_know():
+    from img_core.errors import InvalidInputError
+    from img_core.evaluation.imagereward import convert_imagereward_checkpoint
+    from img_core.tiny.scorers import imagereward_to_release, tiny_imagereward_model
+
+    model = tiny_imagereward_model(vocab_size=91, seed=3)
+    release = imagereward_to_release(model.state_dict())
+    assert "blip.visual_encoder.blocks.1.attn.qkv.weight" in release and "mlp.layers.7.bias" in release
+    assert release["blip.visual_encoder.pos_embed"].shape == (1, 17, 32)  # 1 + (32 / 8) ** 2 tokens
+    release["blip.text_proj.weight"] = torch.zeros(16, 32)  # saved by BLIP, unused by the score: skipped
+    back = convert_imagereward_checkpoint({f"module.{key}": value for key, value in release.items()})
+    assert back.keys() == model.state_dict().keys()
+    assert all(torch.equal(back[key], value) for key, value in model.state_dict().items())
+    release["blip.itm_head.weight"] = torch.zeros(2, 32)
+    with pytest.raises(InvalidInputError, match="1 weights this conversion does not know \\(blip.itm_head.weight\\)"):
+        convert_imagereward_checkpoint(release)
+
+
+def test_imagereward_errors_are_user_errors(scorers_root, tmp_path):
+    import dataclasses
+    import shutil
+
+    from img_core.errors import InvalidInputError, WeightsNotFoundError
+    from img_core.evaluation.imagereward import IMAGEREWARD
+    from img_core.evaluation.scorers import (
+        ImageRewardScorer,
+        NonFiniteScoreError,
+        check_scorer_names,
+        describe_scorer,
+        load_scorer,
+    )
+    from img_core.tiny.scorers import TINY_SCORER_FOLDERS, tiny_imagereward_overrides
+
+    assert check_scorer_names([" imagereward "]) == ["imagereward"]
+    assert describe_scorer("imagereward", None) == {"weights": "THUDM/ImageReward/ImageReward.pt", "tiny": False}
+    with pytest.raises(WeightsNotFoundError, match="THUDM/ImageReward"):  # HF_HUB_OFFLINE=1, nothing cached
+        ImageRewardScorer(IMAGEREWARD).score(images(1), PROMPTS[:1])
+    scorer = load_scorer("imagereward", tiny_root=scorers_root.parent)
+    with pytest.raises(InvalidInputError, match="one prompt per image"):
+        scorer.score(images(2), PROMPTS)
+
+    broken = tmp_path / "broken"  # a damaged download: NaN weights are caught, nothing is returned
+    shutil.copytree(scorers_root / TINY_SCORER_FOLDERS["imagereward"], broken)
+    weights = torch.load(broken / "ImageReward.pt")
+    weights["mlp.layers.7.bias"] = torch.tensor([float("nan")])
+    torch.save(weights, broken / "ImageReward.pt")
+    spec = dataclasses.replace(IMAGEREWARD, **{**tiny_imagereward_overrides(scorers_root), "repo": str(broken)})
+    with pytest.raises(NonFiniteScoreError, match="imagereward produced non-finite"):
+        ImageRewardScorer(spec).score(images(1), PROMPTS[:1])
+    (broken / "ImageReward.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InvalidInputError, match="is not a readable torch checkpoint"):
+        ImageRewardScorer(spec).score(images(1), PROMPTS[:1])
+    wrong_size = dataclasses.replace(spec, repo=str(scorers_root / TINY_SCORER_FOLDERS["imagereward"]),
+                                     vision={**spec.vision, "hidden_size": 64})
+    with pytest.raises(InvalidInputError, match="does not fit ImageReward's architecture"):
+        ImageRewardScorer(wrong_size).score(images(1), PROMPTS[:1])

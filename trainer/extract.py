@@ -290,6 +290,7 @@ def extract_shards(cfg: ExtractConfig, tiny_root: str | Path | None, extractor: 
                                         "corrupt_rows": corrupt_rows[:1000], "nonfinite_rows": nonfinite_rows[:1000]},
                                   [shard_name(s) for s in range(num_shards)])
     state.wait_for_everyone()
+    state.destroy_process_group()  # the gloo/NCCL group ends here: left to interpreter exit it can abort a rank (SIGABRT)
     return manifest or json.loads((out / "manifest.json").read_text())
 
 

@@ -380,6 +380,7 @@ def run_finetune(cfg: FinetuneConfig, tiny_root: str | Path | None) -> Path:
         (out / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         logger.info("saved the merged MLLM to %s", out)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # the gloo/NCCL group ends here: left to interpreter exit it can abort a rank (SIGABRT)
     return out
 
 

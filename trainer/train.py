@@ -523,6 +523,7 @@ def run_training(cfg: TrainConfig) -> Path:
         loop.atomic_save_dir(trained.save_pretrained, final)
         logger.info("saved the trained aligner to %s", final)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # the gloo/NCCL group ends here: left to interpreter exit it can abort a rank (SIGABRT)
     return final
 
 

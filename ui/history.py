@@ -254,9 +254,9 @@ class HistoryStore:
                 [(session_id, item.index, _round_json(item), size) for item, size in written],
             )
             db.execute(
-                "UPDATE sessions SET rounds = (SELECT COUNT(*) FROM rounds WHERE session = ?1), "
-                "bytes = (SELECT COALESCE(SUM(bytes), 0) FROM rounds WHERE session = ?1) WHERE id = ?1",
-                (session_id,),
+                "UPDATE sessions SET rounds = (SELECT COUNT(*) FROM rounds WHERE session = :id), "
+                "bytes = (SELECT COALESCE(SUM(bytes), 0) FROM rounds WHERE session = :id) WHERE id = :id",
+                {"id": session_id},  # named: a sequence for numbered ?1 is deprecated (an error from Python 3.14)
             )
             _set_current(db, browser, session_id)
         self.enforce_retention(browser, keep=session_id)

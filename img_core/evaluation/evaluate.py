@@ -220,6 +220,7 @@ def run_evaluation(args: argparse.Namespace) -> EvaluationResult:
 
     # 5. merge, summary and report (the main process, once every process has written its shard)
     state.wait_for_everyone()
+    state.destroy_process_group()  # the gloo/NCCL group ends here: left to interpreter exit it can abort a rank (SIGABRT)
     if not state.is_main_process:
         return EvaluationResult(out_dir, generated, scored, None)
     rows = read_results(out_dir)

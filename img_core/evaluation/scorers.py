@@ -11,6 +11,7 @@
 | `pickscore`        | PickScore_v1                           | yuvalkirstain/PickScore_v1 + the CLIP-H processor | logit_scale * cos (~100 * cos) |
 | `clipscore`        | CLIPScore as torchmetrics defines it   | openai/clip-vit-large-patch14, the prompt as is | 100 * max(cos, 0) |
 | `clipscore-hessel` | CLIP-S of Hessel et al. 2021           | openai/clip-vit-base-patch32, "A photo depicts " + prompt | 2.5 * max(cos, 0) |
+| `imagereward`      | ImageReward (Xu et al. 2023)           | THUDM/ImageReward `ImageReward.pt` + `med_config.json`, bert-base-uncased tokenizer (img_core.evaluation.imagereward) | normalised reward (~ -2..2) |
 | `vqascore`         | VQAScore (Lin et al. 2024), default judge | llava-1.5-13b, else qwen2.5-vl-7b (tiny: tiny-qwen, else tiny-llava), never the guidance MLLM while another is here | 0..1 |
 | `vqascore:<mllm>`  | the same with a named judge MLLM       | any name of img_core.mllm.KNOWN_MLLMS or folder | 0..1 |
 | `vqascore:self`    | the same, judged by the guidance MLLM  | none extra: the loaded critic (self-judged)    | 0..1 |
@@ -71,10 +72,21 @@ from PIL import Image
 
 from img_core.clip_processing import pil_clip_image_processor
 from img_core.errors import IMGError, InvalidInputError
+from img_core.evaluation.imagereward import (
+    IMAGEREWARD,
+    IMAGEREWARD_SCORER,
+    ImageRewardSpec,
+    imagereward_pixel_values,
+    load_imagereward,
+)
 from img_core.hub import download_file, from_pretrained_or_explain
 from img_core.mllm import resolve_spec
 from img_core.mllm.loading import load_mllm
-from img_core.tiny.scorers import ensure_tiny_scorers, tiny_scorer_overrides
+from img_core.tiny.scorers import (
+    ensure_tiny_scorers,
+    tiny_imagereward_overrides,
+    tiny_scorer_overrides,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +156,7 @@ CLIP_SCORERS: dict[str, CLIPScorerSpec] = {
 CURLY_QUOTES = str.maketrans({**{chr(c): "'" for c in (0x02BC, *range(0x2018, 0x201C))},
                               **{chr(c): '"' for c in range(0x201C, 0x2020)}})
 LIGATURES_AND_WIDTH = re.compile("[\ufb00-\ufb06\uff01-\uff5e\u3000]")  # folded by NFKC, as ftfy does
-SCORER_NAMES = (*CLIP_SCORERS, *VQA_METHODS)
+SCORER_NAMES = (*CLIP_SCORERS, IMAGEREWARD_SCORER, *VQA_METHODS)
 
 
 def check_scorer_names(names: list[str]) -> list[str]:
@@ -153,7 +165,7 @@ def check_scorer_names(names: list[str]) -> list[str]:
     if not names:
         raise InvalidInputError(f"name at least one scorer: {', '.join(SCORER_NAMES)}")
     for name in names:
-        if name not in CLIP_SCORERS and parse_vqa_name(name) is None:
+        if name not in CLIP_SCORERS and name != IMAGEREWARD_SCORER and parse_vqa_name(name) is None:
             raise InvalidInputError(
                 f"unknown scorer {name!r}: use {', '.join(SCORER_NAMES)}, vqascore:<mllm> for a named judge or "
                 "vqascore:self for the guidance MLLM"
@@ -184,6 +196,8 @@ def describe_scorer(name: str, guidance_mllm: str | None, tiny_root: str | Path 
         spec = CLIP_SCORERS[name]
         return {"weights": "/".join(spec.open_clip_checkpoint) if spec.open_clip_checkpoint else spec.model_id,
                 "tiny": tiny_root is not None}
+    if name == IMAGEREWARD_SCORER:
+        return {"weights": f"{IMAGEREWARD.repo}/{IMAGEREWARD.checkpoint}", "tiny": tiny_root is not None}
     parsed = parse_vqa_name(name)
     judge = vqa_judge(name, guidance_mllm, tiny_root)
     return {"method": parsed.method, "question": VQA_QUESTION if parsed.method == VQA_SCORER else YESNO_QUESTION,
@@ -208,6 +222,11 @@ def load_scorer(
         if tiny_root is not None:
             spec = dataclasses.replace(spec, **tiny_scorer_overrides(name, ensure_tiny_scorers(tiny_root)))
         return CLIPScorer(spec, device=device, dtype=dtype)
+    if name == IMAGEREWARD_SCORER:
+        spec = IMAGEREWARD
+        if tiny_root is not None:
+            spec = dataclasses.replace(spec, **tiny_imagereward_overrides(ensure_tiny_scorers(tiny_root)))
+        return ImageRewardScorer(spec, device=device, dtype=dtype)
     return load_vqa_scorer(name, device, tiny_root, critic, quantization, guidance_mllm)
 
 
@@ -413,6 +432,47 @@ class CLIPScorer:
             cosine = cosine.clamp(min=0)
         scale = self.model.logit_scale.float().exp() if self.spec.scale == "logit_scale" else self.spec.scale_value
         return _checked_scores(self.name, (scale * cosine).cpu())
+
+
+# ----------------------------------------------------------------------------------------------- ImageReward
+
+
+class ImageRewardScorer:
+    """ImageReward (img_core.evaluation.imagereward): weights load lazily on the first `score`."""
+
+    def __init__(self, spec: ImageRewardSpec = IMAGEREWARD, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None):
+        self.spec = spec
+        self.name = IMAGEREWARD_SCORER
+        self.self_judged = False  # no judge: a reward model trained on human preferences
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32  # the release scores in float32
+        self.model = None
+        self.tokenizer = None
+
+    def load(self) -> "ImageRewardScorer":
+        if self.model is None:
+            model, self.tokenizer = load_imagereward(self.spec)
+            self.model = model.to(self.device, self.dtype)
+            logger.info("loaded scorer %s (%s, %s)", self.name, self.spec.repo, self.dtype)
+        return self
+
+    def unload(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        _free_memory()
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        _check_pairs(images, prompts)
+        if not images:
+            return []
+        self.load()
+        text = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.spec.max_length,
+                              return_tensors="pt")
+        pixel_values = imagereward_pixel_values(images, self.spec.image_size).to(self.device, self.dtype)
+        rewards = self.model(pixel_values, text["input_ids"].to(self.device), text["attention_mask"].to(self.device))
+        return _checked_scores(self.name, rewards.float().cpu())
 
 
 # ----------------------------------------------------------------------------------------------- VQAScore

@@ -1,15 +1,19 @@
-"""Tiny random-weight stand-ins for the CLIP scorers (HPS v2.1 and v2.0, PickScore, both CLIPScores), for CPU tests.
+"""Tiny random-weight stand-ins for the scorers with weights of their own (HPS v2.1 and v2.0, PickScore, both
+CLIPScores, ImageReward), for CPU tests.
 
 Built from configs with transformers' `CLIPModel` / `CLIPProcessor`, saved in the layouts of the hub repos
 they stand in for, and loaded by img_core.evaluation.scorers through the very same loaders as the real ids:
-    <tiny_root>/scorers-v2/tiny-clip-h/       like laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, processor, weights)
-    <tiny_root>/scorers-v2/tiny-pickscore/    like yuvalkirstain/PickScore_v1 (CLIPModel weights)
-    <tiny_root>/scorers-v2/tiny-hpsv2/HPS_v2.1_compressed.pt   like xswu/HPSv2 (open_clip keys, {"state_dict": ...})
-    <tiny_root>/scorers-v2/tiny-hpsv2/HPS_v2_compressed.pt     HPS v2.0, the same layout, other weights
-    <tiny_root>/scorers-v2/tiny-clip-l/       like openai/clip-vit-large-patch14
-    <tiny_root>/scorers-v2/tiny-clip-b/       like openai/clip-vit-base-patch32 (Hessel et al.'s CLIP-S)
+    <tiny_root>/scorers-v3/tiny-clip-h/       like laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config, processor, weights)
+    <tiny_root>/scorers-v3/tiny-pickscore/    like yuvalkirstain/PickScore_v1 (CLIPModel weights)
+    <tiny_root>/scorers-v3/tiny-hpsv2/HPS_v2.1_compressed.pt   like xswu/HPSv2 (open_clip keys, {"state_dict": ...})
+    <tiny_root>/scorers-v3/tiny-hpsv2/HPS_v2_compressed.pt     HPS v2.0, the same layout, other weights
+    <tiny_root>/scorers-v3/tiny-clip-l/       like openai/clip-vit-large-patch14
+    <tiny_root>/scorers-v3/tiny-clip-b/       like openai/clip-vit-base-patch32 (Hessel et al.'s CLIP-S)
+    <tiny_root>/scorers-v3/tiny-imagereward/  like THUDM/ImageReward (`ImageReward.pt` in the release's keys, `med_config.json`)
+    <tiny_root>/scorers-v3/tiny-bert/         like bert-base-uncased (a WordPiece tokenizer over characters)
 
-The HPS file is a CLIPModel's weights written back in open_clip's layout (`transformers_to_open_clip`,
+The ImageReward file is a seeded ImageRewardModel written back in the release's keys
+(`imagereward_to_release`, the inverse of `convert_imagereward_checkpoint`). The HPS file is a CLIPModel's weights written back in open_clip's layout (`transformers_to_open_clip`,
 the inverse of `img_core.evaluation.scorers.open_clip_to_transformers`), so loading it exercises the real conversion.
 Weights are seeded: the same seed gives the same files. The folder is built privately and renamed into
 place, so parallel test workers never see half-written weights.
@@ -17,6 +21,7 @@ place, so parallel test workers never see half-written weights.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,12 +29,23 @@ from pathlib import Path
 
 import torch
 
+from img_core.evaluation.imagereward import (
+    HEAD_INDICES,
+    ImageRewardModel,
+    ImageRewardSpec,
+    text_config_from_med,
+    vision_config,
+)
 from img_core.tiny.diffusion import build_clip_tokenizer
 
-TINY_SCORERS_VERSION = "scorers-v2"  # bump when the tiny scorer architectures change
+TINY_SCORERS_VERSION = "scorers-v3"  # bump when the tiny scorer architectures change
 TINY_SCORER_IMAGE_SIZE = 32
 TINY_SCORER_FOLDERS = {"clip_h": "tiny-clip-h", "pickscore": "tiny-pickscore", "hpsv2": "tiny-hpsv2",
-                       "clip_l": "tiny-clip-l", "clip_b": "tiny-clip-b"}
+                       "clip_l": "tiny-clip-l", "clip_b": "tiny-clip-b", "imagereward": "tiny-imagereward",
+                       "bert": "tiny-bert"}
+TINY_IMAGEREWARD_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                           "patch_size": 8}  # BLIP's ViT-L/16 at 224 px, shrunk
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def ensure_tiny_scorers(tiny_root: str | Path, seed: int = 0) -> Path:
@@ -67,6 +83,85 @@ def tiny_scorer_overrides(name: str, scorers_root: Path) -> dict[str, object]:
         "clipscore-hessel": dict(model_id=clip_b, processor_id=clip_b),
     }
     return tiny[name]
+
+
+def tiny_imagereward_overrides(scorers_root: Path) -> dict[str, object]:
+    """The fields of img_core.evaluation.imagereward.ImageRewardSpec pointed at the tiny folders."""
+    return dict(repo=str(scorers_root / TINY_SCORER_FOLDERS["imagereward"]),
+                tokenizer_id=str(scorers_root / TINY_SCORER_FOLDERS["bert"]), vision=dict(TINY_IMAGEREWARD_VISION),
+                image_size=TINY_SCORER_IMAGE_SIZE)
+
+
+def tiny_bert_tokenizer():
+    """An uncased WordPiece tokenizer over single characters (every lower-case word spells out), standing in
+    for bert-base-uncased, without BLIP's added [DEC]/[ENC] (the scorer adds them, as BLIP does)."""
+    from transformers import BertTokenizer
+
+    characters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    vocab = [*BERT_SPECIAL_TOKENS, *characters, *".,;:!?'\"-()", *(f"##{c}" for c in characters)]
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file = Path(folder) / "vocab.txt"
+        vocab_file.write_text("\n".join(vocab) + "\n")
+        return BertTokenizer(str(vocab_file), do_lower_case=True)
+
+
+def tiny_med_config(vocab_size: int) -> dict:
+    """A `med_config.json` like the release's (BERT with cross-attention), 32 wide and 2 layers deep."""
+    return {"architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu", "hidden_size": 32,
+            "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 40,
+            "layer_norm_eps": 1e-12, "vocab_size": vocab_size, "type_vocab_size": 2, "pad_token_id": 0,
+            "attention_probs_dropout_prob": 0.1, "hidden_dropout_prob": 0.1, "initializer_range": 0.02,
+            "add_cross_attention": True, "encoder_width": TINY_IMAGEREWARD_VISION["hidden_size"]}
+
+
+def imagereward_to_release(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An ImageRewardModel state dict in the release's `ImageReward.pt` keys."""
+    vision_renames = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+                      "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    fixed = {"vision_model.embeddings.class_embedding": "blip.visual_encoder.cls_token",
+             "vision_model.embeddings.position_embedding": "blip.visual_encoder.pos_embed",
+             "vision_model.embeddings.patch_embedding.weight": "blip.visual_encoder.patch_embed.proj.weight",
+             "vision_model.embeddings.patch_embedding.bias": "blip.visual_encoder.patch_embed.proj.bias",
+             "vision_model.post_layernorm.weight": "blip.visual_encoder.norm.weight",
+             "vision_model.post_layernorm.bias": "blip.visual_encoder.norm.bias"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key in fixed:
+            out[fixed[key]] = value
+        elif key.startswith("head."):
+            _, position, kind = key.split(".")
+            out[f"mlp.layers.{HEAD_INDICES[int(position)]}.{kind}"] = value
+        elif key.startswith("vision_model.encoder.layers."):
+            index, rest = key.removeprefix("vision_model.encoder.layers.").split(".", 1)
+            name, kind = rest.rsplit(".", 1)
+            out[f"blip.visual_encoder.blocks.{index}.{vision_renames[name]}.{kind}"] = value
+        elif key.startswith("text_encoder."):
+            out["blip." + key] = value
+        else:
+            raise KeyError(f"imagereward_to_release does not know {key}")
+    return {key: value.clone() for key, value in out.items()}
+
+
+def tiny_imagereward_model(vocab_size: int, seed: int) -> ImageRewardModel:
+    """A seeded random ImageRewardModel of the tiny sizes. Every linear layer is drawn with std 1/sqrt(fan-in)
+    and the biases with std 0.1, so that the rewards of different images and prompts differ visibly (BERT's
+    std 0.02 and the release's near-zero head make them all alike); the patch embedding likewise, the class
+    and position embeddings with BLIP's std 0.02 (transformers' BLIP vision config initialises them at 1e-10)."""
+    spec = ImageRewardSpec(vision=dict(TINY_IMAGEREWARD_VISION), image_size=TINY_SCORER_IMAGE_SIZE)  # release mean/std
+    vision = vision_config(spec)
+    torch.manual_seed(seed)
+    model = ImageRewardModel(vision, text_config_from_med(tiny_med_config(vocab_size), vision.hidden_size),
+                             spec.mean, spec.std).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(std=layer.in_features**-0.5)
+                layer.bias.normal_(std=0.1)
+        embeddings = model.vision_model.embeddings
+        embeddings.patch_embedding.weight.normal_(std=embeddings.patch_embedding.weight[0].numel() ** -0.5)
+        embeddings.class_embedding.normal_(std=0.02)
+        embeddings.position_embedding.normal_(std=0.02)
+    return model
 
 
 def tiny_clip_config(hidden_act: str):
@@ -164,3 +259,17 @@ def build_tiny_scorers(root: Path, seed: int = 0) -> None:
     for folder, model_seed in (("clip_l", seed + 3), ("clip_b", seed + 5)):
         tiny_clip_model("quick_gelu", model_seed).save_pretrained(root / TINY_SCORER_FOLDERS[folder])
         processor.save_pretrained(root / TINY_SCORER_FOLDERS[folder])
+
+    bert = tiny_bert_tokenizer()
+    bert.save_pretrained(root / TINY_SCORER_FOLDERS["bert"])
+    vocab_size = len(bert) + 2  # BLIP adds [DEC] and [ENC]
+    imagereward = root / TINY_SCORER_FOLDERS["imagereward"]
+    imagereward.mkdir(parents=True, exist_ok=True)
+    release = imagereward_to_release(tiny_imagereward_model(vocab_size, seed + 6).state_dict())
+    max_positions = tiny_med_config(vocab_size)["max_position_embeddings"]  # BLIP's BERT saves this buffer too
+    release["blip.text_encoder.embeddings.position_ids"] = torch.arange(max_positions).expand((1, -1)).clone()
+    for projection in ("vision_proj", "text_proj"):  # BLIP's contrastive heads, saved but unused by the score
+        release[f"blip.{projection}.weight"] = torch.randn(16, 32)
+        release[f"blip.{projection}.bias"] = torch.zeros(16)
+    torch.save(release, imagereward / "ImageReward.pt")
+    (imagereward / "med_config.json").write_text(json.dumps(tiny_med_config(vocab_size), indent=2) + "\n")
