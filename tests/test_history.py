@@ -15,6 +15,7 @@ from ui.history import (
     DB_NAME,
     HistorySettings,
     HistoryStore,
+    SessionClashError,
     new_browser_id,
     new_session_id,
 )
@@ -68,6 +69,28 @@ def test_written_rounds_come_back_exactly(store):
     assert (summary.id, summary.rounds, summary.prompt) == (session, 3, rounds[0].prompt)
     assert summary.thumbnail is not None and Image.open(summary.thumbnail).size == (64, 64)
     assert not list((store.images / session).glob("*.tmp"))  # no temporary file left behind
+
+
+def test_two_tabs_going_on_from_one_session_never_overwrite_each_other(store):
+    browser, session = new_browser_id(), new_session_id()
+    store.save(browser, session, chain(2), base=1)
+    restored = store.load(browser, session).rounds  # the second tab: the same session, from the store
+    assert store.save(browser, session, restored, base=1) == 0  # a restored round is the stored one: no clash
+    first_tab = [*chain(2), make_round(2, base_index=1, colour=1)]
+    second_tab = [*restored, make_round(2, base_index=0, colour=2)]
+    assert store.save(browser, session, first_tab, base=2) == 1
+    stored_png = (store.images / session / "round_2.png").read_bytes()
+    with pytest.raises(SessionClashError) as clash:
+        store.save(browser, session, second_tab, base=2)
+    assert clash.value.indices == [2]
+    assert (store.images / session / "round_2.png").read_bytes() == stored_png  # nothing written
+    back = store.load(browser, session).rounds
+    assert [r.base_index for r in back] == [None, 0, 1] and np.array_equal(np.asarray(back[2].image),
+                                                                           np.asarray(first_tab[2].image))
+    fork = new_session_id()  # what the page does (ui.history_panel): the second tab's rounds as a new session
+    assert store.save(browser, fork, second_tab, base=2) == 3
+    assert [r.base_index for r in store.load(browser, fork).rounds] == [None, 0, 0]
+    assert {summary.id for summary in store.sessions(browser)} == {session, fork}
 
 
 def test_a_new_round_clears_the_stored_critique(store):

@@ -155,6 +155,38 @@ def test_a_reload_and_a_new_tab_restore_the_session(app, context):
     expect_base(tab, 4)
 
 
+def test_two_tabs_going_on_from_one_session_keep_both(app, context):
+    """Both tabs make a round 2 of the same session: the second is kept as a new session, never dropped."""
+    from playwright.sync_api import expect
+
+    url, store = app
+    first = open_tab(context, url)
+    generate(first, PROMPT, refines=1)  # rounds 0 and 1
+    second = open_tab(context, url)  # restores the same session
+    expect_cards(second, 2)
+    idle(second)
+    click(first, "refine")  # round 2 from round 1, stored under the session
+    expect_cards(first, 3)
+    idle(first)
+    second.locator("#refine-from-0").click()
+    expect_base(second, 0)
+    click(second, "refine")  # its own round 2, from round 0: a clash, kept as a new session
+    expect_cards(second, 3)
+    idle(second)
+    toast(second, "Another tab went on from this session")
+    expect(second.locator("#round-card-2")).to_contain_text("from round 0")
+    expect_history(second, 2)
+    assert all("3 rounds" in caption for caption in history_captions(second)[:2])
+    screenshot(second, "history-two-tabs")
+    second.wait_for_timeout(300)
+    second.reload()  # the browser's current session is now the second tab's
+    expect_cards(second, 3)
+    expect(second.locator("#round-card-2")).to_contain_text("from round 0")
+    idle(second)
+    open_history(second).nth(1).click()  # the older one: the first tab's session, intact
+    expect(second.locator("#round-card-2")).to_contain_text("from round 1")
+
+
 def test_generate_keeps_the_old_session_and_history_restores_and_deletes(app, context):
     from playwright.sync_api import expect
 

@@ -12,6 +12,11 @@ unreferenced file, never a row without its image. On load, rounds whose file is 
 skipped and reported. A damaged database file is moved aside (`history.sqlite3.damaged-<time>`) with a
 warning and a fresh one is made.
 
+Two tabs of one browser that go on from the same session would both make "round 3": the store compares
+each round it is given with the stored round of that number (its record, timings included) and refuses
+a clash (`SessionClashError`) before writing anything; the page then keeps that tab's rounds as a new
+session (`ui.history_panel`), so both tabs' work is kept.
+
 Retention (`HistorySettings`: sessions per browser, age, total bytes) is enforced after each write, a
 bounded number of deletions at a time, so it never holds a round up.
 """
@@ -225,10 +230,12 @@ class HistoryStore:
         _check_ids(browser, session_id)
         if not rounds:
             return 0
-        stored = {index for (index,) in self._query("SELECT idx FROM rounds WHERE session = ?", (session_id,))}
+        records = {item.index: _round_json(item) for item in rounds}
+        stored = self._stored_records(session_id)
         owner = self._query("SELECT browser FROM sessions WHERE id = ?", (session_id,))
         if owner and owner[0][0] != browser:
             raise PermissionError("this session belongs to another browser")
+        _check_no_clash(session_id, records, stored)  # before any PNG is written: another tab's files stay
         new = [item for item in rounds if item.index not in stored]
         folder = self.images / session_id
         folder.mkdir(exist_ok=True)
@@ -243,6 +250,9 @@ class HistoryStore:
             _write_atomically(folder / THUMB_NAME, _thumbnail(newest.image), durable=False)
         now = time.time()
         with self._transaction() as db:
+            # again under the write lock: another process may have stored rounds since the check above
+            _check_no_clash(session_id, records, dict(db.execute(
+                "SELECT idx, record FROM rounds WHERE session = ?", (session_id,)).fetchall()))
             db.execute(
                 "INSERT INTO sessions (id, browser, prompt, created, updated, base) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET updated = excluded.updated, base = excluded.base, "
@@ -251,7 +261,7 @@ class HistoryStore:
             )
             db.executemany(
                 "INSERT OR IGNORE INTO rounds (session, idx, record, bytes) VALUES (?, ?, ?, ?)",
-                [(session_id, item.index, _round_json(item), size) for item, size in written],
+                [(session_id, item.index, records[item.index], size) for item, size in written],
             )
             db.execute(
                 "UPDATE sessions SET rounds = (SELECT COUNT(*) FROM rounds WHERE session = :id), "
@@ -261,6 +271,9 @@ class HistoryStore:
             _set_current(db, browser, session_id)
         self.enforce_retention(browser, keep=session_id)
         return len(written)
+
+    def _stored_records(self, session_id: str) -> dict[int, str]:
+        return dict(self._query("SELECT idx, record FROM rounds WHERE session = ?", (session_id,)))
 
     def set_view(self, browser: str, session_id: str, base: int | None, critique: str = "") -> None:
         """Remember the base and the critique box of a session (restored with it)."""
@@ -390,6 +403,21 @@ class HistoryStore:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
+
+
+class SessionClashError(RuntimeError):
+    """Rounds with these numbers are stored for the session with other content: another tab of the same
+    browser went on from the same session. Nothing was written; store this tab's rounds as a new session."""
+
+    def __init__(self, session_id: str, indices: list[int]):
+        super().__init__(f"session {session_id} holds other rounds numbered {indices}")
+        self.indices = indices
+
+
+def _check_no_clash(session_id: str, records: dict[int, str], stored: dict[int, str]) -> None:
+    clashing = sorted(index for index, record in records.items() if index in stored and stored[index] != record)
+    if clashing:
+        raise SessionClashError(session_id, clashing)
 
 
 def _check_ids(browser: str, session_id: str | None = None) -> None:

@@ -14,6 +14,7 @@ sent to every page, so it protects nothing; the id's 192 random bits do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -24,10 +25,12 @@ import gradio as gr
 from ui.files import app_subfolder
 from ui.history import (
     HistoryStore,
+    SessionClashError,
     StoredSession,
     is_browser_id,
     is_session_id,
     new_browser_id,
+    new_session_id,
 )
 from ui.image_files import png_file
 from ui.state import StudioState
@@ -37,6 +40,8 @@ logger = logging.getLogger(__name__)
 STORAGE_KEY = "img-studio-browser-id"
 STORAGE_SECRET = "img-studio-history"  # not a secret: see the module docstring
 CAPTION_CHARS = 48
+FORKED = ("Another tab went on from this session, so this tab's rounds are kept as a new session in the "
+          "History; both tabs' rounds are there.")
 STORE_FAILED = (
     "Saving to your History failed, so a reload may not bring these rounds back (the rounds stay on this "
     "page; use Download to keep them). The server log says why."
@@ -102,16 +107,26 @@ class HistoryPanel:
 
     # --- called by the page's own events ----------------------------------------------------------
 
-    def record(self, browser: Any, state: StudioState) -> None:
-        """Store the rounds of `state` not stored yet. Never raises: a failure is logged and shown once."""
+    def record(self, browser: Any, state: StudioState) -> StudioState:
+        """Store the rounds of `state` not stored yet; returns the state to go on with. When another tab of
+        this browser went on from the same session (its rounds hold the same numbers), this tab's rounds
+        are stored as a new session and the state returned carries its id: both tabs' work is kept. Never
+        raises: a failure is logged and shown once."""
         if self.store is None or state.is_empty or not is_browser_id(browser) or not state.session_id:
-            return
+            return state
         try:
-            self.store.save(browser, state.session_id, state.rounds, state.base, png_file=png_file)
+            try:
+                self.store.save(browser, state.session_id, state.rounds, state.base, png_file=png_file)
+            except SessionClashError as clash:
+                logger.info("history: %s; this tab goes on as a new session", clash)
+                state = dataclasses.replace(state, session_id=new_session_id())
+                self.store.save(browser, state.session_id, state.rounds, state.base, png_file=png_file)
+                gr.Info(FORKED)
         except Exception:
             self._failed(browser, "storing a round")
         else:
             self._warned.discard(browser)  # a later failure is told again
+        return state
 
     def remember_critique(self, browser: Any, state: StudioState, critique: str) -> None:
         """The critique shown for the base (restored with the session)."""

@@ -17,6 +17,7 @@ share one concurrency group of size 1: one GPU job at a time. Each browser tab k
 own `gr.State`.
 """
 
+import dataclasses
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -470,11 +471,17 @@ class StudioUI:
             inputs = JobInputs(**{name: values[component] for name, component in self._job_inputs.items()})
             browser, tab, state = values[self.history.browser], tab_id(request), values[self.state]
             self.history.busy.add(tab)  # no History restore or delete in this tab until the job ends
+            session_id = None  # set when the History stored this tab's rounds as a new session (history_panel)
             try:
                 for update in self.jobs.run(action, inputs, tab):
+                    if update.state is not None and session_id is not None:
+                        update = dataclasses.replace(update, state=dataclasses.replace(update.state,
+                                                                                       session_id=session_id))
                     if update.state is not None and not update.finished:
-                        state = update.state
-                        self.history.record(browser, state)  # each round as it completes; never raises
+                        state = self.history.record(browser, update.state)  # each round as it completes
+                        if state.session_id != update.state.session_id:
+                            session_id = state.session_id
+                            update = dataclasses.replace(update, state=state)
                     if update.mllm_critique:
                         self.history.remember_critique(browser, state, update.mllm_critique)
                     yield self._shown(update, values)
