@@ -44,15 +44,19 @@ test-fast: setup reference-packages
 # CUDA) lives outside the clone, named by the hash of the requirement files it was built from, so a fresh
 # clone reuses it and a changed requirement builds a new one. COMPAT_PYTHON: the first of python3.12 (on
 # PATH or a pyenv 3.12) and python3 that runs.
-COMPAT_HASH := $(shell cat requirements.txt requirements-compat.txt | sha256sum | cut -c1-12)
+COMPAT_HASH := $(shell cat requirements.txt requirements-compat.txt img_core/space_bundle.py | sha256sum | cut -c1-12)
 COMPAT_VENV ?= $(HOME)/.cache/img-studio-venvs/compat-$(COMPAT_HASH)
 COMPAT_CANDIDATES := python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3
 COMPAT_PYTHON ?= $(firstword $(foreach p,$(COMPAT_CANDIDATES),$(if $(shell $(p) -c "" 2>/dev/null && echo ok),$(p))))
 $(COMPAT_VENV)/.installed:
-	rm -rf $(COMPAT_VENV)
+	rm -rf $(dir $(COMPAT_VENV))compat-*  # older compat venvs (other requirements): 7.7 GB each
 	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(COMPAT_VENV)/bin/python -m pip install --quiet -r requirements-compat.txt -r requirements.txt "pytest>=8" "playwright>=1.50"
+	# the Space bundle's own requirements.txt (requirements.txt's ranges, torch pinned, plus `spaces`) installs there
+	$(COMPAT_VENV)/bin/python -m img_core space-bundle --out $(COMPAT_VENV).bundle
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -r $(COMPAT_VENV).bundle/requirements.txt
+	rm -rf $(COMPAT_VENV).bundle
 	touch $@
 
 test-compat: $(COMPAT_VENV)/.installed

@@ -285,6 +285,31 @@ def test_models_prepare_in_the_background_and_a_failure_is_kept_as_a_message(tin
     assert buttons[page.buttons["generate"]]["interactive"] and buttons[page.buttons["generate"]]["value"] == "Generate"
 
 
+def test_a_shutdown_stops_the_model_preparation_at_its_next_load_step(tiny_root, monkeypatch):
+    """The background preparation is a model call like a click's: SIGTERM's wait counts it, and it stops
+    at its next load step with the shutdown message (the app then exits 0, not under a thread in torch)."""
+    from ui import shutdown
+
+    session = IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False)
+    preparation = ModelPreparation(ModelHost(session))
+    running, note = [], preparation.note
+
+    def note_then_sigterm(event: StageEvent) -> None:  # SIGTERM arrives during the first load step
+        running.append(shutdown.running_calls())
+        note(event)
+        shutdown.request_stop()
+
+    monkeypatch.setattr(preparation, "note", note_then_sigterm)
+    try:
+        preparation.start()
+        assert not preparation.wait(120)
+        assert running == [1]  # counted while it ran; stopped before the second step was reported
+        assert preparation.error == shutdown.SHUTDOWN_MESSAGE and not preparation.ready
+        assert shutdown.running_calls() == 0 and shutdown.wait_until_idle(grace=1.0, quiet=0.1)
+    finally:
+        shutdown._stopping.clear()
+
+
 def test_importing_app_loads_nothing_and_binds_localhost():
     code = (
         "import gc, sys, app\n"

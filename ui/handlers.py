@@ -36,6 +36,7 @@ from ui.files import app_subfolder
 from ui.gpu import gpu_task
 from ui.image_files import png_file
 from ui.models import ModelHost
+from ui.shutdown import ServerStopping, tracked
 from ui.state import RoundRequest, StudioState
 from ui.views import public_text
 
@@ -364,6 +365,8 @@ PREPARATION_STEPS = len(LOAD_STEPS)  # a first load: the MLLM's preparation, pip
 
 class ModelPreparation:
     """Loads the host's models in a background thread, so the page shows at once while they prepare.
+    The load counts as a running model call (ui.shutdown): a SIGTERM stops it at its next load step
+    instead of leaving the interpreter to exit under a thread inside torch.
 
     `start()` begins (or, after a failure, retries) the preparation; the page polls `step_text`,
     `message` and `error`. A failure is kept as a message for the page; the app keeps serving, and the
@@ -416,7 +419,11 @@ class ModelPreparation:
 
     def _prepare(self) -> None:
         try:
-            self.host.loaded_session(self.note)
+            # a model call like any click's: SIGTERM waits for it and stops it at its next load step
+            tracked(self.host.loaded_session)(self.note)
+        except ServerStopping as stopped:
+            logger.info("preparing the models stopped: the app is shutting down")
+            self.error = str(stopped)
         except IMGError as error:
             logger.warning("preparing the models failed: %s", error)
             self.error = str(error)
