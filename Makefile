@@ -17,13 +17,16 @@ $(VENV)/.installed: requirements.txt requirements-lock.txt requirements-dev.txt
 setup: $(VENV)/.installed
 
 # Reference implementations that tests compare the ports with, where they cannot be dependencies: the
-# `image-reward` package's own code (it pins timm 0.6 and asks for OpenAI's clip from GitHub), installed
-# without its dependencies next to timm and fairscale, and put on the path only by the test's subprocess.
+# `image-reward` package's own code (it pins timm 0.6 and asks for OpenAI's clip from GitHub) with timm and
+# fairscale, and open_clip with ftfy (HPS's CLIP and text cleanup), installed without their dependencies and
+# put on the path only by the tests' subprocesses (tests/reference/).
 # Without them (no PyPI) those comparisons are skipped, with a warning here.
 REFERENCE := .reference-packages
-$(REFERENCE)/.installed: $(VENV)/.installed
+$(REFERENCE)/.installed: $(VENV)/.installed Makefile
+	rm -rf $(REFERENCE)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target $(REFERENCE) \
-		image-reward==1.5 timm==1.0.31 fairscale==0.4.13 && touch $@ \
+		image-reward==1.5 timm==1.0.31 fairscale==0.4.13 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 \
+		&& touch $@ \
 		|| echo "warning: could not install the reference packages; their comparisons will be skipped"
 
 reference-packages: $(REFERENCE)/.installed

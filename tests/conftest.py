@@ -74,6 +74,7 @@ SLOW_TESTS = {  # tests that start interpreters or several processes of their ow
     "test_a_killed_run_resumes_to_the_same_weights", "test_two_process_run_resumes_bitwise",
     "test_importing_app_loads_nothing_and_binds_localhost",
     "test_imagereward_equals_the_released_package_on_tiny_weights",
+    "test_conversion_and_text_cleanup_match_open_clip_itself",
     "test_convert_llava_and_prepare_share_one_lock", "test_two_apps_folders_are_locked_and_removed_at_exit",
 }
 

@@ -10,6 +10,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_PACKAGES = REPO / ".reference-packages"  # make reference-packages (make test runs it)
 PROMPTS = ["A red cup next to a blue plate.", "Three dogs running on a beach.", "A cat under a wooden table."]
 
 
@@ -280,49 +282,35 @@ def test_bad_input_and_missing_weights_are_user_errors(scorers_root):
         CLIPScorer(CLIP_SCORERS["hpsv2"]).score(images(1), PROMPTS[:1])
 
 
-def test_conversion_matches_open_clip_itself():
-    """Where open_clip is installed (not a project dependency), a random open_clip ViT CLIP and its
-    converted CLIPModel give the same embeddings."""
-    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is not installed (optional cross-check)")
-    from transformers import CLIPConfig, CLIPModel
+@pytest.mark.skipif(not (REFERENCE_PACKAGES / "open_clip").is_dir(),
+                    reason="open_clip is not in .reference-packages: run make reference-packages")
+def test_conversion_and_text_cleanup_match_open_clip_itself():
+    """open_clip itself (tests/reference/open_clip_checks.py, in a subprocess with .reference-packages on its
+    path): a random open_clip ViT CLIP and its converted CLIPModel give the same embeddings, and our HPS text
+    cleanup equals open_clip's (ftfy included) on curly quotes, entities, ligatures, width and whitespace."""
+    import json
 
-    from img_core.evaluation.scorers import open_clip_to_transformers
+    checks = json.loads(run_reference("open_clip_checks.py"))
+    assert checks["image_max_diff"] < 1e-5 and checks["text_max_diff"] < 1e-5, checks
+    assert checks["prompts"] == 6 and checks["cleanup_mismatches"] == [], checks
 
-    torch.manual_seed(0)
-    vocab = 500
-    reference = open_clip.model.CLIP(
-        embed_dim=16,
-        vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=64, head_width=16, image_size=32, patch_size=8),
-        text_cfg=open_clip.model.CLIPTextCfg(context_length=77, vocab_size=vocab, width=48, heads=3, layers=2),
-    ).eval()
-    for parameter in reference.parameters():
-        torch.nn.init.normal_(parameter, std=0.2)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=48, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=3, hidden_act="gelu", eos_token_id=vocab - 1, bos_token_id=vocab - 2,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, hidden_act="gelu"),
-        projection_dim=16,
-    )
-    model = CLIPModel(config).eval()
-    missing, unexpected = model.load_state_dict(open_clip_to_transformers(reference.state_dict()), strict=False)
-    assert missing == [] and unexpected == []
-    pixels = torch.randn(2, 3, 32, 32)
-    ids = torch.zeros(2, 77, dtype=torch.long)  # open_clip pools at the highest id: the end token
-    ids[0, :6] = torch.tensor([vocab - 2, 5, 17, 33, 8, vocab - 1])
-    ids[1, :4] = torch.tensor([vocab - 2, 44, 3, vocab - 1])
-    with torch.no_grad():
-        image_embeds = model.get_image_features(pixel_values=pixels)
-        text_embeds = model.get_text_features(input_ids=ids, attention_mask=(ids > 0).long())
-        assert torch.allclose(getattr(image_embeds, "pooler_output", image_embeds), reference.encode_image(pixels), atol=1e-5)
-        assert torch.allclose(getattr(text_embeds, "pooler_output", text_embeds), reference.encode_text(ids), atol=1e-5)
+
+def run_reference(script: str, *args: str) -> str:
+    """The last line printed by tests/reference/`script`, run with the reference packages on its path."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{REFERENCE_PACKAGES}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "reference" / script), *args],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------------ ImageReward
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE_PACKAGES = REPO / ".reference-packages"  # make reference-packages (make test runs it)
 LONG_PROMPT = ("A very long prompt about a lighthouse on a cliff at dusk, with waves, gulls, a red boat, three "
                "fishermen, nets, a dog, lanterns and a full moon rising over the distant hills")  # > 35 tokens
 
@@ -349,21 +337,12 @@ def test_imagereward_equals_the_released_package_on_tiny_weights(scorers_root, t
     """The package's own ImageReward.score (tests/reference/imagereward_release.py, in a subprocess with the
     package on its path) and our port on the same tiny checkpoint, tokenizer and images."""
     import json
-    import os
-    import subprocess
-    import sys
 
     from img_core.evaluation.scorers import load_scorer
 
     cases = imagereward_cases(tmp_path)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    env = {**os.environ, "PYTHONPATH": f"{REFERENCE_PACKAGES}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "reference" / "imagereward_release.py"),
-                             str(scorers_root), str(tmp_path / "cases.json")],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = json.loads(run_reference("imagereward_release.py", str(scorers_root), str(tmp_path / "cases.json")))
 
     scorer = load_scorer("imagereward", tiny_root=scorers_root.parent)
     ours = scorer.score([Image.open(case["image"]) for case in cases], [case["prompt"] for case in cases])
