@@ -1,13 +1,14 @@
 """The page's pure logic, without a browser or a model: score digits, the star and the stop rule on the
 shown values, which guidance a round gets and says it got, the line of queued jobs, the examples."""
 
+import dataclasses
 import os
 import threading
 
 import pytest
 from PIL import Image
 
-from img_core.record import Round
+from img_core.record import GUIDED_BY_EDIT, GUIDED_BY_MLLM, Round
 from img_core.session import IMGSession
 from ui import views
 from ui.handlers import Studio
@@ -69,6 +70,12 @@ def test_each_card_says_which_guidance_made_it():
     assert views.guidance_source(state.rounds[0], False) is None
     assert "Guidance: guided by your edit" in views.card_markdown(state, 1, "vqascore")
     assert "Guidance: MLLM's own reading" in views.card_markdown(state, 2, "vqascore")
+    # a restored session (the History, session.json) has no `edited`: the round's own record tells
+    restored = StudioState(rounds=[dataclasses.replace(r, guidance_source=source) for r, source in
+                                   zip(state.rounds, (None, GUIDED_BY_EDIT, GUIDED_BY_MLLM))], base=2)
+    assert restored.edited == frozenset()
+    assert "Guidance: guided by your edit" in views.card_markdown(restored, 1, "vqascore")
+    assert "Guidance: MLLM's own reading" in views.card_markdown(restored, 2, "vqascore")
 
 
 def test_a_job_stopped_while_it_waits_never_runs_and_the_line_moves_up():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import re
 
-from img_core.record import Round
+from img_core.record import GUIDANCE_SOURCES, GUIDED_BY_EDIT, GUIDED_BY_MLLM, Round
 from img_core.session import StageEvent
 from ui.state import StudioState
 
@@ -44,8 +44,7 @@ SCORER_HOVERS = {
     "pickscore": "PickScore: which image people would pick for the prompt, a CLIP-H score; higher is better",
     "clipscore": "CLIPScore: 100 x cosine of the image's and the prompt's CLIP ViT-L/14 embeddings; higher is better",
 }
-GUIDED_BY_EDIT = "guided by your edit"
-GUIDED_BY_MLLM = "MLLM's own reading"
+GUIDED_BY_EDIT_LABEL = "guided by your edit"  # a card's words for record.GUIDED_BY_EDIT
 
 # Every button of the page and its label when it can run; the model buttons wait for the models.
 BUTTON_LABELS = {
@@ -160,11 +159,16 @@ def card_score(state: StudioState, index: int, scorer: str | None, self_judged: 
 def guidance_source(item: Round, edited: bool) -> str | None:
     """Which guidance a refined round was made with, for its card: 'guided by your edit' when a critique
     the user edited steered it (dialogue guidance), else "MLLM's own reading" (the question, or the
-    MLLM's own critique). `edited`: its critique differed from what the MLLM wrote for its base
-    (`StudioState.edited`). None for round 0."""
+    MLLM's own critique). The round's own record says so (`Round.guidance_source`, kept in the History
+    and session.json); for a round without it, `edited`: its critique differed from what the MLLM wrote
+    for its base (`StudioState.edited`, which a restored session does not have). None for round 0."""
     if item.source != "refined":
         return None
-    return GUIDED_BY_EDIT if item.guidance_mode == "dialogue" and edited else GUIDED_BY_MLLM
+    if item.guidance_source in GUIDANCE_SOURCES:
+        by_edit = item.guidance_source == GUIDED_BY_EDIT
+    else:
+        by_edit = item.guidance_mode == "dialogue" and edited
+    return GUIDED_BY_EDIT_LABEL if by_edit else GUIDED_BY_MLLM
 
 
 def card_markdown(state: StudioState, index: int, scorer: str | None, self_judged: bool = False) -> str:
