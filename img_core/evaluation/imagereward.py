@@ -40,6 +40,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)  # the MLP after the text encoder's [CLS] state
 HEAD_INDICES = (0, 2, 4, 6, 7)  # their positions in the release's nn.Sequential (dropouts between)
 UNUSED_PREFIXES = ("blip.vision_proj.", "blip.text_proj.")  # BLIP's contrastive projections: score skips them
+# The release's ViT keys and BlipVisionModel's: outside the blocks, and inside block i
+# (`blip.visual_encoder.blocks.{i}.<name>` -> `vision_model.encoder.layers.{i}.<name>`).
+RELEASE_VISION_KEYS = {
+    "blip.visual_encoder.cls_token": "vision_model.embeddings.class_embedding",
+    "blip.visual_encoder.pos_embed": "vision_model.embeddings.position_embedding",
+    "blip.visual_encoder.patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
+    "blip.visual_encoder.patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
+    "blip.visual_encoder.norm.weight": "vision_model.post_layernorm.weight",
+    "blip.visual_encoder.norm.bias": "vision_model.post_layernorm.bias",
+}
+RELEASE_BLOCK_RENAMES = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
+                         "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 BLIP_VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
               "patch_size": 16}  # BLIP's create_vit("large")
 
@@ -126,14 +138,7 @@ class ImageRewardModel(torch.nn.Module):
 def convert_imagereward_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`ImageReward.pt`'s keys as ImageRewardModel's. A key this conversion does not know is refused."""
     state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    vision_renames = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
-                      "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-    fixed = {"blip.visual_encoder.cls_token": "vision_model.embeddings.class_embedding",
-             "blip.visual_encoder.pos_embed": "vision_model.embeddings.position_embedding",
-             "blip.visual_encoder.patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
-             "blip.visual_encoder.patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
-             "blip.visual_encoder.norm.weight": "vision_model.post_layernorm.weight",
-             "blip.visual_encoder.norm.bias": "vision_model.post_layernorm.bias"}
+    vision_renames, fixed = RELEASE_BLOCK_RENAMES, RELEASE_VISION_KEYS
     head = {f"mlp.layers.{index}.{kind}": f"head.{position}.{kind}"
             for position, index in enumerate(HEAD_INDICES) for kind in ("weight", "bias")}
     block = re.compile(r"blip\.visual_encoder\.blocks\.(\d+)\.(.+)\.(weight|bias)")

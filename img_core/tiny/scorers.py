@@ -31,6 +31,8 @@ import torch
 
 from img_core.evaluation.imagereward import (
     HEAD_INDICES,
+    RELEASE_BLOCK_RENAMES,
+    RELEASE_VISION_KEYS,
     ImageRewardModel,
     ImageRewardSpec,
     text_config_from_med,
@@ -116,14 +118,8 @@ def tiny_med_config(vocab_size: int) -> dict:
 
 def imagereward_to_release(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An ImageRewardModel state dict in the release's `ImageReward.pt` keys."""
-    vision_renames = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
-                      "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-    fixed = {"vision_model.embeddings.class_embedding": "blip.visual_encoder.cls_token",
-             "vision_model.embeddings.position_embedding": "blip.visual_encoder.pos_embed",
-             "vision_model.embeddings.patch_embedding.weight": "blip.visual_encoder.patch_embed.proj.weight",
-             "vision_model.embeddings.patch_embedding.bias": "blip.visual_encoder.patch_embed.proj.bias",
-             "vision_model.post_layernorm.weight": "blip.visual_encoder.norm.weight",
-             "vision_model.post_layernorm.bias": "blip.visual_encoder.norm.bias"}
+    vision_renames = {ours: release for release, ours in RELEASE_BLOCK_RENAMES.items()}
+    fixed = {ours: release for release, ours in RELEASE_VISION_KEYS.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key in fixed:
