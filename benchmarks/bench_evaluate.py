@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_evaluate.py [--preset tiny-sdxl] [--prompts 4] [--steps 2]
 
 1. generation: rounds 0 and 1 of every prompt with one cheap scorer (clipscore), wall seconds per image;
-2. scoring alone: the same folder again with hpsv2 and vqascore added (nothing generated), seconds per
-   image per scorer.
+2. scoring alone: the same folder again with hpsv2, imagereward and vqascore added (nothing generated),
+   seconds per image per scorer.
 On a GPU pass --preset sdxl / flux-dev (and --device cuda) for the figures of a real run.
 """
 
@@ -44,12 +44,12 @@ def main() -> None:
         generation = time.perf_counter() - start
         images = first.generated
         start = time.perf_counter()
-        second = run_evaluation(build_parser().parse_args([*common, "--scorers", "clipscore,hpsv2,vqascore"]))
+        second = run_evaluation(build_parser().parse_args([*common, "--scorers", "clipscore,hpsv2,imagereward,vqascore"]))
         scoring = time.perf_counter() - start
     print(f"== evaluate, {args.preset}, {args.prompts} prompts x rounds 0..1, {args.steps} steps, "
           f"{torch.get_num_threads()} CPU thread(s), device {args.device or 'default'} ==")
     print(f"generation + clipscore: {generation:.1f} s for {images} images = {generation / images:.2f} s/image")
-    print(f"hpsv2 + vqascore added: {scoring:.1f} s for {second.scored} (image, scorer) pairs = "
+    print(f"hpsv2 + imagereward + vqascore added: {scoring:.1f} s for {second.scored} (image, scorer) pairs = "
           f"{scoring / max(second.scored, 1):.2f} s per image per scorer (loading included)")
 
 
