@@ -65,3 +65,20 @@ def test_the_cli_command_refines_on_tiny_sdxl(installed, tmp_path, tiny_root):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "session.json").read_text())
     assert len(record["rounds"]) == 2 and (out / "round_1.png").is_file()
+
+
+def test_no_source_needs_a_python_newer_than_the_oldest_supported():
+    """pyproject's requires-python (3.10) holds for every module: vermin reads the syntax and the standard
+    library members each file uses (3.11's enum.StrEnum once slipped in). `int.is_integer` is excluded:
+    vermin takes `float.is_integer` (every version) for it."""
+    import re
+
+    minimum = re.search(r'^requires-python = ">=(3\.\d+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    assert minimum and minimum.group(1) == "3.10"
+    vermin = Path(sys.executable).with_name("vermin")
+    result = subprocess.run(
+        [str(vermin), f"-t={minimum.group(1)}-", "--violations", "--no-tips", "--eval-annotations",
+         "--exclude", "int.is_integer", "img_core", "ui", "trainer", "app.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
