@@ -74,10 +74,9 @@ from img_core.weights.prepare import format_progress
 logger = logging.getLogger(__name__)
 
 
-class Stage(str, enum.Enum):
+class Stage(enum.StrEnum):
     """Every state a job of the session (and of the app around it) reports: one closed set, defined here
-    and imported by the CLI and the UI. A str whose str() and format() are its value, as enum.StrEnum's
-    (Python 3.11+; 3.10 is supported)."""
+    and imported by the CLI and the UI."""
 
     QUEUED = "queued"  # waiting for the models or for another job (the app's queue)
     LOAD = "load"  # loading the models: step k of n parts
@@ -90,12 +89,6 @@ class Stage(str, enum.Enum):
     SCORE = "score"  # an alignment score of the new round
     STOPPING = "stopping"  # Stop was asked: the job ends at its next stage; finished rounds are kept
     DONE = "done"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
