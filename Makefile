@@ -48,11 +48,12 @@ test-fast: setup reference-packages
 # clone reuses it and a changed requirement builds a new one. COMPAT_PYTHON: the first of python3.12 (on
 # PATH or a pyenv 3.12) and python3 that runs.
 COMPAT_HASH := $(shell cat requirements.txt requirements-compat.txt img_core/space_bundle.py | sha256sum | cut -c1-12)
-COMPAT_VENV ?= $(HOME)/.cache/img-studio-venvs/compat-$(COMPAT_HASH)
+COMPAT_CACHE := $(HOME)/.cache/img-studio-venvs
+COMPAT_VENV ?= $(COMPAT_CACHE)/compat-$(COMPAT_HASH)
 COMPAT_CANDIDATES := python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3
 COMPAT_PYTHON ?= $(firstword $(foreach p,$(COMPAT_CANDIDATES),$(if $(shell $(p) -c "" 2>/dev/null && echo ok),$(p))))
 $(COMPAT_VENV)/.installed:
-	rm -rf $(dir $(COMPAT_VENV))compat-*  # older compat venvs (other requirements): 7.7 GB each
+	rm -rf $(COMPAT_CACHE)/compat-* $(COMPAT_VENV)  # older compat venvs (other requirements): 7.7 GB each
 	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(COMPAT_VENV)/bin/python -m pip install --quiet -r requirements-compat.txt -r requirements.txt "pytest>=8" "playwright>=1.50"
