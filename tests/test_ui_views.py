@@ -78,6 +78,15 @@ def test_each_card_says_which_guidance_made_it():
     assert "Guidance: MLLM's own reading" in views.card_markdown(restored, 2, "vqascore")
 
 
+
+def test_a_card_shows_a_long_prompt_cut_to_its_limit():
+    state = session_with([0.1, 0.2])
+    long_prompt = "fox " * 500
+    state = StudioState(rounds=[state.rounds[0], dataclasses.replace(state.rounds[1], prompt=long_prompt)], base=1)
+    line = next(line for line in views.card_markdown(state, 1, "vqascore").split("\n\n") if line.startswith("Prompt:"))
+    assert len(line) == len("Prompt: **") + views.CARD_PROMPT_CHARS and line.endswith("…*")
+
+
 def test_a_job_stopped_while_it_waits_never_runs_and_the_line_moves_up():
     jobs = Jobs(studio=None, preparation=None)  # the line itself needs neither
     jobs.queued("a")

@@ -61,6 +61,7 @@ BUTTON_LABELS = {
 NEEDS_MODELS = ("generate", "use_upload", "critique", "refine", "auto_refine", "switch")
 NEEDS_ROUNDS = ("critique", "refine", "auto_refine", "reset", "download")
 NOTE_CHARS = 300  # longest question or critique quoted in the next-round note
+CARD_PROMPT_CHARS = 200  # longest prompt a round card shows (the full one is in its record and the zip)
 RUNS_DURING_A_JOB = ("stop", "download")  # Stop ends the job; the download holds the rounds made so far
 
 # What each stage of img_core.session.StageEvent (plus the UI's own "score") is called on the page.
@@ -184,7 +185,7 @@ def card_markdown(state: StudioState, index: int, scorer: str | None, self_judge
         lines.append("**▶ base of the next round**")
     item = state.rounds[index]
     if index > 0 and item.prompt != state.rounds[0].prompt:
-        lines.append(f"Prompt: *{_one_line(item.prompt)}*")
+        lines.append(f"Prompt: *{_one_line(item.prompt, CARD_PROMPT_CHARS)}*")
     return "\n\n".join(lines)
 
 
