@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from img_core.record import GUIDED_BY_EDIT, GUIDED_BY_MLLM, Round
-from img_core.session import IMGSession
+from img_core.session import IMGSession, Stage, StageEvent
 from ui import views
 from ui.handlers import Studio
 from ui.jobs import Jobs
@@ -137,3 +137,11 @@ def test_a_self_judged_score_says_so_on_the_card():
     flagged = views.card_markdown(state, 1, "vqascore", self_judged=True)
     assert views.SELF_JUDGED_NOTE not in plain
     assert views.SELF_JUDGED_NOTE in flagged and "grades its own advice" in flagged
+
+
+def test_every_stage_of_the_core_has_its_words_on_the_page_and_no_other():
+    assert set(views.STAGE_WORDS) == set(Stage)
+    assert views.stage_line(StageEvent(Stage.QUEUED, round_index=2)) == "round 2 · waiting in the queue"
+    assert views.stage_line(StageEvent(Stage.REGENERATE, round_index=1, step=3, total=8)) == (
+        "round 1 · regenerating step 3/8")
+    assert views.stage_line(StageEvent(Stage.STOPPING)).startswith("Stopping at the next step")

@@ -42,7 +42,8 @@ from PIL import Image
 
 from img_core.errors import InvalidInputError
 from img_core.images import load_image
-from img_core.mllm.loading import resolve_mllm
+from img_core.mllm import CONVERSION_RECORD
+from img_core.mllm.loading import load_mllm, resolve_mllm
 from trainer import loop, option, parse_config
 from trainer.data import EditTriplets
 
@@ -181,9 +182,6 @@ def load_base_critic(cfg: FinetuneConfig, device: str, dtype: torch.dtype | None
                      tiny_root: str | Path | None = None):
     """The base MLLM of cfg.base as an img_core `MLLMCritic` (same processor, chat template and
     quantization as at inference). Every model load of fine-tuning goes through here."""
-    # deferred: img_core.mllm imports transformers (~3 s)
-    from img_core.mllm.loading import load_mllm
-
     spec = base_spec(cfg.base, tiny_root)
     if cfg.chat_template:
         spec = dataclasses.replace(spec, chat_template=cfg.chat_template)
@@ -235,9 +233,6 @@ def run_finetune(cfg: FinetuneConfig, tiny_root: str | Path | None) -> Path:
         prepare_model_for_kbit_training,
     )
     from tqdm.auto import tqdm
-
-    # deferred: img_core.mllm imports transformers (~3 s)
-    from img_core.mllm import CONVERSION_RECORD
 
     out = Path(cfg.out)
 

@@ -229,11 +229,11 @@ def evaluate(aligner, source, indices: list[int], batch_size: int, accelerator) 
     """Held-out MSE to the winner: one aligner pass vs the identity (the loser's own features). Samples
     that are unreadable or not finite are left out (and counted in `val_skipped`)."""
     own = indices[accelerator.process_index :: accelerator.num_processes]
-    sums = torch.zeros(5, device=accelerator.device)  # aligner MSE, identity MSE, aligner wins, count, skipped
+    sums = loop.Tally(("mse", "mse_identity", "wins", "count", "skipped"), accelerator.device)
     for start in range(0, len(own), batch_size):
         read = [source[i] for i in own[start : start + batch_size]]
         samples = [s for s in read if s is not None and not nonfinite_tensors(s)]
-        sums[4] += len(read) - len(samples)
+        sums["skipped"] += len(read) - len(samples)
         if not samples:
             continue
         batch = to_device(collate_features(samples), accelerator.device)
@@ -241,12 +241,14 @@ def evaluate(aligner, source, indices: list[int], batch_size: int, accelerator) 
             aligned = aligner(batch["image_l"], batch["guidance"], batch["guidance_mask"])
         mse = squared_distance(batch["image_w"], aligned)  # (B,)
         mse_identity = squared_distance(batch["image_w"], batch["image_l"])  # (B,)
-        wins = (mse < mse_identity).float()
-        sums[:4] += torch.stack([mse.sum(), mse_identity.sum(), wins.sum(), wins.new_tensor(len(wins))])
-    sums = accelerator.reduce(sums, reduction="sum")
-    count = max(sums[3].item(), 1.0)
-    return {"val_mse": sums[0].item() / count, "val_mse_identity": sums[1].item() / count,
-            "val_win_rate": sums[2].item() / count, "val_skipped": int(sums[4].item())}
+        sums["mse"] += mse.sum()
+        sums["mse_identity"] += mse_identity.sum()
+        sums["wins"] += (mse < mse_identity).sum()
+        sums["count"] += len(samples)
+    totals = sums.reduce(accelerator)
+    count = max(totals["count"], 1.0)
+    return {"val_mse": totals["mse"] / count, "val_mse_identity": totals["mse_identity"] / count,
+            "val_win_rate": totals["wins"] / count, "val_skipped": int(totals["skipped"])}
 
 
 def load_checkpoint(folder: Path) -> dict:

@@ -7,7 +7,7 @@ import html
 import re
 
 from img_core.record import GUIDANCE_SOURCES, GUIDED_BY_EDIT, GUIDED_BY_MLLM, Round
-from img_core.session import StageEvent
+from img_core.session import Stage, StageEvent
 from ui.state import StudioState
 
 TINY_BANNER = (
@@ -64,18 +64,19 @@ NOTE_CHARS = 300  # longest question or critique quoted in the next-round note
 CARD_PROMPT_CHARS = 200  # longest prompt a round card shows (the full one is in its record and the zip)
 RUNS_DURING_A_JOB = ("stop", "download")  # Stop ends the job; the download holds the rounds made so far
 
-# What each stage of img_core.session.StageEvent (plus the UI's own "score") is called on the page.
+# What each stage of img_core.session.Stage is called on the page (every stage, no other keys).
 STAGE_WORDS = {
-    "load": "loading models",
-    "generate": "generating",
-    "critique": "critique",
-    "guidance": "reading the guidance",
-    "image_features": "encoding the base image",
-    "align": "aligning",
-    "regenerate": "regenerating",
-    "score": "scoring",
-    "done": "done",
-    "stopping": "stopping at the next step; the rounds made so far are kept",
+    Stage.QUEUED: "waiting in the queue",
+    Stage.LOAD: "loading models",
+    Stage.GENERATE: "generating",
+    Stage.CRITIQUE: "critique",
+    Stage.GUIDANCE: "reading the guidance",
+    Stage.IMAGE_FEATURES: "encoding the base image",
+    Stage.ALIGN: "aligning",
+    Stage.REGENERATE: "regenerating",
+    Stage.SCORE: "scoring",
+    Stage.DONE: "done",
+    Stage.STOPPING: "stopping at the next step; the rounds made so far are kept",
 }
 
 
@@ -247,10 +248,10 @@ def queue_line(jobs_ahead: int | None) -> str:
 def stage_line(event: StageEvent, load_step: str | None = None, auto: tuple[int, int] | None = None) -> str:
     """One line for a stage event: 'loading models 2/4 · …', 'round 2 · critique', 'round 2 of 4 ·
     regenerating step 31/50'. `auto` = (first round index of an Auto-refine, its number of rounds)."""
-    words = STAGE_WORDS.get(event.stage, event.stage)
-    if event.stage == "stopping":
+    words = STAGE_WORDS[event.stage]
+    if event.stage == Stage.STOPPING:
         return words[0].upper() + words[1:] + "…"
-    if event.stage == "load":
+    if event.stage == Stage.LOAD:
         return f"{words} {load_step or ''} · {event.message or ''}".replace("  ", " ").strip(" ·")
     if auto is not None:
         first, count = auto
@@ -258,7 +259,7 @@ def stage_line(event: StageEvent, load_step: str | None = None, auto: tuple[int,
     else:
         where = f"round {event.round_index}"
     line = f"{where} · {words}"
-    if event.stage == "score" and event.message:
+    if event.stage == Stage.SCORE and event.message:
         line += f" ({event.message})"
     if event.step is not None and event.total:
         line += f" step {event.step}/{event.total}"

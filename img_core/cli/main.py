@@ -8,8 +8,9 @@ Bad input exits non-zero with one line on stderr.
 
 from __future__ import annotations
 
-# The library and the other command modules are imported inside the functions that use them, on purpose:
-# `python -m img_core --help` and usage errors answer before torch and transformers load (~3 s).
+# The modules that load torch and transformers (the session, the other commands) are imported inside the
+# functions that use them, on purpose: `python -m img_core --help` and usage errors answer before they
+# load (~3 s). tests/test_architecture.py checks that every such import really defers torch.
 import argparse
 import logging
 import sys
@@ -17,17 +18,24 @@ from pathlib import Path
 
 from img_core.cli.outputs import removed_if_left_empty
 from img_core.cli.parser import EXIT_BAD_INPUT, EXIT_FAILURE, OneLineErrorParser
+from img_core.cli.space_bundle import main as space_bundle_main
 from img_core.errors import IMGError
+from img_core.images import load_image
+from img_core.logs import quiet_library_output
+from img_core.settings import (
+    LIMITS,
+    MLLM_GUIDANCE_MODES,
+    add_model_arguments,
+    add_round_arguments,
+    check_prompt,
+    check_rounds,
+    check_seed,
+    model_options_from_args,
+    round_settings_from_args,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from img_core.settings import (
-        LIMITS,
-        MLLM_GUIDANCE_MODES,
-        add_model_arguments,
-        add_round_arguments,
-    )
-
     parser = OneLineErrorParser(prog="python -m img_core", description="IMG: re-generate images that match their prompts")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return _guarded(lambda: prepare_main(argv[1:]), debug="--debug" in argv)
     if argv and argv[0] == "space-bundle":
-        from img_core.cli.space_bundle import main as space_bundle_main
-
         return _guarded(lambda: space_bundle_main(argv[1:]), debug="--debug" in argv)
     if argv and argv[0] in ("evaluate", "evaluate-compare"):
         from img_core.cli.evaluate import compare_main
@@ -108,14 +114,7 @@ def _refine(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from img_core.record import check_output_folder
-    from img_core.session import IMGSession, Stage, StageEvent
-    from img_core.settings import (
-        check_prompt,
-        check_rounds,
-        check_seed,
-        model_options_from_args,
-        round_settings_from_args,
-    )
+    from img_core.session import IMGSession, Stage, StageEvent, check_aligner_source
 
     # Every argument is checked before any model loads: a bad --out never costs the rounds.
     settings = round_settings_from_args(args)
@@ -128,12 +127,8 @@ def _refine(args: argparse.Namespace) -> int:
 
         check_scorer_names(args.scorer)
     if args.aligner is not None:
-        from img_core.session import check_aligner_source
-
         check_aligner_source(args.aligner)
     if args.image is not None:
-        from img_core.images import load_image
-
         load_image(args.image)
     session = IMGSession(model_options_from_args(args), show_progress_bars=False)
     bar = tqdm(total=args.rounds + 1, desc="IMG", unit="image", disable=args.quiet, file=sys.stderr)
@@ -201,6 +196,4 @@ def _configure_logging(debug: bool) -> None:
     logging.addLevelName(logging.WARNING, "warning")
     logging.addLevelName(logging.ERROR, "error")
     if not debug:
-        from img_core.logs import quiet_library_output
-
         quiet_library_output()
