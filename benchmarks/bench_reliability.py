@@ -37,13 +37,11 @@ import io
 import json
 import logging
 import os
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +55,17 @@ import torch  # noqa: E402
 from img_core.errors import CorruptFileError, InvalidInputError  # noqa: E402
 from img_core.images import MAX_MEGAPIXELS, load_image  # noqa: E402
 from img_core.integrity import write_checksum  # noqa: E402
+from tests.hostile_images import (  # noqa: E402
+    animated_webp,
+    apng_bomb,
+    gif_declaring,
+    gif_with_frame,
+    icns_holding,
+    ico_holding,
+    jpeg_declaring,
+    png_bomb,
+    tiled_tiff,
+)
 from trainer.store import shard_name, write_manifest, write_synthetic_store  # noqa: E402
 from trainer.train import (  # noqa: E402
     TrainConfig,
@@ -246,86 +255,6 @@ def bench_store(work: Path) -> list[Row]:
 # ----------------------------------------------------------------------------------------- images
 
 
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit black PNG of width x height: ~50 KB for 20000x20000."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" * (1 + (width + 7) // 8)
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
-def jpeg_declaring(width: int, height: int) -> bytes:
-    """A small real JPEG whose frame header (SOF0) is patched to declare width x height."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 120, 200)).save(buffer, format="JPEG")
-    data = bytearray(buffer.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def gif_declaring(width: int, height: int) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("P", (16, 16)).save(buffer, format="GIF")
-    data = bytearray(buffer.getvalue())
-    data[6:10] = struct.pack("<HH", width, height)  # logical screen size
-    data[data.index(b"\x2c") + 5 : data.index(b"\x2c") + 9] = struct.pack("<HH", width, height)  # image size
-    return bytes(data)
-
-
-def ico_holding(png: bytes) -> bytes:
-    """An ICO with one entry holding `png` (PIL's ICO reader decodes it while opening the file)."""
-    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
-    return struct.pack("<HHH", 0, 1, 1) + entry + png
-
-
-def icns_holding(png: bytes) -> bytes:
-    """An ICNS declaring one 1024x1024 icon (ic10) whose PNG data is `png`, whatever its real size."""
-    body = b"ic10" + struct.pack(">I", 8 + len(png)) + png
-    return b"icns" + struct.pack(">I", 8 + len(body)) + body
-
-
-def gif_with_frame(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
-    """A GIF whose first frame is `frame` pixels on a `screen`-sized canvas."""
-    header = b"GIF89a" + struct.pack("<HH", *screen) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
-    return header + b"\x2c" + struct.pack("<HHHH", 0, 0, *frame) + b"\x00" + b"\x02\x02\x44\x01\x00\x3b"
-
-
-def apng_bomb(width: int, height: int) -> bytes:
-    """An animated PNG (acTL, fcTL) of width x height."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    control = chunk(b"acTL", struct.pack(">II", 1, 0))
-    frame = chunk(b"fcTL", struct.pack(">IIIIIHHBB", 0, width, height, 0, 0, 1, 10, 0, 0))
-    plain = png_bomb(width, height)
-    return plain[:33] + control + frame + plain[33:]
-
-
-def animated_webp(width: int, height: int) -> bytes:
-    """A real two-frame 16x16 WebP whose canvas (VP8X) is patched to declare width x height."""
-    from PIL import Image
-
-    frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 255, 0))]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
-    data = bytearray(buffer.getvalue())
-    canvas = data.index(b"VP8X") + 12
-    data[canvas : canvas + 3] = (width - 1).to_bytes(3, "little")
-    data[canvas + 3 : canvas + 6] = (height - 1).to_bytes(3, "little")
-    return bytes(data)
-
-
 def format_bombs() -> dict[str, bytes]:
     """The bombs of issue 19 (formats whose readers decoded, or raised PIL's own error)."""
     return {
@@ -336,6 +265,7 @@ def format_bombs() -> dict[str, bytes]:
         "GIF: 16x16 screen, 9000x9000 frame": gif_with_frame((16, 16), (9000, 9000)),
         "APNG 13000x13000": apng_bomb(13_000, 13_000),
         "animated WebP declaring 13000x13000": animated_webp(13_000, 13_000),
+        "TIFF: a 64x64 image in one 16384x16384 tile": tiled_tiff(64, 16_384),
     }
 
 

@@ -12,7 +12,9 @@ time. The header is read through PIL's own format registry without PIL's global 
 check, so this module never changes PIL's process-wide settings (`Image.MAX_IMAGE_PIXELS`). The one
 reader that applies PIL's check itself is GIF's, when a frame is larger than the screen it declares: the
 canvas grows to the frame while the header is read; PIL's DecompressionBombError (above twice PIL's
-limit) becomes the same InvalidInputError, and a smaller grown canvas is refused by the cap here.
+limit) becomes the same InvalidInputError, and a smaller grown canvas is refused by the cap here. A tiled
+TIFF declares its tile size apart from the image's, and libtiff decodes whole tiles: tiles above the cap
+are refused too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MAX_MEGAPIXELS = 40.0  # images with more pixels than this are refused before de
 # PIL reader ids of the formats a user image may have: their readers decode nothing before load().
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 ACCEPTED_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323  # TIFF tags (TIFF 6.0, section 15)
 # PIL errors that mean "these bytes are not a readable image of this format".
 _FORMAT_ERRORS = (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError, KeyError, struct.error)
 
@@ -81,6 +84,24 @@ def check_image_size(width: int, height: int, name: str, max_megapixels: float =
         raise InvalidInputError(
             f"{name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), more than the limit of "
             f"{max_megapixels:g} megapixels; resize it (e.g. to 2048 px on the longer side) and try again"
+        )
+
+
+def check_tiff_tiles(image: Image.Image, name: str, max_megapixels: float = MAX_MEGAPIXELS) -> None:
+    """Raise InvalidInputError when a tiled TIFF declares tiles larger than the megapixel cap. libtiff
+    decodes a whole tile at a time, and a tile's size is declared apart from the image's: a 64x64 image
+    may declare one 32768x32768 tile (1 GB decoded from a 1 MB file)."""
+    tags = getattr(image, "tag_v2", None)
+    if image.format != "TIFF" or tags is None:
+        return
+    try:
+        width, height = int(tags.get(TIFF_TILE_WIDTH) or 0), int(tags.get(TIFF_TILE_LENGTH) or 0)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} is a TIFF with a damaged tile size; re-save it as PNG and try again") from None
+    if width * height > max_megapixels * 1e6:
+        raise InvalidInputError(
+            f"{name} is a TIFF whose tiles are {width}x{height} pixels ({width * height / 1e6:.1f} megapixels each), "
+            f"more than the limit of {max_megapixels:g} megapixels; re-save it as PNG and try again"
         )
 
 
@@ -143,9 +164,12 @@ def _open(source: str | Path | bytes, max_megapixels: float) -> Image.Image:
         if image is None:
             file.seek(0)
             known = format_of(file.read(16))
+            if known in ACCEPTED_FORMATS:  # its reader refused the header
+                raise InvalidInputError(f"{name} is a corrupt or truncated {known} file; re-save it as PNG and try again")
             what = f"in {known} format" if known else "not an image"
             raise InvalidInputError(f"{name} is {what}; upload a {ACCEPTED_NAMES} image (re-save it as PNG if needed)")
         check_image_size(*image.size, name, max_megapixels)
+        check_tiff_tiles(image, name, max_megapixels)
         try:
             image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size when the file is huge
             image.load()

@@ -241,6 +241,9 @@ def test_bad_inputs_never_lock_the_page(app, browser, tmp_path):
 def test_strip_preview_refine_from_here_and_download(app, browser):
     from playwright.sync_api import expect
 
+    from ui.files import app_subfolder
+
+    zips_before = sorted(app_subfolder("exports").rglob("*.zip"))
     page = open_page(browser, app[0])
     idle(page)
     set_prompt(page, PROMPT)
@@ -270,6 +273,7 @@ def test_strip_preview_refine_from_here_and_download(app, browser):
     expect_base(page, 3)
     expect(page.locator("#current-image")).to_contain_text("Round 3: base of the next round")
 
+    assert sorted(app_subfolder("exports").rglob("*.zip")) == zips_before, "rounds are never zipped until Download"
     with page.expect_download() as download_info:  # one click: every round so far
         click(page, "download")
     with zipfile.ZipFile(io.BytesIO(Path(download_info.value.path()).read_bytes())) as bundle:

@@ -482,6 +482,46 @@ def test_login_delay_doubles_up_to_a_minute():
     assert throttle.seconds_to_wait("10.0.0.1", now=1000.0 + MAX_LOGIN_DELAY_S) == 0
 
 
+def test_a_parallel_burst_of_logins_is_checked_one_at_a_time():
+    """200 wrong logins sent at once from one address: one reaches the password check, the others get
+    HTTP 429 at once; then tries one after another are answered until the free failures are used."""
+    import asyncio
+
+    from ui.api_inputs import FREE_LOGIN_FAILURES, LoginThrottle
+
+    checked = []
+
+    async def login_page(scope, receive, send):  # Gradio's /login as the throttle sees it: a slow 400
+        checked.append(scope["client"][0])
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    throttle = LoginThrottle(login_page)
+
+    async def try_login(address: str) -> int:
+        statuses = []
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        scope = {"type": "http", "method": "POST", "path": "/login", "client": (address, 4000)}
+        await throttle(scope, None, send)
+        return statuses[0]
+
+    async def main():
+        burst = await asyncio.gather(*(try_login("10.0.0.9") for _ in range(200)), try_login("10.0.0.8"))
+        in_turn = [await try_login("10.0.0.9") for _ in range(FREE_LOGIN_FAILURES + 2)]
+        return burst, in_turn
+
+    burst, in_turn = asyncio.run(main())
+    assert burst[:200].count(400) == 1 and burst[:200].count(429) == 199
+    assert burst[200] == 400, "another address is not held up by this one's burst"
+    assert in_turn == [400] * (FREE_LOGIN_FAILURES - 1) + [429] * 3, "the burst's one try counted as a failure"
+    assert checked.count("10.0.0.9") == FREE_LOGIN_FAILURES
+
+
 def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
     import app as app_module
 
@@ -622,7 +662,7 @@ def test_sigterm_during_a_job_stops_it_tells_the_clients_and_exits_0(tmp_path, t
 def test_failing_cli_commands_leave_no_empty_out_folder(capsys, tmp_path, tiny_root):
     """--out is created before the models load (to check it early); a command that then fails removes
     the folders it created, but never one that existed or holds a file."""
-    from tests.test_images import ico_holding
+    from tests.hostile_images import ico_holding
 
     icon = tmp_path / "icon.ico"
     icon.write_bytes(ico_holding(b"\x89PNG\r\n\x1a\n"))

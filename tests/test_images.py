@@ -8,6 +8,15 @@ from PIL import Image
 
 from img_core.errors import InvalidInputError
 from img_core.images import MAX_SIDE, load_image
+from tests.hostile_images import (
+    animated_webp,
+    apng_bomb,
+    gif_with_frame,
+    icns_holding,
+    ico_holding,
+    png_bomb,
+    tiled_tiff,
+)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "1", "I;16"])
@@ -58,21 +67,6 @@ def test_bad_files_get_clear_errors(tmp_path):
         load_image(Image.new("RGB", (4, 4)))
 
 
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit black PNG of width x height: a few KB that decode to width*height pixels."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_is_refused_from_the_header_without_warnings(tmp_path):
     import time
     import warnings
@@ -107,60 +101,6 @@ def test_a_folder_is_named_a_folder(tmp_path):
 # --- one gate for every format (issue 19, finding 1) ---------------------------------------------------
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    import struct
-    import zlib
-
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def ico_holding(png: bytes) -> bytes:
-    """An ICO file with one entry: `png` (Pillow's ICO reader decodes it while opening the file)."""
-    import struct
-
-    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)  # 0x0 means 256x256
-    return struct.pack("<HHH", 0, 1, 1) + entry + png
-
-
-def icns_holding(png: bytes) -> bytes:
-    """An ICNS file declaring one 1024x1024 icon (ic10) whose data is `png`, whatever its real size."""
-    import struct
-
-    body = b"ic10" + struct.pack(">I", 8 + len(png)) + png
-    return b"icns" + struct.pack(">I", 8 + len(body)) + body
-
-
-def gif_with_frame(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
-    """A GIF whose first frame is `frame` pixels on a `screen`-sized canvas (a few bytes of pixel data)."""
-    import struct
-
-    header = b"GIF89a" + struct.pack("<HH", *screen) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
-    descriptor = b"\x2c" + struct.pack("<HHHH", 0, 0, *frame) + b"\x00"
-    return header + descriptor + b"\x02\x02\x44\x01\x00" + b"\x3b"
-
-
-def apng_bomb(width: int, height: int) -> bytes:
-    """An animated PNG (acTL + fcTL before the data) of width x height."""
-    import struct
-
-    control = png_chunk(b"acTL", struct.pack(">II", 1, 0))
-    frame = png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", 0, width, height, 0, 0, 1, 10, 0, 0))
-    plain = png_bomb(width, height)
-    return plain[:33] + control + frame + plain[33:]  # after the signature and IHDR
-
-
-def animated_webp(width: int = 16, height: int = 16) -> bytes:
-    """A real two-frame WebP of 16x16 whose canvas (VP8X) is patched to declare width x height."""
-    frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 255, 0))]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
-    data = bytearray(buffer.getvalue())
-    canvas = data.index(b"VP8X") + 12  # 24-bit width - 1, then height - 1
-    data[canvas : canvas + 3] = (width - 1).to_bytes(3, "little")
-    data[canvas + 3 : canvas + 6] = (height - 1).to_bytes(3, "little")
-    return bytes(data)
-
-
 SIDE = 13_000  # 169 Mpx: decoding one as RGB costs ~500 MB, as 1-bit ~165 MB
 HOSTILE = {
     "png": lambda: png_bomb(SIDE, SIDE),
@@ -171,6 +111,7 @@ HOSTILE = {
     "gif-frame-9000": lambda: gif_with_frame((16, 16), (9000, 9000)),
     "apng": lambda: apng_bomb(SIDE, SIDE),
     "animated-webp": lambda: animated_webp(SIDE, SIDE),
+    "tiff-tile": lambda: tiled_tiff(64, 16_384),  # a 64x64 image in one 16384x16384 tile
 }
 
 RSS_PROBE = """
@@ -221,6 +162,21 @@ def test_hostile_formats_are_refused_without_decoding():
     assert "9000x9000 pixels" in growth["gif-frame-9000"][1]
     for name in ("png", "apng", "animated-webp"):
         assert f"{SIDE}x{SIDE} pixels" in growth[name][1], growth[name]
+    assert "TIFF whose tiles are 16384x16384 pixels" in growth["tiff-tile"][1]
+
+
+def test_a_tiled_tiff_with_tiles_under_the_cap_loads():
+    loaded = load_image(tiled_tiff(64, 64, value=200))
+    assert loaded.size == (64, 64) and loaded.getpixel((10, 10)) == (200, 200, 200)
+    loaded = load_image(tiled_tiff(40, 64, value=90))  # a tile larger than the image is allowed
+    assert loaded.size == (40, 40) and loaded.getpixel((39, 39)) == (90, 90, 90)
+
+
+def test_a_damaged_file_of_an_accepted_format_is_called_damaged():
+    png = bytearray(_png_of(Image.new("RGB", (32, 32), (9, 9, 9))))
+    png[29] ^= 0xFF  # inside IHDR: its checksum no longer matches
+    with pytest.raises(InvalidInputError, match=r"^the uploaded data is a corrupt or truncated PNG file; re-save"):
+        load_image(bytes(png))
 
 
 @pytest.mark.parametrize("kind", ["gif", "apng", "webp", "bmp", "tiff"])

@@ -12,9 +12,9 @@ every route that starts an event (GUARDED_ROUTES: the queue, `/call/*` REST, `/r
 handlers refuse them with the same sentence everywhere ("the seed is missing: ...", "no image was
 given: ...").
 
-`LoginThrottle` slows down password guessing with `--auth`: after FREE_LOGIN_FAILURES wrong logins from
-one client address, each further try must wait twice as long as the one before (up to
-MAX_LOGIN_DELAY_S), and gets HTTP 429 with the seconds left until then.
+`LoginThrottle` slows down password guessing with `--auth`: one try per client address is checked at a
+time, and after FREE_LOGIN_FAILURES wrong logins from one address each further try must wait twice as long
+as the one before (up to MAX_LOGIN_DELAY_S); a try too early gets HTTP 429 with the seconds left.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ FREE_LOGIN_FAILURES = 5  # wrong logins per client address before the delay star
 FIRST_LOGIN_DELAY_S = 1.0  # then 1, 2, 4, ... seconds between tries
 MAX_LOGIN_DELAY_S = 60.0  # at most one guess a minute, and a real user waits at most this long
 LOGIN_MEMORY_S = 3600.0  # failures older than this are forgotten
+BUSY_LOGIN_WAIT_S = 1.0  # the wait a try is told while another try from its address is being checked
 
 
 class ApiInputGuard:
@@ -122,12 +123,15 @@ def allowed_file(value: object) -> object:
 
 
 class LoginThrottle:
-    """ASGI middleware in front of Gradio's `/login`: counts wrong logins per client address (the answer
-    is HTTP 400) and answers HTTP 429 to a try that comes before the client's delay has passed."""
+    """ASGI middleware in front of Gradio's `/login`: one login try per client address is checked at a
+    time (a try that comes while another from the same address is being checked gets HTTP 429, so a
+    parallel burst cannot slip past the count); wrong logins (HTTP 400) are counted per address, and a try
+    that comes before the address's delay has passed gets HTTP 429."""
 
     def __init__(self, app):
         self.app = app
         self._failures: dict[str, tuple[int, float]] = {}  # address -> (failures, time of the last)
+        self._checking: set[str] = set()  # addresses with a login try being checked now
         self._lock = threading.Lock()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -135,9 +139,9 @@ class LoginThrottle:
             await self.app(scope, receive, send)
             return
         address = (scope.get("client") or ("unknown", 0))[0]
-        wait = self.seconds_to_wait(address)
+        wait = self.admit(address)
         if wait > 0:
-            message = json.dumps({"detail": f"Too many wrong logins: try again in {wait:.0f} s."}).encode()
+            message = json.dumps({"detail": f"Too many login tries: try again in {wait:.0f} s."}).encode()
             await send({"type": "http.response.start", "status": 429, "headers": [
                 (b"content-type", b"application/json"), (b"retry-after", str(int(wait + 0.999)).encode())]})
             await send({"type": "http.response.body", "body": message})
@@ -148,13 +152,30 @@ class LoginThrottle:
                 self.record(address, success=message["status"] < 400)
             await send(message)
 
-        await self.app(scope, receive, watch)
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            with self._lock:
+                self._checking.discard(address)
+
+    def admit(self, address: str, now: float | None = None) -> float:
+        """0 when `address` may try a login now (it then holds its one try being checked until the answer),
+        else the seconds it must wait: its delay, or BUSY_LOGIN_WAIT_S while another of its tries runs."""
+        with self._lock:
+            if address in self._checking:
+                return BUSY_LOGIN_WAIT_S
+            wait = self._seconds_to_wait(address, time.monotonic() if now is None else now)
+            if wait == 0:
+                self._checking.add(address)
+            return wait
 
     def seconds_to_wait(self, address: str, now: float | None = None) -> float:
         """How long `address` must wait before its next login try (0: it may try now)."""
-        now = time.monotonic() if now is None else now
         with self._lock:
-            failures, last = self._failures.get(address, (0, 0.0))
+            return self._seconds_to_wait(address, time.monotonic() if now is None else now)
+
+    def _seconds_to_wait(self, address: str, now: float) -> float:
+        failures, last = self._failures.get(address, (0, 0.0))
         if failures < FREE_LOGIN_FAILURES:
             return 0.0
         delay = min(FIRST_LOGIN_DELAY_S * 2 ** (failures - FREE_LOGIN_FAILURES), MAX_LOGIN_DELAY_S)
