@@ -28,7 +28,12 @@ from img_core.errors import IMGError
 from img_core.evaluation.scorers import SCORER_NAMES, VQA_SCORER, check_scorer_names
 from img_core.presets import default_preset_name, get_preset
 from img_core.session import IMGSession
-from img_core.settings import add_model_arguments, model_options_from_args
+from img_core.settings import (
+    DEFAULT_GUIDANCE_MODE,
+    GUIDANCE_MODES,
+    add_model_arguments,
+    model_options_from_args,
+)
 from ui import shutdown
 from ui.api_inputs import ApiInputGuard, LoginThrottle
 from ui.files import open_app_folder, remove_app_folder
@@ -114,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--session-idle-seconds", type=float, default=IDLE_SECONDS, metavar="S",
                         help=f"free the memory of an API session (one without rounds) idle this long (default "
                         f"{IDLE_SECONDS:g})")
+    parser.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default=DEFAULT_GUIDANCE_MODE,
+                        help="the page's default Guidance mode: auto (an edited critique steers, an untouched one "
+                        "keeps the paper's question-mode guidance), question or dialogue (for an aligner trained "
+                        f"on dialogue guidance; README) (default {DEFAULT_GUIDANCE_MODE})")
     add_history_arguments(parser)
     args = parser.parse_args(argv)
     args.auth, args.auth_source = credentials(args, parser)
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         session.load()
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then
     demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer,
-                         history=history_from_args(args))  # fmt: skip
+                         history=history_from_args(args), guidance_mode=args.guidance_mode)  # fmt: skip
     shutdown.install(demo, on_forced_exit=remove_app_folder)
     SessionSweeper(demo, idle_seconds=args.session_idle_seconds).start()
     demo.launch(

@@ -246,6 +246,21 @@ def test_build_demo_loads_nothing_and_names_the_endpoints(tiny_root):
     assert not by_id["models-panel"].visible, "no model switch without --allow-model-switch"
     assert build_demo(session, allow_model_switch=True, prepare_models=False).studio_ui.allow_model_switch
     assert by_id["generate-btn"].value == "Generate" and by_id["generate-btn"].interactive  # the first page prepares
+    assert by_id["guidance-mode"].value == "auto"
+
+
+def test_the_app_flag_sets_the_pages_default_guidance_mode(tiny_root):
+    import app as app_module
+    from ui import build_demo
+
+    args = app_module.parse_args(["--guidance-mode", "dialogue"])
+    demo = build_demo(IMGSession.from_preset("tiny-sdxl", device="cpu"), prepare_models=False,
+                      guidance_mode=args.guidance_mode)  # fmt: skip
+    by_id = {getattr(block, "elem_id", None): block for block in demo.blocks.values()}
+    assert by_id["guidance-mode"].value == "dialogue"
+    assert app_module.parse_args([]).guidance_mode == "auto"
+    with pytest.raises(SystemExit):
+        app_module.parse_args(["--guidance-mode", "loud"])
 
 
 def test_jobs_run_beside_the_page_stream_their_stages_and_stop(studio, generated):

@@ -24,12 +24,13 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
-from img_core.errors import IMGError
+from img_core.errors import IMGError, InvalidInputError
 from img_core.evaluation.scorers import VQA_SCORER
 from img_core.presets import PRESETS
 from img_core.session import IMGSession
 from img_core.settings import (
     DEFAULT_AUTO_ROUNDS,
+    DEFAULT_GUIDANCE_MODE,
     LIMITS,
     MLLM_QUANTIZATIONS,
     check_prompt,
@@ -83,8 +84,10 @@ class StudioUI:
         scorer: str | None = VQA_SCORER,
         prepare_models: bool = True,
         history: HistoryStore | None = None,
+        guidance_mode: str = DEFAULT_GUIDANCE_MODE,
     ):
         self.host = host
+        self.default_guidance_mode = guidance_mode
         self.studio = Studio(host, scorer=scorer)
         self.preparation = ModelPreparation(host)
         self.allow_model_switch = allow_model_switch
@@ -206,7 +209,7 @@ class StudioUI:
             self.aligner_passes = setting_slider("aligner_passes", preset.aligner_passes, " (paper: 3)")
             self.guidance_mode = gr.Radio(
                 list(GUIDANCE_CHOICES),
-                value="auto",
+                value=self.default_guidance_mode,
                 label="Guidance mode",
                 info="auto: an edited critique steers (dialogue), an untouched one keeps the paper's guidance; "
                 "question: always the paper's (the MLLM's question); dialogue: always the critique. The "
@@ -655,15 +658,19 @@ def build_demo(
     scorer: str | None = VQA_SCORER,
     prepare_models: bool = True,
     history: HistoryStore | None = None,
+    guidance_mode: str = DEFAULT_GUIDANCE_MODE,
 ) -> gr.Blocks:
     """The app for `session`. With `prepare_models` the models start loading in a background thread now
     (the page shows at once and says how far they are); otherwise the first page load starts them.
     `scorer` scores every round (img_core.evaluation.scorers; None or "none": no scores). Launch with
     `launch_kwargs()` for the theme and CSS, which Gradio 6 takes in `launch()`. `history` keeps every
-    browser's sessions (ui.history); None: no History panel, nothing stored."""
+    browser's sessions (ui.history); None: no History panel, nothing stored. `guidance_mode` is the page's
+    default Guidance mode (img_core.settings.GUIDANCE_MODES; "dialogue" for an aligner trained on it)."""
     host = ModelHost(session, allow_switch=allow_model_switch)
+    if guidance_mode not in GUIDANCE_CHOICES:
+        raise InvalidInputError(f"guidance mode must be one of {', '.join(GUIDANCE_CHOICES)}, got {guidance_mode!r}")
     ui = StudioUI(host, allow_model_switch=allow_model_switch, scorer=scorer, prepare_models=prepare_models,
-                  history=history)  # fmt: skip
+                  history=history, guidance_mode=guidance_mode)  # fmt: skip
     demo = ui.demo
     demo.queue(default_concurrency_limit=1)
     demo.studio_ui = ui  # for tests and benchmarks: the host, its preparation and the Studio
