@@ -12,6 +12,7 @@ import argparse
 import http.cookiejar
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,15 +111,18 @@ class RunningApp:
         return False, "no result", logs
 
     def rest_call(self, data, api_name: str) -> tuple[bool, object]:
-        """One event over Gradio's REST route (POST /gradio_api/call/NAME, then its event stream)."""
-        request = urllib.request.Request(self.url + f"gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+        """One event over Gradio's REST route (POST /gradio_api/call/NAME, then its event stream); a dict
+        of named values goes to /gradio_api/call/v2/NAME."""
+        route = f"gradio_api/call/v2/{api_name}" if isinstance(data, dict) else f"gradio_api/call/{api_name}"
+        body = data if isinstance(data, dict) else {"data": data}
+        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             event_id = json.loads(self.opener.open(request, timeout=30).read())["event_id"]
         except urllib.error.HTTPError as error:
             return False, f"HTTP {error.code}: {error.read().decode(errors='replace')}"
         event = None
-        with self.opener.open(self.url + f"gradio_api/call/{api_name}/{event_id}", timeout=120) as stream:
+        with self.opener.open(self.url + f"{route}/{event_id}", timeout=120) as stream:
             for raw in stream:
                 line = raw.decode().strip()
                 if line.startswith("event:"):
@@ -323,6 +327,38 @@ def test_rest_and_queue_routes_give_the_same_message(app, case, api_name, data, 
         assert not ok, f"{case}: accepted"
         assert_clean_message(message, expected)
     assert answers[0][1] == answers[1][1], f"{case}: queue {answers[0][1]!r} but REST {answers[1][1]!r}"
+
+
+NAMED_VALUE_CASES = [  # /gradio_api/call/v2/NAME takes {"name": value}
+    ("v2: no values", "generate", {}, "the seed is missing|the prompt is empty"),
+    ("v2: seed missing", "generate", {"prompt": PROMPT}, "the seed is missing"),
+    ("v2: a file record outside the uploads", "critique",
+     {"image": {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, "prompt": PROMPT}, "no image was given"),
+    ("v2: refine without a seed", "refine", {"image": None, "prompt": PROMPT, "critique": ""}, "the seed is missing"),
+]
+
+
+@pytest.mark.parametrize("case, api_name, values, expected", NAMED_VALUE_CASES, ids=[c[0] for c in NAMED_VALUE_CASES])
+def test_named_values_get_the_same_guard(app, case, api_name, values, expected):
+    """/gradio_api/call/v2/NAME with values missing: a sentence, as on the other routes (it was HTTP 500
+    and a traceback in the server's log)."""
+    ok, message = app.rest_call(values, api_name)
+    assert not ok, f"{case}: accepted"
+    assert_clean_message(message)
+    assert re.search(expected, str(message)), f"{case}: {message!r}"
+
+
+@pytest.mark.parametrize("route", ["gradio_api/call/nothing", "gradio_api/call/v2/nothing", "gradio_api/run/nothing",
+                                   "gradio_api/queue/join"])
+def test_a_call_to_an_endpoint_that_does_not_exist_gets_404_and_the_names_that_do(app, route):
+    body = {"data": [PROMPT, 0], "fn_index": 999, "session_hash": "x"} if route.endswith("join") else {"data": [PROMPT, 0]}
+    request = urllib.request.Request(app.url + route, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        app.opener.open(request, timeout=30)
+    assert raised.value.code == 404
+    detail = json.loads(raised.value.read())["detail"]
+    assert_clean_message(detail, "no API endpoint", "/critique, /generate, /refine")
 
 
 def test_a_served_output_is_still_a_valid_input(app):

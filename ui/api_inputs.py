@@ -39,14 +39,16 @@ BUSY_LOGIN_WAIT_S = 1.0  # the wait a try is told while another try from its add
 
 
 class ApiInputGuard:
-    """ASGI middleware: on every route that starts an event, missing values become None, and so do file
-    inputs that are not Gradio file records and file records outside the upload folder; the handler's
-    checks then answer with a sentence instead of Gradio's bare "Error". Everything else, authentication
-    included, is Gradio's as before."""
+    """ASGI middleware: on every route that starts an event, missing values become None (also the named
+    values of `/call/v2/NAME`), and so do file inputs that are not Gradio file records and file records
+    outside the upload folder; the handler's checks then answer with a sentence instead of Gradio's bare
+    "Error" (or an HTTP 500 with a traceback in the log). A call to an endpoint that does not exist gets
+    HTTP 404 naming the ones that do. Everything else, authentication included, is Gradio's as before."""
 
     def __init__(self, app, blocks: gr.Blocks):
         self.app = app
         self.blocks = blocks
+        self._parameters: dict[str, list[str]] = {}  # api_name -> its named values without a default (v2)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -62,7 +64,15 @@ class ApiInputGuard:
             message = await receive()
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
-        body = self.repaired(b"".join(chunks), named.group("api_name") if named else None, "/call/v2/" in path)
+        api_name = named.group("api_name") if named else None
+        body = b"".join(chunks)
+        unknown = self.unknown_endpoint(body, api_name)
+        if unknown is not None:
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps({"detail": unknown}).encode()})
+            return
+        body = self.repaired(body, api_name, "/call/v2/" in path)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         sent = False
@@ -76,6 +86,24 @@ class ApiInputGuard:
 
         await self.app(scope, replay, send)
 
+    def unknown_endpoint(self, body: bytes, api_name: str | None) -> str | None:
+        """The sentence for a call to an endpoint this app does not have (by name, or a queue call's
+        fn_index), else None."""
+        if api_name is not None:
+            if self.function_named(api_name) is not None:
+                return None
+        else:
+            try:
+                index = json.loads(body)["fn_index"]
+            except (ValueError, KeyError, TypeError):
+                return None  # not a call this guard understands: Gradio answers it
+            if not isinstance(index, int) or index in self.blocks.fns:
+                return None
+            api_name = f"fn_index {index}"
+        public = sorted(f"/{fn.api_name}" for fn in self.blocks.fns.values()
+                        if fn.api_name and fn.api_visibility == "public")
+        return f"this app has no API endpoint {api_name!r}; its endpoints are {', '.join(public)}"
+
     def repaired(self, body: bytes, api_name: str | None = None, named_values: bool = False) -> bytes:
         """`body` with its values repaired (see the class); unchanged when there is nothing to repair or
         it is not a call this guard understands (Gradio then answers it as before)."""
@@ -83,6 +111,8 @@ class ApiInputGuard:
             call = json.loads(body)
             if named_values:  # /call/v2: {"name": value, ...}
                 values = {name: allowed_file(value) for name, value in call.items()}
+                for name in self.required_parameters(api_name):
+                    values.setdefault(name, None)
                 return body if values == call else json.dumps(values).encode()
             data = call["data"]
             fn = self.blocks.fns[int(call["fn_index"])] if api_name is None else self.function_named(api_name)
@@ -99,6 +129,14 @@ class ApiInputGuard:
     def function_named(self, api_name: str):
         """The event whose api_name is `api_name`, or None."""
         return next((fn for fn in self.blocks.fns.values() if fn.api_name == api_name), None)
+
+    def required_parameters(self, api_name: str | None) -> list[str]:
+        """The names `/call/v2/api_name` must be given (Gradio's API info: those without a default)."""
+        if api_name not in self._parameters:
+            endpoint = self.blocks.get_api_info(all_endpoints=True)["named_endpoints"].get(f"/{api_name}", {})
+            self._parameters[api_name] = [parameter["parameter_name"] for parameter in endpoint.get("parameters", [])
+                                          if not parameter.get("parameter_has_default")]
+        return self._parameters[api_name]
 
 
 def is_file_record(value: object) -> bool:
