@@ -36,7 +36,12 @@ from img_core.settings import (
 )
 from ui import shutdown
 from ui.api_inputs import ApiInputGuard, LoginThrottle
-from ui.files import open_app_folder, remove_app_folder
+from ui.files import (
+    SERVED_FILES_MINUTES,
+    open_app_folder,
+    remove_app_folder,
+    served_files_delete_cache,
+)
 from ui.history import add_history_arguments, history_from_args
 from ui.sessions import IDLE_SECONDS, SESSION_CAPACITY, SessionSweeper
 
@@ -123,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the page's default Guidance mode: auto (an edited critique steers, an untouched one "
                         "keeps the paper's question-mode guidance), question or dialogue (for an aligner trained "
                         f"on dialogue guidance; README) (default {DEFAULT_GUIDANCE_MODE})")
+    parser.add_argument("--served-files-minutes", type=positive_minutes, default=SERVED_FILES_MINUTES, metavar="M",
+                        help="remove uploads and served result files (API outputs) after this many minutes "
+                        f"(default {SERVED_FILES_MINUTES:g})")
     add_history_arguments(parser)
     args = parser.parse_args(argv)
     args.auth, args.auth_source = credentials(args, parser)
@@ -143,6 +151,16 @@ def credentials(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tu
     except argparse.ArgumentTypeError as error:
         parser.error(f"{AUTH_VARIABLE if args.auth_file is None else '--auth-file'}: {error}")
     return None, None
+
+
+def positive_minutes(value: str) -> float:
+    """`--served-files-minutes`: a positive number (checked here: a bad one is a usage error)."""
+    try:
+        minutes = float(value)
+        served_files_delete_cache(minutes)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {value!r}") from None
+    return minutes
 
 
 def scorer_name(value: str) -> str:
@@ -169,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         session.load()
     open_app_folder()  # before the demo is built: Gradio reads its temp dir then
     demo = ui.build_demo(session, allow_model_switch=args.allow_model_switch and not on_spaces(), scorer=args.scorer,
-                         history=history_from_args(args), guidance_mode=args.guidance_mode)  # fmt: skip
+                         history=history_from_args(args), guidance_mode=args.guidance_mode,
+                         served_files_minutes=args.served_files_minutes)  # fmt: skip
     shutdown.install(demo, on_forced_exit=remove_app_folder)
     SessionSweeper(demo, idle_seconds=args.session_idle_seconds).start()
     demo.launch(

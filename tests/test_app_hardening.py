@@ -761,11 +761,38 @@ def test_idle_api_sessions_are_freed_and_page_sessions_with_state_kept(tmp_path)
         demo.close()
 
 
-def test_served_files_age_out_in_minutes(tiny_root):
+def test_served_files_age_out_after_the_set_minutes(tiny_root, tmp_path):
+    """The default keeps uploads and served results 15 minutes (looked for every 5); with
+    --served-files-minutes 0.05 a /generate result's file is gone a few seconds later."""
+    import app as app_module
     from img_core.session import IMGSession
-    from ui import build_demo
+    from ui import build_demo, launch_kwargs
+    from ui.files import served_files_delete_cache
 
+    assert served_files_delete_cache() == (300, 900)
+    assert served_files_delete_cache(0.05) == (1, 3)
+    assert app_module.parse_args([]).served_files_minutes == 15
+    with pytest.raises(SystemExit):
+        app_module.parse_args(["--served-files-minutes", "0"])
+    minutes = app_module.parse_args(["--served-files-minutes", "0.05"]).served_files_minutes
     demo = build_demo(IMGSession.from_preset("tiny-sdxl", device="cpu", show_progress_bars=False),
-                      prepare_models=False)
-    how_often, how_old = demo.delete_cache
-    assert how_often <= 600 and how_old <= 1800, demo.delete_cache
+                      prepare_models=False, served_files_minutes=minutes)  # fmt: skip
+    assert demo.delete_cache == (1, 3)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            **launch_kwargs())  # fmt: skip
+    try:
+        request = urllib.request.Request(url + "gradio_api/call/generate", data=json.dumps({"data": [PROMPT, 4]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        event_id = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+        with urllib.request.urlopen(f"{url}gradio_api/call/generate/{event_id}", timeout=120) as stream:
+            result = next(json.loads(line[5:]) for line in map(bytes.decode, stream) if line.startswith("data:"))
+        served = Path(result[0]["path"])  # the server's own copy, in Gradio's folder
+        assert served.is_file()
+        deadline = time.monotonic() + 20
+        while served.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not served.exists(), "the served file outlived its minutes"
+    finally:
+        demo.close()
+
+

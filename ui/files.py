@@ -30,9 +30,10 @@ from pathlib import Path
 PARENT_NAME = "img-studio-app"  # <temp dir>/img-studio-app/<pid>-<token>: one folder per running app
 LOCK_NAME = ".lock"  # held (flock) by the folder's app while it runs
 GRADIO_SUBFOLDER = "gradio"  # Gradio's uploads and the files it serves
-# Gradio's `delete_cache`: every 5 minutes, remove uploads and served files older than 15 minutes (a
-# client fetches a result at once; the page shows its images from `ui.image_files`, written again on need).
-SERVED_FILES_DELETE_CACHE = (300, 900)  # (how often, how old) in seconds
+# Uploads and served result files older than this are removed (Gradio's `delete_cache`; app.py
+# --served-files-minutes): a client fetches a result at once, and the page shows its images from
+# `ui.image_files`, written again on need.
+SERVED_FILES_MINUTES = 15.0
 
 SYSTEM_TEMP = Path(tempfile.gettempdir())  # before open_app_folder points `tempfile` into the app's folder
 _folder: Path | None = None
@@ -128,3 +129,12 @@ def _set_folder(folder: Path) -> None:
     _folder, _owner_pid = folder, os.getpid()
     if first:
         atexit.register(remove_app_folder)
+
+
+def served_files_delete_cache(minutes: float = SERVED_FILES_MINUTES) -> tuple[int, int]:
+    """Gradio's `delete_cache` for files kept `minutes`: (how often to look, how old a file may be), in
+    whole seconds; it looks three times per lifetime, at most every 5 minutes."""
+    if not minutes > 0:
+        raise ValueError(f"served files must be kept a positive number of minutes, got {minutes}")
+    how_old = max(1, round(minutes * 60))
+    return max(1, min(300, how_old // 3)), how_old

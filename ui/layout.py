@@ -37,7 +37,7 @@ from img_core.settings import (
 )
 from ui import views
 from ui.examples import EXAMPLES
-from ui.files import SERVED_FILES_DELETE_CACHE
+from ui.files import SERVED_FILES_MINUTES, served_files_delete_cache
 from ui.handlers import PREPARATION_STEPS, ModelPreparation, Studio, user_errors
 from ui.history import HistoryStore
 from ui.history_panel import HISTORY_CSS, HistoryPanel
@@ -85,8 +85,10 @@ class StudioUI:
         prepare_models: bool = True,
         history: HistoryStore | None = None,
         guidance_mode: str = DEFAULT_GUIDANCE_MODE,
+        served_files_minutes: float = SERVED_FILES_MINUTES,
     ):
         self.host = host
+        self.served_files_minutes = served_files_minutes
         self.default_guidance_mode = guidance_mode
         self.studio = Studio(host, scorer=scorer)
         self.preparation = ModelPreparation(host)
@@ -97,7 +99,7 @@ class StudioUI:
         self.jobs = Jobs(self.studio, self.preparation)
         preparing = not host.is_loaded and prepare_models
         classes = ["img-studio-tiny"] if host.preset.is_tiny else []
-        with gr.Blocks(title="IMG Studio", delete_cache=SERVED_FILES_DELETE_CACHE) as self.demo:
+        with gr.Blocks(title="IMG Studio", delete_cache=served_files_delete_cache(self.served_files_minutes)) as self.demo:
             self.state = gr.State(StudioState())
             self.history = HistoryPanel(self, history)  # the browser's id and its sessions (ui.history_panel)
             # What the MLLM wrote for the current base (Critique): the critique box holding anything else was
@@ -659,18 +661,21 @@ def build_demo(
     prepare_models: bool = True,
     history: HistoryStore | None = None,
     guidance_mode: str = DEFAULT_GUIDANCE_MODE,
+    served_files_minutes: float = SERVED_FILES_MINUTES,
 ) -> gr.Blocks:
     """The app for `session`. With `prepare_models` the models start loading in a background thread now
     (the page shows at once and says how far they are); otherwise the first page load starts them.
     `scorer` scores every round (img_core.evaluation.scorers; None or "none": no scores). Launch with
     `launch_kwargs()` for the theme and CSS, which Gradio 6 takes in `launch()`. `history` keeps every
     browser's sessions (ui.history); None: no History panel, nothing stored. `guidance_mode` is the page's
-    default Guidance mode (img_core.settings.GUIDANCE_MODES; "dialogue" for an aligner trained on it)."""
+    default Guidance mode (img_core.settings.GUIDANCE_MODES; "dialogue" for an aligner trained on it).
+    Uploads and served result files are removed after `served_files_minutes`."""
     host = ModelHost(session, allow_switch=allow_model_switch)
     if guidance_mode not in GUIDANCE_CHOICES:
         raise InvalidInputError(f"guidance mode must be one of {', '.join(GUIDANCE_CHOICES)}, got {guidance_mode!r}")
     ui = StudioUI(host, allow_model_switch=allow_model_switch, scorer=scorer, prepare_models=prepare_models,
-                  history=history, guidance_mode=guidance_mode)  # fmt: skip
+                  history=history, guidance_mode=guidance_mode,
+                  served_files_minutes=served_files_minutes)  # fmt: skip
     demo = ui.demo
     demo.queue(default_concurrency_limit=1)
     demo.studio_ui = ui  # for tests and benchmarks: the host, its preparation and the Studio
