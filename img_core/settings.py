@@ -51,14 +51,21 @@ class Limit:
         """`value` as an int/float inside the range; InvalidInputError naming `name` otherwise."""
         kind = "a whole number" if self.whole else "a number"
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise InvalidInputError(f"{name} must be {kind} from {_show(self.low)} to {_show(self.high)}, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
-        if self.whole and float(value) != int(value):
-            raise InvalidInputError(f"{name} must be a whole number, got {value!r}")
+            raise InvalidInputError(f"{name} must be {kind} from {_show(self.low)} to {_show(self.high)}, got {_brief(value)}")
+        integral = isinstance(value, numbers.Integral)  # any size: float() would round or overflow it
+        if not integral and not math.isfinite(float(value)):
+            raise InvalidInputError(f"{name} must be a finite number, got {_brief(value)}")
+        if self.whole and not integral and not float(value).is_integer():
+            raise InvalidInputError(f"{name} must be a whole number, got {_brief(value)}")
         if not self.low <= value <= self.high:
-            raise InvalidInputError(f"{name} must be from {_show(self.low)} to {_show(self.high)}, got {value!r}")
+            raise InvalidInputError(f"{name} must be from {_show(self.low)} to {_show(self.high)}, got {_brief(value)}")
         return int(value) if self.whole else float(value)
+
+
+def _brief(value: Any, chars: int = 40) -> str:
+    """`repr(value)`, cut to `chars` characters (a message never echoes a 300-digit number)."""
+    shown = repr(value)
+    return shown if len(shown) <= chars else shown[: chars - 1] + "…"
 
 
 LIMITS: dict[str, Limit] = {

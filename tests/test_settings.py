@@ -160,3 +160,14 @@ def test_model_options_default_to_the_environment_and_flags_win(monkeypatch):
     assert (flags.preset, flags.mllm, flags.quantization) == ("tiny-sdxl", "tiny-qwen", "none")
     monkeypatch.setenv("IMG_PRESET", "")  # empty means unset
     assert model_options_from_args(model_parser().parse_args([])).preset is None
+
+
+def test_a_huge_value_is_not_echoed_whole():
+    with pytest.raises(InvalidInputError) as raised:
+        check_seed(10**300)
+    message = str(raised.value)
+    assert message.startswith("seed must be from 0 to ") and len(message) < 120 and message.endswith("…")
+    for huge in (10**400, -(10**400)):  # float() of these overflows
+        with pytest.raises(InvalidInputError, match=r"^seed must be from 0 to 4294967295, got -?1000"):
+            check_seed(huge)
+    assert check_seed(7.0) == 7 and LIMITS["steps"].check("steps", 200) == 200
