@@ -257,7 +257,9 @@ def test_axe_finds_no_critical_or_serious_accessibility_issue(app, browser):
     set_prompt(page, "")
     click(page, "refine")
     toast(page, "prompt is empty")  # a message on screen too
-    page.wait_for_timeout(1000)  # faded in    found["after two rounds, settings open, a message shown"] = run_axe(page)
+    page.wait_for_timeout(1000)  # faded in
+    found["after two rounds, settings open, a message shown"] = run_axe(page)
     screenshot(page, "axe-checked")
     page.close()
+    assert len(found) == 2, "axe ran at the start and again after the rounds"
     assert found == {name: [] for name in found}, found

@@ -23,6 +23,7 @@ from test_app_browser import (
     set_prompt,
     toast,
 )
+from test_app_studio_browser import AXE, run_axe
 
 pytestmark = [
     pytest.mark.slow,
@@ -300,3 +301,29 @@ def test_a_failing_store_never_costs_a_round(app, context):
     page.reload()
     expect_cards(page, 4)
     screenshot(page, "history-after-store-failure")
+
+
+@pytest.mark.skipif(not AXE.exists(), reason=f"{AXE} is missing: npm install --prefix /tmp/axe axe-core")
+def test_axe_finds_no_critical_or_serious_issue_with_the_history_open(app, context):
+    """The History panel, open with sessions listed (and one selected), passes axe-core like the rest of the
+    page: each thumbnail's name is its visible caption (Gradio names it 'Thumbnail 1 of 2')."""
+    from playwright.sync_api import expect
+
+    url, store = app
+    page = open_tab(context, url)
+    generate(page, PROMPT)
+    expect_history(page, 1)
+    page.wait_for_timeout(500)  # the accordion's opening has settled
+    found = {"history open, one session": run_axe(page)}
+    generate(page, OTHER_PROMPT)  # a second session: the first thumbnail's Gradio name becomes "... of 2"
+    expect_history(page, 2)
+    open_history(page).nth(1).click()
+    expect(page.locator("#history-note")).to_contain_text("Selected:")
+    expect_cards(page, 1)
+    idle(page)
+    page.wait_for_timeout(500)
+    found["history open, two sessions, one selected"] = run_axe(page)
+    screenshot(page, "history-axe-checked")
+    assert found == {name: [] for name in found}, found
+    for index, caption in enumerate(history_captions(page)):  # the name a screen reader says is what is shown
+        expect(page.locator("#history-gallery .thumbnail-item").nth(index)).to_have_attribute("aria-label", caption)

@@ -27,8 +27,10 @@ CSS = """
 # Runs once the page loads. (1) Brings the newest round card into view whenever a new one appears (after
 # each round, on any screen), again shortly after, once its image has its height. (2) Mends what axe-core
 # finds in Gradio's own widgets: the image's click-to-enlarge button has no name, an empty image is a
-# labelled div without a role, the upload area's name differs from its visible text, and a message's
-# header is a button holding the Close button.
+# labelled div without a role, the upload area's name differs from its visible text, a History
+# thumbnail is named "Thumbnail 1 of 2" while it shows its caption (its name becomes the caption; Gradio
+# sets that name again, an attribute change only, when the list grows: hence aria-label is observed too),
+# and a message's header is a button holding the Close button.
 PAGE_JS = """() => {
   const mendGradioWidgets = () => {
     document.querySelectorAll(".image-container > button:not([aria-label])")
@@ -37,6 +39,11 @@ PAGE_JS = """() => {
     document.querySelectorAll(".upload-container[aria-label]").forEach((button) => {
       const text = button.innerText.replace(/\\s+/g, " ").trim();
       if (text && button.getAttribute("aria-label") !== text) button.setAttribute("aria-label", text);
+    });
+    document.querySelectorAll("#history-gallery .thumbnail-item[aria-label]").forEach((item) => {
+      const caption = item.querySelector(".caption-label");
+      const text = caption ? caption.textContent.replace(/\s+/g, " ").trim() : "";
+      if (text && item.getAttribute("aria-label") !== text) item.setAttribute("aria-label", text);
     });
     document.querySelectorAll(".toast-header[role=button]").forEach((header) => {
       header.removeAttribute("role");
@@ -59,7 +66,7 @@ PAGE_JS = """() => {
     if (!last || last.id === newest) { newest = last ? newest : null; return; }
     newest = last.id;
     [0, 300, 1000].forEach((ms) => setTimeout(() => last.isConnected && show(last), ms));
-  }).observe(document.body, {childList: true, subtree: true});
+  }).observe(document.body, {childList: true, subtree: true, attributes: true, attributeFilter: ["aria-label"]});
 }"""
 
 # Downloads the zip that Download just wrote into the hidden file component (a DownloadButton would offer
