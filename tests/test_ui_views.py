@@ -106,6 +106,17 @@ def test_a_job_stopped_while_it_waits_never_runs_and_the_line_moves_up():
     assert not jobs.busy("a") and jobs.jobs_ahead("c") == 0
 
 
+def test_a_running_api_call_counts_as_a_job_ahead():
+    from ui.shutdown import tracked
+
+    jobs = Jobs(studio=None, preparation=None)
+    jobs.queued("a")
+    assert jobs.jobs_ahead("a") == 0
+    assert tracked(lambda: jobs.jobs_ahead("a"))() == 1  # an API call (a tracked model call) runs
+    jobs.queued("b")
+    assert tracked(lambda: jobs.jobs_ahead("b"))() == 2
+
+
 def test_stop_reaches_a_waiting_job_from_another_thread():
     jobs = Jobs(studio=None, preparation=None)
     jobs.queued("tab")

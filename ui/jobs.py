@@ -32,6 +32,7 @@ from img_core.session import Stage, StageCallback, StageEvent
 from ui import views
 from ui.gpu import on_zero_gpu
 from ui.handlers import ModelPreparation, Studio
+from ui.shutdown import running_calls
 from ui.state import RoundRequest, StudioState, critique_edited, effective_guidance
 
 logger = logging.getLogger(__name__)
@@ -131,9 +132,11 @@ class Jobs:
         return self.jobs_ahead(tab) is not None
 
     def jobs_ahead(self, tab: str) -> int | None:
-        """How many page jobs run or wait before `tab`'s waiting job; None when it has none waiting."""
+        """How many jobs run or wait before `tab`'s waiting job; None when it has none waiting. A running
+        API call (/generate, /critique, /refine share the GPU queue) counts too; API calls still waiting in
+        Gradio's queue do not (they are not seen before they start)."""
         with self._lock:
-            ahead = len(self._running)
+            ahead = max(len(self._running), running_calls())
             for ticket in self._waiting:
                 if ticket.stop.is_set():
                     continue
