@@ -200,8 +200,9 @@ def test_a_damaged_database_is_moved_aside(tmp_path, caplog):
     assert len(fresh.load(browser, session).rounds) == 2
 
 
-def test_a_crash_before_the_rows_leaves_no_half_session(store, monkeypatch):
-    """The PNG is in place first; a failure before the commit leaves no row that points at nothing."""
+def test_a_failure_before_the_pngs_writes_nothing(store, monkeypatch):
+    """A failure while the rounds' records are made (before any PNG or row is written) leaves the stored
+    session as it was, and the next write completes it."""
     browser, session = new_browser_id(), new_session_id()
     store.save(browser, session, chain(1), base=0)
 
@@ -212,9 +213,71 @@ def test_a_crash_before_the_rows_leaves_no_half_session(store, monkeypatch):
     with pytest.raises(OSError):
         store.save(browser, session, chain(2), base=1)
     monkeypatch.undo()
+    assert not (store.images / session / "round_1.png").exists()
     back = store.load(browser, session)
     assert len(back.rounds) == 1 and back.skipped == []
     assert store.save(browser, session, chain(2), base=1) == 1  # the next write completes it
+
+
+def corner(path) -> tuple:
+    """The pixel make_round marks with (index, colour, 7): which round an image (or thumbnail) shows."""
+    with Image.open(path) as image:
+        return image.convert("RGB").getpixel((0, 0))
+
+
+# ABORT undoes the failing statement (SQLite's constraint errors); ROLLBACK undoes the whole transaction
+# before the store's own ROLLBACK runs (as SQLite does itself on SQLITE_FULL or SQLITE_IOERR).
+@pytest.mark.parametrize("undo", ["ABORT", "ROLLBACK"])
+def test_a_failure_inside_the_transaction_leaves_no_half_session(store, undo):
+    """The PNGs are written, then the rows' transaction fails at the rounds' INSERT, after the session's
+    own row was written in it: the error is the one that happened; nothing of the failed save is visible
+    (no session without rounds, no round without its PNG, no listed session or thumbnail for PNGs without
+    rows); listing, restoring and the store itself go on working; the next save completes the session."""
+    browser, kept, new = new_browser_id(), new_session_id(), new_session_id()
+    assert store.save(browser, kept, chain(1), base=0) == 1
+    store._db.execute(
+        f"CREATE TEMP TRIGGER injected BEFORE INSERT ON rounds BEGIN SELECT RAISE({undo}, 'disk full (injected)'); END"
+    )
+    with pytest.raises(sqlite3.DatabaseError, match=r"disk full \(injected\)"):
+        store.save(browser, kept, chain(2), base=1)  # a round added to a stored session
+    with pytest.raises(sqlite3.DatabaseError, match=r"disk full \(injected\)"):
+        store.save(browser, new, chain(2, colour=1), base=1)  # a new session
+    # the PNGs were in place before the transaction failed
+    assert (store.images / kept / "round_1.png").is_file() and (store.images / new / "round_1.png").is_file()
+    assert not store._db.in_transaction  # the store's connection is free for the next write
+
+    def check_nothing_half_done(store: HistoryStore) -> None:
+        (summary,) = store.sessions(browser)  # the new session is not listed (its row was rolled back)
+        assert (summary.id, summary.rounds, summary.prompt) == (kept, 1, chain(1)[0].prompt)
+        assert corner(summary.thumbnail) == (0, 0, 7), "the thumbnail shows round 0, the session's one round"
+        assert store._query("SELECT COUNT(*) FROM sessions WHERE id = ?", (new,)) == [(0,)]
+        assert store.load(browser, new) is None and store.current(browser) == kept
+        back = store.load(browser, kept)
+        assert [r.index for r in back.rounds] == [0] and back.skipped == [] and back.base == 0
+        assert np.array_equal(np.asarray(back.rounds[0].image), np.asarray(chain(1)[0].image))
+        for session, index in store._query("SELECT session, idx FROM rounds"):  # every row has its PNG
+            assert (store.images / session / f"round_{index}.png").is_file()
+
+    check_nothing_half_done(store)
+    restarted = HistoryStore(store.folder)  # as a restarted app (a new connection) sees it
+    try:
+        check_nothing_half_done(restarted)
+    finally:
+        restarted.close()
+    store._db.execute("DROP TRIGGER injected")
+    store.set_view(browser, kept, base=0, critique="still writable")
+    assert store.load(browser, kept).critique == "still writable"
+
+    assert store.save(browser, kept, chain(2), base=1) == 1  # the next writes complete both sessions
+    assert store.save(browser, new, chain(2, colour=1), base=1) == 2
+    for session, colour in ((kept, 0), (new, 1)):
+        back = store.load(browser, session)
+        assert [r.base_index for r in back.rounds] == [None, 0] and back.skipped == []
+        for original, restored in zip(chain(2, colour), back.rounds):
+            assert np.array_equal(np.asarray(original.image), np.asarray(restored.image))
+    summaries = {summary.id: summary for summary in store.sessions(browser)}
+    assert {session: summary.rounds for session, summary in summaries.items()} == {kept: 2, new: 2}
+    assert corner(summaries[kept].thumbnail) == (1, 0, 7) and corner(summaries[new].thumbnail) == (1, 1, 7)
 
 
 def test_two_threads_write_at_once(tmp_path):

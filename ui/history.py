@@ -7,10 +7,11 @@ a random token the page keeps in the browser's storage (`ui.history_panel`): a v
 another browser's sessions.
 
 Writes are crash-safe: each PNG is written to a temporary file and moved into place (`os.replace`); the
-rows that point at it are committed afterwards, in one transaction. A crash between the two leaves an
-unreferenced file, never a row without its image. On load, rounds whose file is missing or unreadable are
-skipped and reported. A damaged database file is moved aside (`history.sqlite3.damaged-<time>`) with a
-warning and a fresh one is made.
+rows that point at it are committed afterwards, in one transaction, and the thumbnail is written after
+that. A crash or an error between the two leaves an unreferenced file (overwritten by the next save of
+that round), never a row without its image, nor a session listed for files without rows. On load,
+rounds whose file is missing or unreadable are skipped and reported. A damaged database file is moved
+aside (`history.sqlite3.damaged-<time>`) with a warning and a fresh one is made.
 
 Two tabs of one browser that go on from the same session would both make "round 3": the store compares
 each round it is given with the stored round of that number (its record, timings included) and refuses
@@ -205,7 +206,8 @@ class HistoryStore:
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite itself rolls back on some errors (SQLITE_FULL, SQLITE_IOERR)
+                    self._db.execute("ROLLBACK")  # a second ROLLBACK would raise, hiding the error that happened
                 raise
             self._db.execute("COMMIT")
 
@@ -224,9 +226,9 @@ class HistoryStore:
         png_file: Callable[[Image.Image], str | Path] | None = None,
     ) -> int:
         """Store the rounds of `session_id` not stored yet (their PNGs first, then the rows in one
-        transaction), its base, and make it the browser's current session. `png_file(image)` may give
-        the PNG the page already wrote for an image (copied instead of encoded again). Returns how many rounds were
-        written; then applies the retention limits (bounded work)."""
+        transaction, then the thumbnail), its base, and make it the browser's current session.
+        `png_file(image)` may give the PNG the page already wrote for an image (copied instead of encoded
+        again). Returns how many rounds were written; then applies the retention limits (bounded work)."""
         _check_ids(browser, session_id)
         if not rounds:
             return 0
@@ -246,8 +248,6 @@ class HistoryStore:
             _write_atomically(target, item.image, source)
             written.append((item, target.stat().st_size))
         newest = max(rounds, key=lambda item: item.index)
-        if newest.index not in stored:
-            _write_atomically(folder / THUMB_NAME, _thumbnail(newest.image), durable=False)
         now = time.time()
         with self._transaction() as db:
             # again under the write lock: another process may have stored rounds since the check above
@@ -269,6 +269,11 @@ class HistoryStore:
                 {"id": session_id},  # named: a sequence for numbered ?1 is deprecated (an error from Python 3.14)
             )
             _set_current(db, browser, session_id)
+        if newest.index not in stored:  # after the commit: a failed save never shows a round it did not store
+            try:
+                _write_atomically(folder / THUMB_NAME, _thumbnail(newest.image), durable=False)
+            except OSError as error:  # the rounds are stored; the newest round's image stands in
+                logger.warning("history session %s: its thumbnail could not be written (%s)", session_id, error)
         self.enforce_retention(browser, keep=session_id)
         return len(written)
 
