@@ -309,7 +309,7 @@ def test_axe_finds_no_critical_or_serious_issue_with_the_history_open(app, conte
     page: each thumbnail's name is its visible caption (Gradio names it 'Thumbnail 1 of 2')."""
     from playwright.sync_api import expect
 
-    url, store = app
+    url = app[0]
     page = open_tab(context, url)
     generate(page, PROMPT)
     expect_history(page, 1)

@@ -42,7 +42,7 @@ PAGE_JS = """() => {
     });
     document.querySelectorAll("#history-gallery .thumbnail-item[aria-label]").forEach((item) => {
       const caption = item.querySelector(".caption-label");
-      const text = caption ? caption.textContent.replace(/\s+/g, " ").trim() : "";
+      const text = caption ? caption.textContent.replace(/\\s+/g, " ").trim() : "";
       if (text && item.getAttribute("aria-label") !== text) item.setAttribute("aria-label", text);
     });
     document.querySelectorAll(".toast-header[role=button]").forEach((header) => {
