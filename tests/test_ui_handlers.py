@@ -192,10 +192,17 @@ def test_auto_refine_yields_every_round_and_stops_when_the_score_stops_improving
     assert studio.score_stalled(better) is None
 
 
-def test_start_from_an_uploaded_image(studio):
+def test_start_from_an_uploaded_image(studio, generated):
     state = studio.start_from_image(Image.new("RGBA", (96, 80), (10, 200, 30, 255)), request(), StudioState())
     assert state.rounds[0].source == "uploaded" and state.rounds[0].image.mode == "RGB"
     assert "your image" in views.card_title(state, 0) and "vqascore" in state.rounds[0].scores
+    # with rounds on the page, an upload starts a new session (as Generate does): the old one, under its
+    # own id, stays as it was for the History
+    rounds_before = list(generated.rounds)
+    over = studio.start_from_image(Image.new("RGB", (64, 64), (200, 10, 30)), request(), generated)
+    assert len(over.rounds) == 1 and over.base == 0 and over.rounds[0].source == "uploaded"
+    assert over.session_id not in ("", generated.session_id, state.session_id)
+    assert generated.rounds == rounds_before and generated.session_id
     with pytest.raises(InvalidInputError, match="no image was uploaded"):
         studio.start_from_image(None, request(), StudioState())
 
