@@ -322,9 +322,11 @@ def test_stop_keeps_the_finished_rounds(app, browser):
     expect(page.locator("#status")).to_contain_text(f"/{steps}")  # "... regenerating step i/N"
     expect_cards(page, 2)  # the first round is done
     expect(page.locator("#stop-btn")).to_be_enabled()
+    expect(page.locator("#refine-from-0")).to_be_disabled()  # held while the job runs
     click(page, "stop")
     toast(page, "Stopped")
     idle(page)
+    expect(page.locator("#refine-from-0")).to_be_enabled()  # and free again after it
     finished = cards(page).count()
     assert 2 <= finished < 6, finished
     expect(page.locator("#status")).to_contain_text("Stopped")

@@ -86,8 +86,8 @@ def test_shift_enter_adds_a_line_to_the_prompt(app, browser):
 def test_a_queued_job_shows_its_place_and_stop_cancels_it(app, browser):
     """Tab A runs a long Auto-refine (200 steps a round); tab B's Refine waits behind it and says so; Stop
     in B cancels B's job before it runs (B's rounds stay as they were, even after A's job has ended and a
-    later job of B's has run); 'Refine from here' in A during its job is refused with a message, never
-    silently overridden."""
+    later job of B's has run); 'Refine from here' in A during its job is disabled, and a click that gets
+    through is refused with a message, never silently overridden."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import expect
 
@@ -118,8 +118,11 @@ def test_a_queued_job_shows_its_place_and_stop_cancels_it(app, browser):
     expect(first.locator("#stop-btn")).to_be_enabled()
 
     expect_cards(first, 2)
-    expect(first.locator("#refine-from-0")).to_be_enabled()  # the strip re-rendered with round 1 as the base
-    first.locator("#refine-from-0").click()  # during A's job: refused, with a message
+    # the strip re-rendered with round 1 as the base: round 0's 'Refine from here' is held while A's job runs
+    expect(first.locator("#refine-from-0")).to_be_disabled()
+    expect(first.locator("#refine-from-0")).to_have_attribute("title", re.compile("works once it ends"))
+    # a click that beats the page script (enabled and clicked in one go) is refused by the server, with a message
+    first.evaluate("() => { const b = document.querySelector('#refine-from-0'); b.disabled = false; b.click(); }")
     toast(first, "Refine from here' works once it ends")
     close_toasts(first)  # a toast can sit over the status bar's Stop for a few seconds
     try:

@@ -53,9 +53,6 @@ GPU_QUEUE = "gpu"  # concurrency id shared by every event that runs a model
 MAX_UPLOAD = "25mb"  # larger uploads are refused before they reach the models
 PREPARATION_POLL_SECONDS = 1.0  # how often the page asks how the model preparation goes
 CARD_IMAGE_PX = 256  # height of a round card's image
-REBASE_DURING_A_JOB = (
-    "a job of this tab is running or waiting: 'Refine from here' works once it ends (or click Stop first)"
-)
 
 INTRO = """# IMG Studio
 Generate an image, let a multimodal LLM critique how it misses the prompt, and re-generate it with
@@ -574,7 +571,7 @@ class StudioUI:
         """'Refine from here': round `index` becomes the base of the next round (nothing runs). Refused,
         with a message, while a job of this tab waits or runs: its result would override the choice."""
         if self.jobs.busy(tab):
-            gr.Warning(REBASE_DURING_A_JOB)
+            gr.Warning(views.REBASE_DURING_A_JOB)
             return {self.next_use: gr.update()}  # nothing changes
         try:
             state = state.with_base(index)

@@ -2,7 +2,11 @@
 axe-core in tests/test_app_studio_browser.py), the scroll to the newest round, the mending of Gradio's own
 widgets for screen readers, and the Download click. `ui.layout` passes them to Gradio."""
 
+import json
+
 import gradio as gr
+
+from ui.views import REBASE_DURING_A_JOB
 
 CSS = """
 #tiny-banner { border: 2px solid #d97706; border-radius: 8px; padding: 4px 12px; background: #fffbeb; }
@@ -30,8 +34,10 @@ CSS = """
 # labelled div without a role, the upload area's name differs from its visible text, a History
 # thumbnail is named "Thumbnail 1 of 2" while it shows its caption (its name becomes the caption; Gradio
 # sets that name again, an attribute change only, when the list grows: hence aria-label is observed too),
-# and a message's header is a button holding the Close button.
+# and a message's header is a button holding the Close button. (3) Disables "Refine from here" while this
+# tab's job runs or waits (the server refuses it then too, with REBASE_DURING_A_JOB).
 PAGE_JS = """() => {
+  const REBASE_DURING_A_JOB = REBASE_MESSAGE;
   const mendGradioWidgets = () => {
     document.querySelectorAll(".image-container > button:not([aria-label])")
       .forEach((button) => button.setAttribute("aria-label", "Show the image larger"));
@@ -50,7 +56,25 @@ PAGE_JS = """() => {
       header.removeAttribute("tabindex");
     });
   };
+  // (3) While a job of this tab runs or waits (Stop is enabled), "Refine from here" is disabled, and says
+  // why: the job's result would override the choice. Only the buttons disabled here are enabled again.
+  const holdRebaseDuringAJob = () => {
+    const stop = document.querySelector("#stop-btn");
+    const busy = Boolean(stop && !stop.disabled);
+    document.querySelectorAll("button[id^='refine-from-']").forEach((button) => {
+      if (busy && !button.disabled) {
+        button.disabled = true;
+        button.dataset.heldByJob = "1";
+        button.title = REBASE_DURING_A_JOB;
+      } else if (!busy && button.dataset.heldByJob) {
+        button.disabled = false;
+        delete button.dataset.heldByJob;
+        button.removeAttribute("title");
+      }
+    });
+  };
   mendGradioWidgets();
+  holdRebaseDuringAJob();
   let newest = null;
   const show = (card) => {
     const box = card.getBoundingClientRect();
@@ -61,13 +85,15 @@ PAGE_JS = """() => {
   };
   new MutationObserver(() => {
     mendGradioWidgets();
+    holdRebaseDuringAJob();
     const cards = document.querySelectorAll("#round-strip > .round-card");
     const last = cards.length ? cards[cards.length - 1] : null;
     if (!last || last.id === newest) { newest = last ? newest : null; return; }
     newest = last.id;
     [0, 300, 1000].forEach((ms) => setTimeout(() => last.isConnected && show(last), ms));
-  }).observe(document.body, {childList: true, subtree: true, attributes: true, attributeFilter: ["aria-label"]});
-}"""
+  }).observe(document.body, {childList: true, subtree: true, attributes: true,
+                             attributeFilter: ["aria-label", "disabled"]});
+}""".replace("REBASE_MESSAGE", json.dumps(REBASE_DURING_A_JOB))
 
 # Downloads the zip that Download just wrote into the hidden file component (a DownloadButton would offer
 # the file it held before the click).

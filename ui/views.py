@@ -61,6 +61,9 @@ BUTTON_LABELS = {
 NEEDS_MODELS = ("generate", "use_upload", "critique", "refine", "auto_refine", "switch")
 NEEDS_ROUNDS = ("critique", "refine", "auto_refine", "reset", "download")
 NOTE_CHARS = 300  # longest question or critique quoted in the next-round note
+REBASE_DURING_A_JOB = (
+    "a job of this tab is running or waiting: 'Refine from here' works once it ends (or click Stop first)"
+)
 CARD_PROMPT_CHARS = 200  # longest prompt a round card shows (the full one is in its record and the zip)
 RUNS_DURING_A_JOB = ("stop", "download")  # Stop ends the job; the download holds the rounds made so far
 
