@@ -76,6 +76,7 @@ SLOW_TESTS = {  # tests that start interpreters or several processes of their ow
     "test_imagereward_equals_the_released_package_on_tiny_weights",
     "test_conversion_and_text_cleanup_match_open_clip_itself",
     "test_convert_llava_and_prepare_share_one_lock", "test_two_apps_folders_are_locked_and_removed_at_exit",
+    "test_served_files_age_out_after_the_set_minutes",  # serves the app and waits for Gradio's clean-up
 }
 
 

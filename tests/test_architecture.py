@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,7 @@ def function_level_imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+@functools.cache
 def module_level_imports(path: Path) -> set[str]:
     """Every module name `path` imports when it is imported itself (statements outside functions;
     `if TYPE_CHECKING:` blocks left out), project modules and third-party ones alike."""
