@@ -124,14 +124,22 @@ def set_prompt(page, text: str) -> None:
 
 
 def set_number(page, elem_id: str, value: str) -> None:
-    """Type into a slider's number box; Gradio takes it when the box loses focus."""
+    """Type into a slider's number box; Gradio takes it when the box loses focus. Typed again if the box
+    drops it: an accordion renders its content when first opened, and a box typed into while it is being
+    mounted shows the old value again (seen in CI: steps stayed 4 after 200 was typed)."""
     from playwright.sync_api import expect
 
     box = page.locator(f"#{elem_id} input[type=number]")
     expect(box).to_be_visible()
-    box.fill(value)
-    box.press("Enter")
-    box.blur()
+    for _ in range(3):
+        box.fill(value)
+        box.press("Enter")
+        box.blur()
+        try:
+            expect(box).to_have_value(value, timeout=5_000)
+            return
+        except AssertionError:
+            page.wait_for_timeout(500)
     expect(box).to_have_value(value)
 
 
